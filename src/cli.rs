@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use rdkafka::consumer::Consumer;
 use rdkafka::Message;
 
-use crate::contracts::{value_subject, Catalog, EventCodec, OrderCreated, RegistryClient};
+use crate::contracts::compatibility;
+use crate::contracts::subjects::COMPATIBILITY_LEVELS;
+use crate::contracts::{
+    Catalog, EventCodec, Naming, OrderCreated, RegistryClient, RegistryError, SubjectStrategy,
+};
 use crate::kafka::{self, Publisher};
 
 /// Kafka stream processing for order events: typed Avro contracts in a schema registry,
@@ -50,6 +54,31 @@ pub struct Connect {
         global = true
     )]
     pub schemas_dir: PathBuf,
+    /// Prefix for every topic (and so subject) name, e.g. `staging.`.
+    #[arg(
+        long,
+        env = "ORDERFLOW_TOPIC_PREFIX",
+        default_value = "",
+        global = true
+    )]
+    pub topic_prefix: String,
+    /// Subject naming: topic (`<topic>-value`), record (`<record full name>`) or topic-record.
+    #[arg(
+        long,
+        env = "ORDERFLOW_SUBJECT_STRATEGY",
+        default_value = "topic",
+        global = true
+    )]
+    pub subject_strategy: SubjectStrategy,
+}
+
+impl Connect {
+    pub fn naming(&self) -> Naming {
+        Naming {
+            topic_prefix: self.topic_prefix.clone(),
+            strategy: self.subject_strategy,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -70,10 +99,15 @@ pub enum SchemasCommand {
         /// Show what would be registered without changing the registry.
         #[arg(long)]
         dry_run: bool,
-        /// Prefix for topic (and so subject) names, e.g. `staging.`; tests use a random one.
-        #[arg(long, env = "ORDERFLOW_TOPIC_PREFIX", default_value = "")]
-        topic_prefix: String,
+        /// Compatibility level set on every subject before registering.
+        #[arg(long, env = "ORDERFLOW_COMPATIBILITY", default_value = "BACKWARD_TRANSITIVE",
+            value_parser = clap::builder::PossibleValuesParser::new(COMPATIBILITY_LEVELS))]
+        compatibility: String,
     },
+    /// Ask the registry whether every local schema may become its subject's next version.
+    /// Exits non-zero naming the subject, field and rule of each breaking change, so CI can
+    /// block a deploy.
+    Check,
     /// List the registry's subjects with their latest id and version.
     List,
 }
@@ -85,15 +119,15 @@ pub enum OrdersCommand {
         /// How many orders to publish.
         #[arg(long, default_value_t = 10)]
         count: u32,
-        /// Topic to publish to.
-        #[arg(long, default_value = "order.created")]
-        topic: String,
+        /// Topic to publish to (default: the event type, with the topic prefix).
+        #[arg(long)]
+        topic: Option<String>,
     },
     /// Consume `order.created` events, decode them by schema id and print one JSON line each.
     Consume {
-        /// Topic to read.
-        #[arg(long, default_value = "order.created")]
-        topic: String,
+        /// Topic to read (default: the event type, with the topic prefix).
+        #[arg(long)]
+        topic: Option<String>,
         /// Consumer group; offsets are committed for it.
         #[arg(long, default_value = "orderflow-cli")]
         group: String,
@@ -128,51 +162,111 @@ fn load_catalog(connect: &Connect) -> anyhow::Result<Catalog> {
 
 async fn schemas(connect: &Connect, cmd: SchemasCommand) -> anyhow::Result<()> {
     let registry = RegistryClient::new(&connect.registry_url);
+    let naming = connect.naming();
     match cmd {
         SchemasCommand::Register {
             dry_run,
-            topic_prefix,
+            compatibility,
         } => {
             let catalog = load_catalog(connect)?;
-            let subjects: Vec<String> = catalog
-                .events
-                .iter()
-                .map(|e| value_subject(&format!("{topic_prefix}{}", e.event_type)))
-                .collect();
+            let subjects: Vec<String> = catalog.events.iter().map(|e| naming.subject(e)).collect();
             let w = subject_width(&subjects);
             println!("{:<w$} {:>6} {:>8}  STATUS", "SUBJECT", "ID", "VERSION");
+            let mut refused = 0;
             for (event, subject) in catalog.events.iter().zip(subjects) {
                 let existing = registry.lookup(&subject, &event.expanded).await?;
+                if !dry_run {
+                    registry.set_compatibility(&subject, &compatibility).await?;
+                }
                 let (registered, status) = match (existing, dry_run) {
-                    (Some(found), _) => (Some(found), "unchanged"),
-                    (None, true) => (None, "would register"),
-                    (None, false) => (
-                        Some(
-                            registry
-                                .register(&subject, &event.expanded)
-                                .await
-                                .with_context(|| format!("registering {}", event.file.display()))?,
-                        ),
-                        "registered",
-                    ),
+                    (Some(found), _) => (Some(found), "unchanged".to_string()),
+                    (None, true) => (None, "would register".to_string()),
+                    (None, false) => match registry.register(&subject, &event.expanded).await {
+                        Ok(r) => (Some(r), "registered".to_string()),
+                        Err(RegistryError::Refused {
+                            status: 409,
+                            message,
+                            ..
+                        }) => {
+                            refused += 1;
+                            (
+                                None,
+                                format!("REFUSED ({}): {message}", event.file.display()),
+                            )
+                        }
+                        Err(e) => return Err(e.into()),
+                    },
                 };
                 let (id, version) = registered
                     .map(|r| (r.id.to_string(), r.version.to_string()))
                     .unwrap_or(("-".into(), "-".into()));
                 println!("{subject:<w$} {id:>6} {version:>8}  {status}");
             }
+            if refused > 0 {
+                bail!("the registry refused {refused} schema(s); `orderflow schemas check` names the fields");
+            }
+            Ok(())
+        }
+        SchemasCommand::Check => {
+            let catalog = load_catalog(connect)?;
+            let subjects: Vec<String> = catalog.events.iter().map(|e| naming.subject(e)).collect();
+            let w = subject_width(&subjects);
+            println!("{:<w$}  RESULT", "SUBJECT");
+            let mut incompatible = 0;
+            for (event, subject) in catalog.events.iter().zip(subjects) {
+                if let Some(found) = registry.lookup(&subject, &event.expanded).await? {
+                    println!("{subject:<w$}  unchanged (version {})", found.version);
+                    continue;
+                }
+                match registry.is_compatible(&subject, &event.expanded).await? {
+                    None => println!("{subject:<w$}  new subject"),
+                    Some(true) => println!("{subject:<w$}  compatible"),
+                    Some(false) => {
+                        incompatible += 1;
+                        let rule = registry.compatibility(&subject).await?;
+                        println!(
+                            "{subject:<w$}  INCOMPATIBLE under {rule} ({})",
+                            event.file.display()
+                        );
+                        let mut versions = Vec::new();
+                        for v in registry.versions(&subject).await? {
+                            if let Some(text) = registry.version_schema(&subject, v).await? {
+                                versions.push((v, apache_avro::Schema::parse_str(&text)?));
+                            }
+                        }
+                        let breaches = compatibility::explain(&rule, &event.schema, &versions);
+                        if breaches.is_empty() {
+                            println!("  {subject}: the registry refuses it under {rule}");
+                        }
+                        for breach in breaches {
+                            println!("  {subject}: {breach}");
+                        }
+                    }
+                }
+            }
+            if incompatible > 0 {
+                bail!(
+                    "{incompatible} schema(s) in {} would break their subject's compatibility rule",
+                    catalog.dir.display()
+                );
+            }
             Ok(())
         }
         SchemasCommand::List => {
             let subjects = registry.subjects().await?;
             let w = subject_width(&subjects);
-            println!("{:<w$} {:>6} {:>8}", "SUBJECT", "ID", "VERSION");
+            println!(
+                "{:<w$} {:>6} {:>8}  COMPATIBILITY",
+                "SUBJECT", "ID", "VERSION"
+            );
             for subject in subjects {
+                let level = registry.compatibility(&subject).await?;
                 match registry.latest(&subject).await? {
-                    Some(latest) => {
-                        println!("{subject:<w$} {:>6} {:>8}", latest.id, latest.version)
-                    }
-                    None => println!("{subject:<w$} {:>6} {:>8}", "-", "-"),
+                    Some(latest) => println!(
+                        "{subject:<w$} {:>6} {:>8}  {level}",
+                        latest.id, latest.version
+                    ),
+                    None => println!("{subject:<w$} {:>6} {:>8}  {level}", "-", "-"),
                 }
             }
             Ok(())
@@ -182,9 +276,14 @@ async fn schemas(connect: &Connect, cmd: SchemasCommand) -> anyhow::Result<()> {
 
 async fn orders(connect: &Connect, cmd: OrdersCommand) -> anyhow::Result<()> {
     let catalog = Arc::new(load_catalog(connect)?);
-    let codec = Arc::new(EventCodec::new(&connect.registry_url, catalog)?);
+    let codec = Arc::new(EventCodec::with_naming(
+        &connect.registry_url,
+        catalog,
+        connect.naming(),
+    )?);
     match cmd {
         OrdersCommand::Publish { count, topic } => {
+            let topic = topic.unwrap_or_else(|| connect.naming().topic("order.created"));
             let publisher = Publisher::new(&connect.bootstrap_servers, codec)?;
             let started = Instant::now();
             for _ in 0..count {
@@ -212,6 +311,7 @@ async fn orders(connect: &Connect, cmd: OrdersCommand) -> anyhow::Result<()> {
             max,
             idle_timeout,
         } => {
+            let topic = topic.unwrap_or_else(|| connect.naming().topic("order.created"));
             let consumer = kafka::consumer(&connect.bootstrap_servers, &group)?;
             consumer.subscribe(&[&topic])?;
             let mut seen = 0;
@@ -223,15 +323,15 @@ async fn orders(connect: &Connect, cmd: OrdersCommand) -> anyhow::Result<()> {
                         humantime::format_duration(idle_timeout)
                     ),
                 };
-                let payload = message.payload().unwrap_or_default();
-                let order: OrderCreated = codec.decode(payload).await.with_context(|| {
-                    format!(
-                        "record {}[{}]@{}",
-                        message.topic(),
-                        message.partition(),
-                        message.offset()
-                    )
-                })?;
+                let order: OrderCreated =
+                    codec.decode(message.payload()).await.with_context(|| {
+                        format!(
+                            "record {}[{}]@{}",
+                            message.topic(),
+                            message.partition(),
+                            message.offset()
+                        )
+                    })?;
                 println!("{}", serde_json::to_string(&order)?);
                 consumer.store_offset_from_message(&message)?;
                 seen += 1;

@@ -8,7 +8,7 @@ use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::contracts::{CodecError, Event, EventCodec};
+use crate::contracts::{EncodeError, Event, EventCodec};
 
 /// Settings for a producer whose acknowledged records are never lost or duplicated by retries.
 pub fn producer_config(bootstrap_servers: &str) -> ClientConfig {
@@ -58,7 +58,7 @@ pub struct Delivered {
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
     #[error(transparent)]
-    Codec(#[from] CodecError),
+    Encode(#[from] EncodeError),
     #[error("kafka did not acknowledge {event_type} {event_id} on {topic}: {source}")]
     Kafka {
         topic: String,

@@ -33,6 +33,8 @@ pub struct EventSchema {
     pub expanded: String,
     /// The parsed form of `expanded`.
     pub schema: Schema,
+    /// Avro's Parsing Canonical Form of `schema` (no docs, defaults or logical types).
+    pub canonical: String,
 }
 
 /// Every type and event found under one folder.
@@ -159,6 +161,7 @@ impl Catalog {
                     fullname,
                     file: named.file.clone(),
                     expanded,
+                    canonical: schema.canonical_form(),
                     schema,
                 }),
                 Err(e) => problems.push(CatalogProblem {

@@ -1,52 +1,336 @@
-//! Typed events to and from the Confluent wire format: magic byte `0`, the schema id as a
-//! big-endian u32, then the Avro binary body. `schema_registry_converter` talks to the registry
-//! and caches schemas by subject (encode) and by id (decode).
+//! Typed events to and from the Confluent wire format: magic byte `0`, the writer schema's id as
+//! a big-endian u32, then the Avro binary body.
+//!
+//! Encoding goes through `schema_registry_converter` with the event's schema from the local
+//! catalog. Decoding is explicit: the header is parsed here so every malformed input gets its own
+//! error, writer schemas are cached by id (a registry outage after warm-up does not stop
+//! decoding), and the body is resolved from the writer schema to the local reader schema, so a
+//! consumer on v1 reads v2 data and the reverse, where the two are compatible.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value;
-use schema_registry_converter::async_impl::avro::{AvroDecoder, AvroEncoder};
+use apache_avro::Schema;
+use schema_registry_converter::async_impl::avro::AvroEncoder;
 use schema_registry_converter::async_impl::schema_registry::SrSettings;
 use schema_registry_converter::error::SRCError;
 use schema_registry_converter::schema_registry_common::{
     SchemaType, SubjectNameStrategy, SuppliedSchema,
 };
 
-use super::catalog::Catalog;
+use super::catalog::{Catalog, EventSchema};
 use super::events::Event;
+use super::registry::{RegistryClient, RegistryError};
+use super::subjects::{Naming, SubjectStrategy};
+use super::validate::ValidationError;
 
-/// Why an event could not be encoded or decoded.
+/// The Confluent wire format's first byte.
+pub const MAGIC_BYTE: u8 = 0;
+const HEADER_LEN: usize = 5;
+
+/// Why an event was not encoded. Only `RegistryUnavailable` may succeed on a later try.
 #[derive(Debug, thiserror::Error)]
-pub enum CodecError {
+pub enum EncodeError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
     #[error("event type {0} has no schema in the local catalog (avro/)")]
     UnknownEventType(String),
-    /// The registry could not be asked; the same input may work later.
-    #[error("schema registry unavailable: {0}")]
-    RegistryUnavailable(String),
+    #[error("schema registry unavailable while encoding {event_type}: {detail}")]
+    RegistryUnavailable { event_type: String, detail: String },
     #[error("cannot encode {event_type}: {detail}")]
     Encode { event_type: String, detail: String },
-    #[error("cannot decode record: {0}")]
-    Decode(String),
-    #[error("record holds {found}, expected {expected}")]
-    WrongType { expected: String, found: String },
 }
 
-impl CodecError {
+impl EncodeError {
     pub fn is_retryable(&self) -> bool {
-        matches!(self, CodecError::RegistryUnavailable(_))
+        matches!(self, EncodeError::RegistryUnavailable { .. })
+    }
+}
+
+/// Why a record could not be turned into a typed event. Each malformed input has its own
+/// variant; only `RegistryUnavailable` is retryable, everything else is permanent.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record has no value (a tombstone or an empty payload)")]
+    Empty,
+    #[error("payload of {len} byte(s) is too short for the Confluent wire format (magic byte, 4-byte schema id, body)")]
+    TooShort { len: usize },
+    #[error("payload starts with byte {found:#04x}, not the Confluent magic byte 0x00")]
+    WrongMagicByte { found: u8 },
+    #[error("schema id {id} is not known to the registry")]
+    UnknownSchemaId { id: u32 },
+    #[error("schema id {id} could not be fetched, the registry is unavailable: {detail}")]
+    RegistryUnavailable { id: u32, detail: String },
+    #[error("schema id {id} is not a usable Avro schema: {detail}")]
+    UnusableSchema { id: u32, detail: String },
+    #[error("body is truncated or corrupt for writer schema {id} ({writer}): {detail}")]
+    CorruptBody {
+        id: u32,
+        writer: String,
+        detail: String,
+    },
+    #[error("writer schema {id} ({writer}) cannot be read as {reader}: {detail}")]
+    IncompatibleWriter {
+        id: u32,
+        writer: String,
+        reader: String,
+        detail: String,
+    },
+    #[error("event type {0} has no schema in the local catalog (avro/)")]
+    NoReaderSchema(String),
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+}
+
+impl DecodeError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, DecodeError::RegistryUnavailable { .. })
     }
 
-    fn from_src(e: SRCError, during: impl FnOnce(String) -> CodecError) -> CodecError {
-        let detail = match &e.cause {
-            Some(cause) => format!("{}: {cause}", e.error),
-            None => e.error.clone(),
+    /// A short stable name for the kind of failure, for logs, headers and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Empty => "empty_payload",
+            DecodeError::TooShort { .. } => "short_payload",
+            DecodeError::WrongMagicByte { .. } => "wrong_magic_byte",
+            DecodeError::UnknownSchemaId { .. } => "unknown_schema_id",
+            DecodeError::RegistryUnavailable { .. } => "registry_unavailable",
+            DecodeError::UnusableSchema { .. } => "unusable_schema",
+            DecodeError::CorruptBody { .. } => "corrupt_body",
+            DecodeError::IncompatibleWriter { .. } => "incompatible_writer",
+            DecodeError::NoReaderSchema(_) => "no_reader_schema",
+            DecodeError::Invalid(_) => "validation_failed",
+        }
+    }
+}
+
+/// Splits a Confluent-framed payload into the writer schema id and the Avro body.
+pub fn split_wire_format(payload: Option<&[u8]>) -> Result<(u32, &[u8]), DecodeError> {
+    let payload = match payload {
+        None | Some([]) => return Err(DecodeError::Empty),
+        Some(p) => p,
+    };
+    if payload[0] != MAGIC_BYTE {
+        return Err(DecodeError::WrongMagicByte { found: payload[0] });
+    }
+    if payload.len() <= HEADER_LEN {
+        return Err(DecodeError::TooShort { len: payload.len() });
+    }
+    let id = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+    Ok((id, &payload[HEADER_LEN..]))
+}
+
+fn record_name(schema: &Schema) -> String {
+    match schema {
+        Schema::Record(record) => record.name.fullname(None),
+        other => format!("{:?}", apache_avro::schema::SchemaKind::from(other)),
+    }
+}
+
+/// A writer schema fetched once by id.
+struct WriterSchema {
+    schema: Schema,
+    name: String,
+    canonical: String,
+}
+
+/// Encodes and decodes typed events against one registry.
+pub struct EventCodec {
+    catalog: Arc<Catalog>,
+    naming: Naming,
+    encoder: AvroEncoder,
+    registry: RegistryClient,
+    writers: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+}
+
+impl EventCodec {
+    pub fn new(registry_url: &str, catalog: Arc<Catalog>) -> Result<EventCodec, EncodeError> {
+        Self::with_naming(registry_url, catalog, Naming::default())
+    }
+
+    pub fn with_naming(
+        registry_url: &str,
+        catalog: Arc<Catalog>,
+        naming: Naming,
+    ) -> Result<EventCodec, EncodeError> {
+        let settings = SrSettings::new_builder(registry_url.to_string())
+            .set_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| EncodeError::RegistryUnavailable {
+                event_type: "any".into(),
+                detail: e.to_string(),
+            })?;
+        Ok(EventCodec {
+            catalog,
+            naming,
+            encoder: AvroEncoder::new(settings),
+            registry: RegistryClient::new(registry_url),
+            writers: RwLock::new(HashMap::new()),
+        })
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn naming(&self) -> &Naming {
+        &self.naming
+    }
+
+    fn local_schema<E: Event>(&self) -> Option<&EventSchema> {
+        self.catalog.event(E::EVENT_TYPE)
+    }
+
+    /// Validates `event`, then encodes it with its schema from the local catalog under the
+    /// subject the naming strategy gives for `topic`. Like Confluent's serializers with
+    /// `auto.register.schemas=true`, the schema is registered when the subject lacks it (the
+    /// registry still enforces its compatibility rule), then cached per subject.
+    pub async fn encode<E: Event>(&self, topic: &str, event: &E) -> Result<Vec<u8>, EncodeError> {
+        event.validate()?;
+        let schema = self
+            .local_schema::<E>()
+            .ok_or_else(|| EncodeError::UnknownEventType(E::EVENT_TYPE.to_string()))?;
+        let supplied = SuppliedSchema::new(
+            Some(schema.fullname.clone()),
+            SchemaType::Avro,
+            schema.expanded.clone(),
+        );
+        let strategy = match self.naming.strategy {
+            SubjectStrategy::Topic => {
+                SubjectNameStrategy::TopicNameStrategyWithSchema(topic.to_string(), false, supplied)
+            }
+            SubjectStrategy::Record => SubjectNameStrategy::RecordNameStrategyWithSchema(supplied),
+            SubjectStrategy::TopicRecord => {
+                SubjectNameStrategy::TopicRecordNameStrategyWithSchema(topic.to_string(), supplied)
+            }
         };
-        let detail = without_schema_dump(&detail);
-        if e.retriable {
-            CodecError::RegistryUnavailable(detail)
+        self.encoder
+            .encode_struct(event, &strategy)
+            .await
+            .map_err(|e| encode_error(e, E::EVENT_TYPE))
+    }
+
+    async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
+        if let Some(found) = self.writers.read().expect("cache lock").get(&id) {
+            return Ok(found.clone());
+        }
+        let text = match self.registry.schema_by_id(id).await {
+            Ok(Some(text)) => text,
+            Ok(None) => return Err(DecodeError::UnknownSchemaId { id }),
+            Err(e @ RegistryError::Refused { status: 404, .. }) => {
+                tracing::debug!("schema {id}: {e}");
+                return Err(DecodeError::UnknownSchemaId { id });
+            }
+            Err(e) if e.is_retryable() => {
+                return Err(DecodeError::RegistryUnavailable {
+                    id,
+                    detail: e.to_string(),
+                })
+            }
+            Err(e) => {
+                return Err(DecodeError::UnusableSchema {
+                    id,
+                    detail: e.to_string(),
+                })
+            }
+        };
+        let schema = Schema::parse_str(&text).map_err(|e| DecodeError::UnusableSchema {
+            id,
+            detail: e.to_string(),
+        })?;
+        let writer = Arc::new(WriterSchema {
+            name: record_name(&schema),
+            canonical: schema.canonical_form(),
+            schema,
+        });
+        self.writers
+            .write()
+            .expect("cache lock")
+            .insert(id, writer.clone());
+        Ok(writer)
+    }
+
+    /// Decodes a payload into the typed event `E`: wire header, writer schema by id (cached),
+    /// Avro body, resolution to `E`'s local schema, then the semantic checks.
+    pub async fn decode<E: Event>(&self, payload: Option<&[u8]>) -> Result<E, DecodeError> {
+        let (id, body) = split_wire_format(payload)?;
+        let reader = self
+            .local_schema::<E>()
+            .ok_or_else(|| DecodeError::NoReaderSchema(E::EVENT_TYPE.to_string()))?;
+        let writer = self.writer_schema(id).await?;
+        let value = decode_body(id, &writer, body)?;
+        let incompatible = |detail: String| DecodeError::IncompatibleWriter {
+            id,
+            writer: writer.name.clone(),
+            reader: reader.fullname.clone(),
+            detail,
+        };
+        if writer.name != reader.fullname {
+            return Err(incompatible("the record names differ".into()));
+        }
+        // Same canonical form: nothing to resolve. Otherwise Avro's schema resolution fills
+        // defaults for fields the writer lacks and drops the ones the reader does not know.
+        let value = if writer.canonical == reader.canonical {
+            value
         } else {
-            during(detail)
+            value
+                .resolve(&reader.schema)
+                .map_err(|e| incompatible(e.to_string()))?
+        };
+        let event: E = apache_avro::from_value(&value).map_err(|e| incompatible(e.to_string()))?;
+        event.validate()?;
+        Ok(event)
+    }
+
+    /// Decodes a payload with its writer schema only, for tools that print any event.
+    pub async fn decode_value(
+        &self,
+        payload: Option<&[u8]>,
+    ) -> Result<(String, Value), DecodeError> {
+        let (id, body) = split_wire_format(payload)?;
+        let writer = self.writer_schema(id).await?;
+        Ok((writer.name.clone(), decode_body(id, &writer, body)?))
+    }
+}
+
+fn decode_body(id: u32, writer: &WriterSchema, body: &[u8]) -> Result<Value, DecodeError> {
+    let corrupt = |detail: String| DecodeError::CorruptBody {
+        id,
+        writer: writer.name.clone(),
+        detail,
+    };
+    let mut rest = body;
+    let value = GenericDatumReader::builder(&writer.schema)
+        .build()
+        .and_then(|reader| reader.read_value(&mut rest))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(corrupt(format!(
+            "{} byte(s) left over after the record",
+            rest.len()
+        )));
+    }
+    Ok(value)
+}
+
+fn encode_error(e: SRCError, event_type: &str) -> EncodeError {
+    let detail = match &e.cause {
+        Some(cause) => format!("{}: {cause}", e.error),
+        None => e.error.clone(),
+    };
+    let detail = without_schema_dump(&detail);
+    if e.retriable {
+        EncodeError::RegistryUnavailable {
+            event_type: event_type.to_string(),
+            detail,
+        }
+    } else {
+        EncodeError::Encode {
+            event_type: event_type.to_string(),
+            detail,
         }
     }
 }
@@ -62,92 +346,30 @@ fn without_schema_dump(detail: &str) -> String {
     }
 }
 
-/// The subject a topic's values are registered under (Confluent's TopicNameStrategy).
-pub fn value_subject(topic: &str) -> String {
-    format!("{topic}-value")
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// Encodes and decodes typed events against one registry.
-pub struct EventCodec {
-    catalog: Arc<Catalog>,
-    encoder: AvroEncoder,
-    decoder: AvroDecoder,
-}
-
-impl EventCodec {
-    pub fn new(registry_url: &str, catalog: Arc<Catalog>) -> Result<EventCodec, CodecError> {
-        let settings = || {
-            SrSettings::new_builder(registry_url.to_string())
-                .set_timeout(Duration::from_secs(5))
-                .build()
-                .map_err(|e| CodecError::RegistryUnavailable(e.to_string()))
-        };
-        Ok(EventCodec {
-            catalog,
-            encoder: AvroEncoder::new(settings()?),
-            decoder: AvroDecoder::new(settings()?),
-        })
-    }
-
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
-    }
-
-    /// Encodes `event` with its schema from the local catalog, under `topic`'s value subject.
-    /// The schema is looked up (and registered when new) once per topic, then cached.
-    pub async fn encode<E: Event>(&self, topic: &str, event: &E) -> Result<Vec<u8>, CodecError> {
-        let schema = self
-            .catalog
-            .event(E::EVENT_TYPE)
-            .ok_or_else(|| CodecError::UnknownEventType(E::EVENT_TYPE.to_string()))?;
-        let strategy = SubjectNameStrategy::TopicNameStrategyWithSchema(
-            topic.to_string(),
-            false,
-            SuppliedSchema::new(
-                Some(schema.fullname.clone()),
-                SchemaType::Avro,
-                schema.expanded.clone(),
-            ),
-        );
-        self.encoder
-            .encode_struct(event, &strategy)
-            .await
-            .map_err(|e| {
-                CodecError::from_src(e, |detail| CodecError::Encode {
-                    event_type: E::EVENT_TYPE.to_string(),
-                    detail,
-                })
-            })
-    }
-
-    /// Decodes a Confluent-framed payload with the writer schema named by its id.
-    pub async fn decode_value(&self, payload: &[u8]) -> Result<(String, Value), CodecError> {
-        let decoded = self
-            .decoder
-            .decode(Some(payload))
-            .await
-            .map_err(|e| CodecError::from_src(e, CodecError::Decode))?;
-        let name = decoded
-            .name
-            .map(|n| n.fullname(None))
-            .unwrap_or_else(|| "a value without a record name".into());
-        Ok((name, decoded.value))
-    }
-
-    /// Decodes a payload into the typed event `E`, refusing records of another type.
-    pub async fn decode<E: Event>(&self, payload: &[u8]) -> Result<E, CodecError> {
-        let (name, value) = self.decode_value(payload).await?;
-        let expected = self
-            .catalog
-            .event(E::EVENT_TYPE)
-            .map(|s| s.fullname.clone())
-            .ok_or_else(|| CodecError::UnknownEventType(E::EVENT_TYPE.to_string()))?;
-        if name != expected {
-            return Err(CodecError::WrongType {
-                expected,
-                found: name,
-            });
-        }
-        apache_avro::from_value::<E>(&value).map_err(|e| CodecError::Decode(e.to_string()))
+    #[test]
+    fn wire_header_errors_are_distinct() {
+        assert!(matches!(split_wire_format(None), Err(DecodeError::Empty)));
+        assert!(matches!(
+            split_wire_format(Some(b"")),
+            Err(DecodeError::Empty)
+        ));
+        assert!(matches!(
+            split_wire_format(Some(b"\x00\x00\x01")),
+            Err(DecodeError::TooShort { len: 3 })
+        ));
+        assert!(matches!(
+            split_wire_format(Some(b"\x00\x00\x00\x00\x07")),
+            Err(DecodeError::TooShort { len: 5 })
+        ));
+        assert!(matches!(
+            split_wire_format(Some(b"{\"json\":1}")),
+            Err(DecodeError::WrongMagicByte { found: b'{' })
+        ));
+        let (id, body) = split_wire_format(Some(b"\x00\x00\x00\x01\x02body")).unwrap();
+        assert_eq!((id, body), (258, &b"body"[..]));
     }
 }

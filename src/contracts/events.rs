@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::validate::{check_envelope, Check, ValidationError, Violations};
+
 /// What every event carries besides its data (`avro/common/envelope.avsc`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -77,7 +79,15 @@ pub struct OrderItem {
     pub unit_price: Money,
 }
 
-/// A typed event: its type name, contract version, envelope and partition key.
+/// A quantity of one product, as inventory counts it (`avro/common/stock-line.avsc`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockLine {
+    pub sku: String,
+    pub quantity: i32,
+}
+
+/// A typed event: its type name, contract version, envelope, partition key and the semantic
+/// checks of its data.
 pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Past-tense type, e.g. `order.created`; also the topic it is published to.
     const EVENT_TYPE: &'static str;
@@ -86,14 +96,84 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn envelope(&self) -> &Envelope;
     /// The Kafka record key: the id of the aggregate (the order), so one order keeps its order.
     fn key(&self) -> String;
+    /// Adds a violation for every field of the data that breaks a business rule.
+    fn check_data(&self, violations: &mut Violations);
+
+    /// Checks envelope and data; every violation is reported, each naming its field.
+    fn validate(&self) -> Result<(), ValidationError> {
+        let mut violations = Violations::default();
+        check_envelope::<Self>(self.envelope(), &mut violations);
+        self.check_data(&mut violations);
+        violations.into_result(Self::EVENT_TYPE, self.envelope().event_id)
+    }
 }
 
-/// `avro/order/order.created.avsc`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderCreated {
-    pub envelope: Envelope,
-    pub data: OrderCreatedData,
+/// Declares an event: `{ envelope, data }` with `data.order_id` as the key.
+macro_rules! order_event {
+    ($(#[$doc:meta])* $name:ident, $data:ident, $event_type:literal, version $version:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        pub struct $name {
+            pub envelope: Envelope,
+            pub data: $data,
+        }
+
+        impl Event for $name {
+            const EVENT_TYPE: &'static str = $event_type;
+            const SCHEMA_VERSION: i32 = $version;
+            fn envelope(&self) -> &Envelope {
+                &self.envelope
+            }
+            fn key(&self) -> String {
+                self.data.order_id.to_string()
+            }
+            fn check_data(&self, violations: &mut Violations) {
+                self.data.check(violations)
+            }
+        }
+    };
 }
+
+order_event!(
+    /// `avro/order/order.created.avsc`
+    OrderCreated, OrderCreatedData, "order.created", version 1
+);
+order_event!(
+    /// `avro/order/order.confirmed.avsc`
+    OrderConfirmed, OrderConfirmedData, "order.confirmed", version 1
+);
+order_event!(
+    /// `avro/order/order.cancelled.avsc`
+    OrderCancelled, OrderCancelledData, "order.cancelled", version 1
+);
+order_event!(
+    /// `avro/payment/payment.charged.avsc`
+    PaymentCharged, PaymentChargedData, "payment.charged", version 1
+);
+order_event!(
+    /// `avro/payment/payment.failed.avsc`
+    PaymentFailed, PaymentFailedData, "payment.failed", version 1
+);
+order_event!(
+    /// `avro/payment/payment.refunded.avsc`
+    PaymentRefunded, PaymentRefundedData, "payment.refunded", version 1
+);
+order_event!(
+    /// `avro/inventory/inventory.reserved.avsc`
+    InventoryReserved, InventoryReservedData, "inventory.reserved", version 1
+);
+order_event!(
+    /// `avro/inventory/inventory.reservation-failed.avsc`
+    InventoryReservationFailed, InventoryReservationFailedData, "inventory.reservation-failed", version 1
+);
+order_event!(
+    /// `avro/inventory/inventory.released.avsc`
+    InventoryReleased, InventoryReleasedData, "inventory.released", version 1
+);
+order_event!(
+    /// `avro/notification/notification.sent.avsc`
+    NotificationSent, NotificationSentData, "notification.sent", version 1
+);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCreatedData {
@@ -105,15 +185,79 @@ pub struct OrderCreatedData {
     pub shipping_address: Address,
 }
 
-impl Event for OrderCreated {
-    const EVENT_TYPE: &'static str = "order.created";
-    const SCHEMA_VERSION: i32 = 1;
-    fn envelope(&self) -> &Envelope {
-        &self.envelope
-    }
-    fn key(&self) -> String {
-        self.data.order_id.to_string()
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderConfirmedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub total: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderCancelledData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentChargedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub payment_id: Uuid,
+    pub amount: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentFailedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub amount: Money,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefundedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub payment_id: Uuid,
+    pub amount: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReservedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub reservation_id: Uuid,
+    pub lines: Vec<StockLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReservationFailedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub reason: String,
+    pub unavailable_skus: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReleasedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub reservation_id: Uuid,
+    pub lines: Vec<StockLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotificationSentData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub channel: String,
+    pub recipient: String,
+    pub template: String,
 }
 
 impl OrderCreated {

@@ -1,12 +1,17 @@
-//! Event contracts: the Avro schema files, the registry client, typed events and the
-//! Confluent wire-format codec. Knows nothing of consumers, pipelines or retries.
+//! Event contracts: the Avro schema files, the registry client, typed events, their semantic
+//! checks and the Confluent wire-format codec. Knows nothing of consumers, pipelines or retries.
 
 pub mod catalog;
 pub mod codec;
+pub mod compatibility;
 pub mod events;
 pub mod registry;
+pub mod subjects;
+pub mod validate;
 
 pub use catalog::{Catalog, CatalogError, EventSchema};
-pub use codec::{value_subject, CodecError, EventCodec};
-pub use events::{Envelope, Event, OrderCreated};
+pub use codec::{DecodeError, EncodeError, EventCodec};
+pub use events::*;
 pub use registry::{RegisteredSchema, RegistryClient, RegistryError};
+pub use subjects::{Naming, SubjectStrategy};
+pub use validate::{ValidationError, Violation};

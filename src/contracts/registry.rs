@@ -223,6 +223,77 @@ impl RegistryClient {
             .map(|b| b.schema))
     }
 
+    /// Version numbers of a subject, oldest first (empty when the subject does not exist).
+    pub async fn versions(&self, subject: &str) -> Result<Vec<u32>, RegistryError> {
+        let request = self.http.get(self.path(&["subjects", subject, "versions"]));
+        let mut versions: Vec<u32> = self
+            .send(&format!("versions of {subject}"), request)
+            .await?
+            .unwrap_or_default();
+        versions.sort_unstable();
+        Ok(versions)
+    }
+
+    /// The schema text of one version of a subject.
+    pub async fn version_schema(
+        &self,
+        subject: &str,
+        version: u32,
+    ) -> Result<Option<String>, RegistryError> {
+        #[derive(Deserialize)]
+        struct Body {
+            schema: String,
+        }
+        let request =
+            self.http
+                .get(self.path(&["subjects", subject, "versions", &version.to_string()]));
+        Ok(self
+            .send::<Body>(&format!("version {version} of {subject}"), request)
+            .await?
+            .map(|b| b.schema))
+    }
+
+    /// The compatibility level that applies to a subject: its own, else the global one.
+    pub async fn compatibility(&self, subject: &str) -> Result<String, RegistryError> {
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Body {
+            compatibility_level: String,
+        }
+        for path in [self.path(&["config", subject]), self.path(&["config"])] {
+            let request = self.http.get(path);
+            if let Some(body) = self
+                .send::<Body>(&format!("compatibility of {subject}"), request)
+                .await?
+            {
+                return Ok(body.compatibility_level);
+            }
+        }
+        Ok("BACKWARD".into())
+    }
+
+    /// Asks the registry whether `schema` may become the subject's next version under its
+    /// compatibility rule. `None` when the subject does not exist yet.
+    pub async fn is_compatible(
+        &self,
+        subject: &str,
+        schema: &str,
+    ) -> Result<Option<bool>, RegistryError> {
+        #[derive(Deserialize)]
+        struct Body {
+            is_compatible: bool,
+        }
+        let request = self
+            .http
+            .post(self.path(&["compatibility", "subjects", subject, "versions", "latest"]))
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .json(&json!({"schema": schema, "schemaType": "AVRO"}));
+        Ok(self
+            .send::<Body>(&format!("compatibility check of {subject}"), request)
+            .await?
+            .map(|b| b.is_compatible))
+    }
+
     /// Sets the subject's compatibility level (BACKWARD, BACKWARD_TRANSITIVE, FULL, ...).
     pub async fn set_compatibility(&self, subject: &str, level: &str) -> Result<(), RegistryError> {
         #[derive(Serialize)]
