@@ -15,6 +15,10 @@ use crate::contracts::{
     Catalog, EventCodec, Naming, OrderCreated, RegistryClient, RegistryError, SubjectStrategy,
 };
 use crate::kafka::{self, Publisher};
+use crate::pipeline::{self, Pipeline};
+use crate::simulate::{self, Behaviour};
+use crate::telemetry::Telemetry;
+use crate::{demo, runtime, steps};
 
 /// Kafka stream processing for order events: typed Avro contracts in a schema registry,
 /// fan-out processors, tiered retries and a dead-letter topic.
@@ -23,6 +27,8 @@ use crate::kafka::{self, Publisher};
 pub struct Cli {
     #[command(flatten)]
     pub connect: Connect,
+    #[command(flatten)]
+    pub pipelines: PipelinesDir,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -89,6 +95,125 @@ pub enum Command {
     /// Publish sample orders and read them back, decoded (the demo's producer and consumer).
     #[command(subcommand)]
     Orders(OrdersCommand),
+    /// Check and list the pipelines of pipelines/.
+    #[command(subcommand)]
+    Pipelines(PipelinesCommand),
+    /// Run pipelines until SIGTERM or Ctrl-C (then finish the record in hand, flush, commit).
+    Run(RunArgs),
+    /// Serve simulated payment, inventory and notification services on loopback.
+    Simulate(SimulateArgs),
+    /// The whole flow in one process: simulated downstreams, every pipeline, a stream of orders,
+    /// a live summary and a final report that must balance.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PipelinesCommand {
+    /// Load every pipeline file and report all problems at once (non-zero exit if any).
+    Validate,
+    /// Each pipeline with its group and every topic it reads and writes.
+    List,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PipelinesDir {
+    /// Folder of the pipeline files.
+    #[arg(
+        long,
+        env = "ORDERFLOW_PIPELINES_DIR",
+        default_value = "pipelines",
+        global = true
+    )]
+    pub pipelines_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Pipelines to run, by name.
+    #[arg(required_unless_present = "all")]
+    pub pipelines: Vec<String>,
+    /// Run every pipeline of the folder.
+    #[arg(long, conflicts_with = "pipelines")]
+    pub all: bool,
+    /// Print each pipeline's counters this often (0s: never).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub report_every: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Faults {
+    /// Latency of each simulated call, e.g. 2ms..20ms.
+    #[arg(long, default_value = "2ms..20ms", value_parser = parse_latency)]
+    pub latency: (u64, u64),
+    /// Share of calls answered 503 (transient: retried at once).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub fail_503: f64,
+    /// Share of calls answered 500 (service error: retried through the tiers).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub fail_500: f64,
+    /// Share of calls answered 400 (permanent: dead-letter topic).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub fail_400: f64,
+}
+
+impl Faults {
+    pub fn behaviour(&self) -> Behaviour {
+        Behaviour {
+            latency_ms: self.latency.0..=self.latency.1,
+            rate_503: self.fail_503,
+            rate_500: self.fail_500,
+            rate_400: self.fail_400,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:18090")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub faults: Faults,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Orders to publish.
+    #[arg(long, default_value_t = 200)]
+    pub orders: u32,
+    /// Orders published per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u32,
+    /// Give up waiting for the report to balance after this long.
+    #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    #[command(flatten)]
+    pub faults: Faults,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "'{text}' is not a share between 0 and 1 (e.g. 0.05)"
+        )),
+    }
+}
+
+fn parse_latency(text: &str) -> Result<(u64, u64), String> {
+    let ms = |t: &str| {
+        humantime::parse_duration(t.trim())
+            .map(|d| d.as_millis() as u64)
+            .map_err(|e| format!("'{t}': {e}"))
+    };
+    let (low, high) = match text.split_once("..") {
+        Some((low, high)) => (ms(low)?, ms(high)?),
+        None => (ms(text)?, ms(text)?),
+    };
+    if low > high {
+        return Err(format!("'{text}': the lower bound is above the upper one"));
+    }
+    Ok((low, high))
 }
 
 #[derive(Debug, Subcommand)]
@@ -144,7 +269,138 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Schemas(cmd) => schemas(&cli.connect, cmd).await,
         Command::Orders(cmd) => orders(&cli.connect, cmd).await,
+        Command::Pipelines(cmd) => pipelines(&cli.connect, &cli.pipelines, cmd),
+        Command::Run(args) => run_pipelines(&cli.connect, &cli.pipelines, args).await,
+        Command::Simulate(args) => {
+            let (addr, _, task) = simulate::serve(args.listen, args.faults.behaviour()).await?;
+            eprintln!("simulated services on http://{addr}: POST /payments, /reservations, /notifications");
+            tokio::select! {
+                _ = runtime::shutdown_signal() => Ok(()),
+                _ = task => bail!("the simulated services stopped"),
+            }
+        }
+        Command::Demo(args) => demo::run(&cli.connect, &cli.pipelines.pipelines_dir, args).await,
     }
+}
+
+fn load_pipelines(dir: &std::path::Path) -> anyhow::Result<Vec<Pipeline>> {
+    Ok(pipeline::load_dir(dir, &steps::HANDLER_NAMES)?)
+}
+
+fn pipelines(connect: &Connect, dir: &PipelinesDir, cmd: PipelinesCommand) -> anyhow::Result<()> {
+    let pipelines = load_pipelines(&dir.pipelines_dir)?;
+    let naming = connect.naming();
+    match cmd {
+        PipelinesCommand::Validate => {
+            println!(
+                "{} pipeline(s) in {} are valid",
+                pipelines.len(),
+                dir.pipelines_dir.display()
+            );
+        }
+        PipelinesCommand::List => {
+            for p in &pipelines {
+                println!("{}  ({})", p.name, p.file.display());
+                if !p.description.is_empty() {
+                    println!("  {}", p.description);
+                }
+                println!("  group     {}", p.group_id(&naming));
+                for input in p.input_topics(&naming) {
+                    println!("  reads     {input}");
+                    for (i, delay) in p.retry.tiers.iter().enumerate() {
+                        println!(
+                            "  retry {}   {} (after {})",
+                            i + 1,
+                            p.retry_topic(&input, i + 1),
+                            humantime::format_duration(*delay)
+                        );
+                    }
+                    println!("  dlq       {}", p.dlq_topic(&input));
+                }
+                for output in p.step.outputs() {
+                    println!(
+                        "  writes    {}",
+                        if output.starts_with('(') {
+                            output
+                        } else {
+                            naming.topic(&output)
+                        }
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds a processor for each pipeline and creates the topics they need.
+pub async fn processors(
+    connect: &Connect,
+    pipelines: Vec<Pipeline>,
+) -> anyhow::Result<Vec<runtime::Processor>> {
+    let catalog = Arc::new(load_catalog(connect)?);
+    let codec = Arc::new(EventCodec::with_naming(
+        &connect.registry_url,
+        catalog,
+        connect.naming(),
+    )?);
+    let mut processors = Vec::new();
+    for p in pipelines {
+        let processor = runtime::Processor::new(
+            p,
+            connect.naming(),
+            &connect.bootstrap_servers,
+            codec.clone(),
+        )?;
+        processor.ensure_topics().await.with_context(|| {
+            format!(
+                "creating the topics of pipeline {}",
+                processor.pipeline().name
+            )
+        })?;
+        processors.push(processor);
+    }
+    Ok(processors)
+}
+
+async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> anyhow::Result<()> {
+    let all = load_pipelines(&dir.pipelines_dir)?;
+    let known: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    for name in &args.pipelines {
+        if !known.contains(name) {
+            bail!(
+                "no pipeline named '{name}' in {} (there are: {})",
+                dir.pipelines_dir.display(),
+                known.join(", ")
+            );
+        }
+    }
+    let chosen: Vec<Pipeline> = all
+        .into_iter()
+        .filter(|p| args.all || args.pipelines.contains(&p.name))
+        .collect();
+    let processors = processors(connect, chosen).await?;
+    let telemetry: Vec<(String, Telemetry)> = processors
+        .iter()
+        .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+        .collect();
+    if !args.report_every.is_zero() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(args.report_every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                for (name, t) in &telemetry {
+                    let s = t.snapshot();
+                    eprintln!(
+                        "[{name}] consumed {} succeeded {} retried {:?} dead-lettered {} produce-failures {}",
+                        s.consumed, s.succeeded, &s.retried[..5], s.dead_lettered, s.produce_failures
+                    );
+                }
+            }
+        });
+    }
+    runtime::run_until_signal(processors).await
 }
 
 fn subject_width(subjects: &[String]) -> usize {

@@ -8,7 +8,7 @@ use rdkafka::consumer::StreamConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::contracts::{EncodeError, Event, EventCodec};
+use crate::contracts::{EncodeError, Envelope, Event, EventCodec};
 
 /// Settings for a producer whose acknowledged records are never lost or duplicated by retries.
 pub fn producer_config(bootstrap_servers: &str) -> ClientConfig {
@@ -69,6 +69,54 @@ pub enum PublishError {
     },
 }
 
+/// The envelope as CloudEvents Kafka binary-mode headers, so tools can route and trace an
+/// event without decoding its Avro body.
+pub fn cloudevents_headers(envelope: &Envelope) -> OwnedHeaders {
+    let event_id = envelope.event_id.to_string();
+    let correlation_id = envelope.correlation_id.to_string();
+    let time = humantime::format_rfc3339_millis(
+        std::time::UNIX_EPOCH + Duration::from_millis(envelope.occurred_at.max(0) as u64),
+    )
+    .to_string();
+    let mut headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "ce_specversion",
+            value: Some("1.0"),
+        })
+        .insert(Header {
+            key: "ce_id",
+            value: Some(&event_id),
+        })
+        .insert(Header {
+            key: "ce_type",
+            value: Some(&envelope.event_type),
+        })
+        .insert(Header {
+            key: "ce_source",
+            value: Some(&envelope.source),
+        })
+        .insert(Header {
+            key: "ce_time",
+            value: Some(&time),
+        })
+        .insert(Header {
+            key: "ce_correlationid",
+            value: Some(&correlation_id),
+        })
+        .insert(Header {
+            key: "content-type",
+            value: Some("application/avro"),
+        });
+    if let Some(causation_id) = envelope.causation_id {
+        let causation_id = causation_id.to_string();
+        headers = headers.insert(Header {
+            key: "ce_causationid",
+            value: Some(&causation_id),
+        });
+    }
+    headers
+}
+
 /// Publishes typed events: encodes with the registry schema, writes the envelope as CloudEvents
 /// binary-mode headers, and returns once Kafka has acknowledged the record.
 #[derive(Clone)]
@@ -93,48 +141,7 @@ impl Publisher {
         let payload = self.codec.encode(topic, event).await?;
         let key = event.key();
         let envelope = event.envelope();
-        let event_id = envelope.event_id.to_string();
-        let correlation_id = envelope.correlation_id.to_string();
-        let causation_id = envelope.causation_id.map(|c| c.to_string());
-        let time = humantime::format_rfc3339_millis(
-            std::time::UNIX_EPOCH + Duration::from_millis(envelope.occurred_at.max(0) as u64),
-        )
-        .to_string();
-        let mut headers = OwnedHeaders::new()
-            .insert(Header {
-                key: "ce_specversion",
-                value: Some("1.0"),
-            })
-            .insert(Header {
-                key: "ce_id",
-                value: Some(&event_id),
-            })
-            .insert(Header {
-                key: "ce_type",
-                value: Some(E::EVENT_TYPE),
-            })
-            .insert(Header {
-                key: "ce_source",
-                value: Some(&envelope.source),
-            })
-            .insert(Header {
-                key: "ce_time",
-                value: Some(&time),
-            })
-            .insert(Header {
-                key: "ce_correlationid",
-                value: Some(&correlation_id),
-            })
-            .insert(Header {
-                key: "content-type",
-                value: Some("application/avro"),
-            });
-        if let Some(causation_id) = &causation_id {
-            headers = headers.insert(Header {
-                key: "ce_causationid",
-                value: Some(causation_id),
-            });
-        }
+        let headers = cloudevents_headers(envelope);
         let record = FutureRecord::to(topic)
             .key(&key)
             .payload(&payload)

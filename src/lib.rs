@@ -1,13 +1,23 @@
 //! orderflow: Kafka stream processing for order events.
 //!
 //! # Layout
-//! - [`contracts`]: the event contracts. Avro files of `avro/` ([`contracts::Catalog`]), the
-//!   registry client, typed events and the Confluent wire-format codec. Knows nothing of
-//!   consumers or pipelines.
+//! - [`contracts`]: the event contracts, knowing nothing of consumers or pipelines.
+//!   - [`contracts::catalog`]: the `.avsc` files of `avro/`, references expanded.
+//!   - [`contracts::events`] and [`contracts::validate`]: typed events and their rules.
+//!   - [`contracts::codec`]: Confluent wire format; validated encoding, classified decoding.
+//!   - [`contracts::registry`], [`contracts::compatibility`], [`contracts::subjects`]: the
+//!     registry's API, why a change breaks a rule, and topic/subject names.
 //! - [`kafka`]: librdkafka settings shared by producers and consumers, and the
-//!   [`kafka::Publisher`] that encodes, adds CloudEvents headers and waits for acks.
+//!   [`kafka::Publisher`] that validates, encodes, adds CloudEvents headers and waits for acks.
 //! - [`cli`]: the `orderflow` command; uses only the modules above.
 
 pub mod cli;
 pub mod contracts;
+pub mod demo;
+pub mod failure;
 pub mod kafka;
+pub mod pipeline;
+pub mod runtime;
+pub mod simulate;
+pub mod steps;
+pub mod telemetry;

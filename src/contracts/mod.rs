@@ -1,6 +1,7 @@
 //! Event contracts: the Avro schema files, the registry client, typed events, their semantic
 //! checks and the Confluent wire-format codec. Knows nothing of consumers, pipelines or retries.
 
+pub mod any;
 pub mod catalog;
 pub mod codec;
 pub mod compatibility;
@@ -9,6 +10,7 @@ pub mod registry;
 pub mod subjects;
 pub mod validate;
 
+pub use any::{AnyEvent, FromDataError, EVENT_TYPES};
 pub use catalog::{Catalog, CatalogError, EventSchema};
 pub use codec::{DecodeError, EncodeError, EventCodec};
 pub use events::*;

@@ -1,0 +1,222 @@
+//! `orderflow demo`: the whole flow in one process, against the real broker and registry.
+//! Simulated downstreams, every pipeline of the folder, a stream of orders, a live summary and
+//! a final report whose counts must add up: for every consumer of `order.created`,
+//! published = succeeded + dead-lettered.
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use tokio::sync::watch;
+
+use crate::cli::{processors, Connect, DemoArgs};
+use crate::contracts::events::now_millis;
+use crate::contracts::{Catalog, EventCodec, OrderCreated};
+use crate::kafka::Publisher;
+use crate::telemetry::{Snapshot, Telemetry};
+use crate::{pipeline, simulate, steps};
+
+pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
+    // A fresh prefix per run: the counts below are this run's alone.
+    let run_id = format!("demo-{}", now_millis() / 1000);
+    let connect = Connect {
+        topic_prefix: format!("{}{run_id}.", connect.topic_prefix),
+        ..connect.clone()
+    };
+    let naming = connect.naming();
+
+    let (addr, served, simulator) =
+        simulate::serve("127.0.0.1:0".parse()?, args.faults.behaviour()).await?;
+    for (var, path) in [
+        ("ORDERFLOW_PAYMENT_URL", "payments"),
+        ("ORDERFLOW_INVENTORY_URL", "reservations"),
+        ("ORDERFLOW_NOTIFICATION_URL", "notifications"),
+    ] {
+        std::env::set_var(var, format!("http://{addr}/{path}"));
+    }
+    let pipelines = pipeline::load_dir(pipelines_dir, &steps::HANDLER_NAMES)?;
+    let order_consumers: Vec<String> = pipelines
+        .iter()
+        .filter(|p| p.inputs.iter().any(|i| i == "order.created"))
+        .map(|p| p.name.clone())
+        .collect();
+    eprintln!(
+        "demo {run_id}: {} orders at {}/s; pipelines {}; downstreams on http://{addr} (latency {}..{} ms, 503 {:.0}%, 500 {:.0}%, 400 {:.0}%)",
+        args.orders,
+        args.rate,
+        pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+        args.faults.latency.0,
+        args.faults.latency.1,
+        args.faults.fail_503 * 100.0,
+        args.faults.fail_500 * 100.0,
+        args.faults.fail_400 * 100.0,
+    );
+
+    let processors = processors(&connect, pipelines).await?;
+    let telemetry: Vec<(String, Telemetry)> = processors
+        .iter()
+        .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+        .collect();
+    let (stop, stopped) = watch::channel(false);
+    let mut running = tokio::task::JoinSet::new();
+    for processor in processors {
+        running.spawn(processor.run(stopped.clone()));
+    }
+
+    let catalog = Arc::new(Catalog::load(&connect.schemas_dir)?);
+    let codec = Arc::new(EventCodec::with_naming(
+        &connect.registry_url,
+        catalog,
+        naming.clone(),
+    )?);
+    let publisher = Publisher::new(&connect.bootstrap_servers, codec)?;
+    let topic = naming.topic("order.created");
+    let published = Arc::new(AtomicU64::new(0));
+    let publishing = {
+        let (published, topic, orders, rate) = (
+            published.clone(),
+            topic.clone(),
+            args.orders,
+            args.rate.max(1),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            for _ in 0..orders {
+                tick.tick().await;
+                publisher
+                    .publish(&topic, &OrderCreated::sample("orderflow/demo"))
+                    .await?;
+                published.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        })
+    };
+
+    let expected = u64::from(args.orders) * order_consumers.len() as u64;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut last_consumed = (0u64, Instant::now());
+    let balanced = loop {
+        tokio::time::sleep(Duration::from_millis(if tty { 250 } else { 2000 })).await;
+        let snapshots: Vec<(&str, Snapshot)> = telemetry
+            .iter()
+            .map(|(n, t)| (n.as_str(), t.snapshot()))
+            .collect();
+        let done: u64 = snapshots
+            .iter()
+            .filter(|(n, _)| order_consumers.iter().any(|c| c == n))
+            .map(|(_, s)| s.succeeded + s.dead_lettered)
+            .sum();
+        let consumed: u64 = snapshots.iter().map(|(_, s)| s.consumed).sum();
+        if consumed != last_consumed.0 {
+            last_consumed = (consumed, Instant::now());
+        }
+        print_progress(
+            tty,
+            published.load(Ordering::Relaxed),
+            done,
+            expected,
+            &snapshots,
+        );
+        // Finished when every order consumer accounted for every order and the chained
+        // pipelines (e.g. confirmation) have been quiet for two seconds.
+        if done >= expected && last_consumed.1.elapsed() > Duration::from_secs(2) {
+            break true;
+        }
+        if started.elapsed() > args.timeout {
+            break false;
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    let _ = stop.send(true);
+    while let Some(result) = running.join_next().await {
+        result??;
+    }
+    publishing.await??;
+    simulator.abort();
+
+    let published = published.load(Ordering::Relaxed);
+    println!(
+        "\n{:<14} {:>9} {:>9} {:>9} {:>22} {:>9}",
+        "PIPELINE", "CONSUMED", "SUCCEEDED", "TRANSIENT", "RETRIED (tier 1..5)", "DLQ"
+    );
+    let (mut succeeded, mut dead) = (0, 0);
+    for (name, t) in &telemetry {
+        let s = t.snapshot();
+        println!(
+            "{name:<14} {:>9} {:>9} {:>9} {:>22} {:>9}",
+            s.consumed,
+            s.succeeded,
+            s.transient_retries,
+            format!("{:?}", &s.retried[..5]),
+            s.dead_lettered
+        );
+        if order_consumers.contains(name) {
+            succeeded += s.succeeded;
+            dead += s.dead_lettered;
+        }
+    }
+    println!(
+        "downstream answers: {} ok, {} x 503, {} x 500, {} x 400, {} repeated idempotency keys",
+        served.ok.load(Ordering::Relaxed),
+        served.s503.load(Ordering::Relaxed),
+        served.s500.load(Ordering::Relaxed),
+        served.s400.load(Ordering::Relaxed),
+        served.repeated.load(Ordering::Relaxed),
+    );
+    let consumers = order_consumers.len() as u64;
+    println!(
+        "balance: published {published} x {consumers} consumers = {} ; succeeded {succeeded} + in DLQ {dead} = {}  {}",
+        published * consumers,
+        succeeded + dead,
+        if published * consumers == succeeded + dead { "OK" } else { "MISMATCH" }
+    );
+    println!(
+        "topics: {topic} (kcat -b {} -C -t {topic} -e), dead letters in <topic>.<group>.dlq",
+        connect.bootstrap_servers
+    );
+    if !balanced || published * consumers != succeeded + dead {
+        bail!(
+            "the counts did not add up within {}",
+            humantime::format_duration(args.timeout)
+        );
+    }
+    Ok(())
+}
+
+fn print_progress(
+    tty: bool,
+    published: u64,
+    done: u64,
+    expected: u64,
+    snapshots: &[(&str, Snapshot)],
+) {
+    let width = 30;
+    let filled = (done * width as u64)
+        .checked_div(expected)
+        .map_or(width, |f| f as usize)
+        .min(width);
+    let per_pipeline: Vec<String> = snapshots
+        .iter()
+        .map(|(n, s)| {
+            let retried: u64 = s.retried.iter().sum();
+            format!("{n} {}ok/{}r/{}dlq", s.succeeded, retried, s.dead_lettered)
+        })
+        .collect();
+    let line = format!(
+        "[{}{}] {done}/{expected} published {published} | {}",
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        per_pipeline.join(" | ")
+    );
+    if tty {
+        eprint!("\r{line}\x1b[K");
+    } else {
+        eprintln!("{line}");
+    }
+}

@@ -1,0 +1,208 @@
+//! The one place that decides how a failure is handled. Steps and decoding report what went
+//! wrong ([`Failure`]); [`Classifier::classify`] says which path it takes:
+//!
+//! | class | examples | path |
+//! |---|---|---|
+//! | transient | timeout, 408, 429, 503, producer queue full | immediate in-process retries, jittered |
+//! | service | 500, 502, 504, connection refused, registry unreachable | tiered retry topics, then the DLQ |
+//! | permanent | 400, 422, other 4xx, bad payloads, invalid events, business rules | the DLQ at once |
+//!
+//! A pipeline can override the class of an HTTP status (`classify: {"409": permanent}`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use crate::contracts::{DecodeError, EncodeError, FromDataError};
+
+/// How a failure is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ErrorClass {
+    /// Likely gone in a moment: retried at once, a few times.
+    Transient,
+    /// A dependency is down: retried later through the retry tiers.
+    Service,
+    /// Retrying cannot help: to the dead-letter topic.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 3] = [
+        ErrorClass::Transient,
+        ErrorClass::Service,
+        ErrorClass::Permanent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Service => "service",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ErrorClass {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "transient" => Ok(ErrorClass::Transient),
+            "service" => Ok(ErrorClass::Service),
+            "permanent" => Ok(ErrorClass::Permanent),
+            other => Err(format!(
+                "unknown error class '{other}' (transient, service or permanent)"
+            )),
+        }
+    }
+}
+
+/// What went wrong while handling one event.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error("HTTP {status} from {url}: {body}")]
+    HttpStatus {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    #[error("no answer from {url} within {timeout_ms} ms")]
+    HttpTimeout { url: String, timeout_ms: u128 },
+    #[error("cannot reach {url}: {detail}")]
+    HttpUnreachable { url: String, detail: String },
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    #[error("the downstream's answer is not a valid event: {0}")]
+    BadAnswer(#[from] FromDataError),
+    #[error("business rule: {0}")]
+    BusinessRule(String),
+    #[error("kafka producer is backed up: {0}")]
+    Backpressure(String),
+    /// A custom handler that knows best how its failure should be handled.
+    #[error("{message}")]
+    Handler { class: ErrorClass, message: String },
+}
+
+impl Failure {
+    /// A short, fixed name of the kind of failure, for headers and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Failure::HttpStatus { .. } => "http_status",
+            Failure::HttpTimeout { .. } => "http_timeout",
+            Failure::HttpUnreachable { .. } => "http_unreachable",
+            Failure::Decode(e) => e.kind(),
+            Failure::Encode(_) => "encode",
+            Failure::BadAnswer(_) => "bad_answer",
+            Failure::BusinessRule(_) => "business_rule",
+            Failure::Backpressure(_) => "backpressure",
+            Failure::Handler { .. } => "handler",
+        }
+    }
+}
+
+/// Maps failures to classes: the defaults above, plus a pipeline's HTTP status overrides.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Classifier {
+    http_overrides: BTreeMap<u16, ErrorClass>,
+}
+
+impl Classifier {
+    pub fn new(http_overrides: BTreeMap<u16, ErrorClass>) -> Classifier {
+        Classifier { http_overrides }
+    }
+
+    pub fn classify(&self, failure: &Failure) -> ErrorClass {
+        match failure {
+            Failure::HttpStatus { status, .. } => self
+                .http_overrides
+                .get(status)
+                .copied()
+                .unwrap_or_else(|| default_http_class(*status)),
+            Failure::HttpTimeout { .. } | Failure::Backpressure(_) => ErrorClass::Transient,
+            Failure::HttpUnreachable { .. } => ErrorClass::Service,
+            Failure::Decode(e) if e.is_retryable() => ErrorClass::Service,
+            Failure::Encode(e) if e.is_retryable() => ErrorClass::Service,
+            Failure::Decode(_)
+            | Failure::Encode(_)
+            | Failure::BadAnswer(_)
+            | Failure::BusinessRule(_) => ErrorClass::Permanent,
+            Failure::Handler { class, .. } => *class,
+        }
+    }
+}
+
+/// The default class of an HTTP status that is not an expected answer.
+pub fn default_http_class(status: u16) -> ErrorClass {
+    match status {
+        408 | 429 | 503 => ErrorClass::Transient,
+        500..=599 => ErrorClass::Service,
+        _ => ErrorClass::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16) -> Failure {
+        Failure::HttpStatus {
+            url: "http://x".into(),
+            status: code,
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_table() {
+        let c = Classifier::default();
+        for (code, class) in [
+            (408, ErrorClass::Transient),
+            (429, ErrorClass::Transient),
+            (503, ErrorClass::Transient),
+            (500, ErrorClass::Service),
+            (502, ErrorClass::Service),
+            (504, ErrorClass::Service),
+            (400, ErrorClass::Permanent),
+            (422, ErrorClass::Permanent),
+            (404, ErrorClass::Permanent),
+        ] {
+            assert_eq!(c.classify(&status(code)), class, "HTTP {code}");
+        }
+        let unreachable = Failure::HttpUnreachable {
+            url: "u".into(),
+            detail: "refused".into(),
+        };
+        assert_eq!(c.classify(&unreachable), ErrorClass::Service);
+        let timeout = Failure::HttpTimeout {
+            url: "u".into(),
+            timeout_ms: 5,
+        };
+        assert_eq!(c.classify(&timeout), ErrorClass::Transient);
+        let registry = Failure::Decode(DecodeError::RegistryUnavailable {
+            id: 1,
+            detail: "down".into(),
+        });
+        assert_eq!(c.classify(&registry), ErrorClass::Service);
+        let magic = Failure::Decode(DecodeError::WrongMagicByte { found: 1 });
+        assert_eq!(c.classify(&magic), ErrorClass::Permanent);
+        assert_eq!(
+            c.classify(&Failure::BusinessRule("no".into())),
+            ErrorClass::Permanent
+        );
+    }
+
+    #[test]
+    fn a_pipeline_can_override_a_status() {
+        let c = Classifier::new([(409, ErrorClass::Service), (503, ErrorClass::Permanent)].into());
+        assert_eq!(c.classify(&status(409)), ErrorClass::Service);
+        assert_eq!(c.classify(&status(503)), ErrorClass::Permanent);
+        assert_eq!(c.classify(&status(500)), ErrorClass::Service);
+    }
+}

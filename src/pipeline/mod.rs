@@ -1,0 +1,582 @@
+//! Pipelines declared in `pipelines/*.yaml`: the model, its validation (every problem at once,
+//! each naming the file, pipeline and field), and the names of the topics a pipeline uses.
+//!
+//! # Topics of a pipeline
+//! For each input topic `T` and the pipeline's consumer group `G`:
+//! - `T.G.retry.N` for retry tier N (1-based), one per configured delay;
+//! - `T.G.dlq`, the dead-letter topic.
+//!
+//! So two groups reading one topic never share a retry or dead-letter topic, and a record's
+//! topic alone says where it came from and who failed it. They have the input's partition
+//! count, and a record keeps its partition on the way through them.
+
+pub mod config;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use config::{HttpStepConfig, PipelineConfig, RetryConfig, StepConfig};
+
+use crate::contracts::{Naming, EVENT_TYPES};
+use crate::failure::{Classifier, ErrorClass};
+
+/// A validated pipeline, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    pub name: String,
+    pub description: String,
+    pub file: PathBuf,
+    /// Consumer group as written (before any prefix).
+    pub group: String,
+    /// Event types consumed.
+    pub inputs: Vec<String>,
+    pub step: Step,
+    pub retry: RetryConfig,
+    pub classifier: Classifier,
+}
+
+/// What a pipeline does with each event, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Route { to: Vec<String> },
+    Http(HttpStep),
+    Custom { handler: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpStep {
+    pub url: String,
+    pub timeout: Duration,
+    /// Expected answers and the event type each becomes, most specific first.
+    pub emit: Vec<(StatusMatch, String)>,
+}
+
+/// A status an HTTP answer is expected to have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMatch {
+    Exact(u16),
+    /// `2xx` is `Class(2)`.
+    Class(u16),
+}
+
+impl StatusMatch {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Exact(s) => s == status,
+            StatusMatch::Class(c) => status / 100 == c,
+        }
+    }
+
+    fn parse(text: &str) -> Option<StatusMatch> {
+        let bytes = text.as_bytes();
+        if text.len() != 3 || !(b'1'..=b'5').contains(&bytes[0]) {
+            return None;
+        }
+        if &text[1..] == "xx" {
+            return Some(StatusMatch::Class(u16::from(bytes[0] - b'0')));
+        }
+        text.parse().ok().map(StatusMatch::Exact)
+    }
+}
+
+impl HttpStep {
+    /// The event type an answer with this status becomes, if it is an expected answer.
+    pub fn emits(&self, status: u16) -> Option<&str> {
+        self.emit
+            .iter()
+            .find(|(m, _)| m.matches(status))
+            .map(|(_, t)| t.as_str())
+    }
+}
+
+impl Step {
+    /// Event types or topics this step writes to (before the prefix).
+    pub fn outputs(&self) -> Vec<String> {
+        match self {
+            Step::Route { to } => to.clone(),
+            Step::Http(http) => {
+                let mut out: Vec<String> = http.emit.iter().map(|(_, t)| t.clone()).collect();
+                out.dedup();
+                out
+            }
+            Step::Custom { handler } => vec![format!("(handler {handler})")],
+        }
+    }
+}
+
+/// Names of every topic and the group of a pipeline, for one topic prefix.
+impl Pipeline {
+    pub fn group_id(&self, naming: &Naming) -> String {
+        format!("{}{}", naming.topic_prefix, self.group)
+    }
+
+    pub fn input_topics(&self, naming: &Naming) -> Vec<String> {
+        self.inputs.iter().map(|t| naming.topic(t)).collect()
+    }
+
+    /// `T.G.retry.N` for the (prefixed) input topic `T`, N from 1.
+    pub fn retry_topic(&self, input_topic: &str, tier: usize) -> String {
+        format!("{input_topic}.{}.retry.{tier}", self.group)
+    }
+
+    /// `T.G.dlq` for the (prefixed) input topic `T`.
+    pub fn dlq_topic(&self, input_topic: &str) -> String {
+        format!("{input_topic}.{}.dlq", self.group)
+    }
+}
+
+/// One problem in one pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// The pipeline's name, once known.
+    pub pipeline: Option<String>,
+    /// Dotted path of the field, e.g. `step.http.url`; empty for the file as a whole.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(name) = &self.pipeline {
+            write!(f, " (pipeline {name})")?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{} problem(s) in the pipelines:\n  {}", .0.len(),
+    .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
+pub struct PipelineErrors(pub Vec<Problem>);
+
+/// Loads and validates every `*.yaml` / `*.yml` in `dir`. `handlers` are the names custom steps
+/// may use. All problems of all files are returned together.
+pub fn load_dir(dir: &Path, handlers: &[&str]) -> Result<Vec<Pipeline>, PipelineErrors> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect(),
+        Err(e) => {
+            return Err(PipelineErrors(vec![Problem {
+                file: dir.to_path_buf(),
+                pipeline: None,
+                field: String::new(),
+                message: format!("cannot read the folder: {e}"),
+            }]))
+        }
+    };
+    files.sort();
+    let mut problems = Vec::new();
+    let mut pipelines = Vec::new();
+    for file in files {
+        let text = match std::fs::read_to_string(&file) {
+            Ok(text) => text,
+            Err(e) => {
+                problems.push(Problem {
+                    file,
+                    pipeline: None,
+                    field: String::new(),
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        match parse(&file, &text, handlers) {
+            Ok(p) => pipelines.push(p),
+            Err(mut more) => problems.append(&mut more),
+        }
+    }
+    if pipelines.is_empty() && problems.is_empty() {
+        problems.push(Problem {
+            file: dir.to_path_buf(),
+            pipeline: None,
+            field: String::new(),
+            message: "no pipeline files (*.yaml) found".into(),
+        });
+    }
+    let mut names = BTreeMap::new();
+    let mut groups = BTreeMap::new();
+    for p in &pipelines {
+        if let Some(other) = names.insert(p.name.clone(), p.file.clone()) {
+            problems.push(problem(
+                p,
+                "name",
+                format!(
+                    "'{}' is also the name of the pipeline in {}",
+                    p.name,
+                    other.display()
+                ),
+            ));
+        }
+        if let Some(other) = groups.insert(p.group.clone(), p.file.clone()) {
+            problems.push(problem(
+                p,
+                "group",
+                format!(
+                    "'{}' is also the group of {}; each pipeline needs its own group",
+                    p.group,
+                    other.display()
+                ),
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(pipelines)
+    } else {
+        Err(PipelineErrors(problems))
+    }
+}
+
+fn problem(p: &Pipeline, field: &str, message: String) -> Problem {
+    Problem {
+        file: p.file.clone(),
+        pipeline: Some(p.name.clone()),
+        field: field.to_string(),
+        message,
+    }
+}
+
+/// Parses and validates one pipeline file.
+pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec<Problem>> {
+    let config: PipelineConfig = serde_norway::from_str(text).map_err(|e| {
+        vec![Problem {
+            file: file.to_path_buf(),
+            pipeline: None,
+            field: String::new(),
+            message: e.to_string(),
+        }]
+    })?;
+    let mut problems = Vec::new();
+    let mut report = |field: &str, message: String| {
+        problems.push(Problem {
+            file: file.to_path_buf(),
+            pipeline: Some(config.name.clone()),
+            field: field.to_string(),
+            message,
+        })
+    };
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+    };
+    if !name_ok(&config.name) {
+        report(
+            "name",
+            format!(
+                "'{}' must be lower-case letters, digits, '-' or '_'",
+                config.name
+            ),
+        );
+    }
+    if !name_ok(&config.group.replace('.', "")) {
+        report(
+            "group",
+            format!(
+                "'{}' must be lower-case letters, digits, '.', '-' or '_'",
+                config.group
+            ),
+        );
+    }
+    if config.inputs.is_empty() {
+        report("inputs", "must name at least one event type".into());
+    }
+    let mut seen = HashSet::new();
+    for (i, input) in config.inputs.iter().enumerate() {
+        if !EVENT_TYPES.contains(&input.as_str()) {
+            report(&format!("inputs[{i}]"), unknown_type(input));
+        }
+        if !seen.insert(input) {
+            report(
+                &format!("inputs[{i}]"),
+                format!("'{input}' is listed twice"),
+            );
+        }
+    }
+    let step = match &config.step {
+        StepConfig::Route { to } => {
+            if to.is_empty() {
+                report("step.route.to", "must name at least one topic".into());
+            }
+            for (i, topic) in to.iter().enumerate() {
+                if topic.is_empty()
+                    || topic.contains(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+                {
+                    report(
+                        &format!("step.route.to[{i}]"),
+                        format!("'{topic}' is not a valid topic name"),
+                    );
+                }
+                if config.inputs.contains(topic) {
+                    report(
+                        &format!("step.route.to[{i}]"),
+                        format!("'{topic}' is also an input: the pipeline would feed itself"),
+                    );
+                }
+            }
+            Step::Route { to: to.clone() }
+        }
+        StepConfig::Http(http) => {
+            let url = substitute_env(&http.url);
+            match reqwest::Url::parse(&url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(u) => report(
+                    "step.http.url",
+                    format!("'{url}' must be http or https, not {}", u.scheme()),
+                ),
+                Err(e) => report("step.http.url", format!("'{url}' is not a URL: {e}")),
+            }
+            if http.timeout.is_zero() || http.timeout > Duration::from_secs(300) {
+                report(
+                    "step.http.timeout",
+                    format!("{:?} must be more than 0 and at most 5m", http.timeout),
+                );
+            }
+            if http.emit.is_empty() {
+                report(
+                    "step.http.emit",
+                    "must map at least one status (e.g. \"2xx\") to an event type".into(),
+                );
+            }
+            let mut emit = Vec::new();
+            for (status, event_type) in &http.emit {
+                let field = format!("step.http.emit.{status}");
+                match StatusMatch::parse(status) {
+                    Some(m) => emit.push((m, event_type.clone())),
+                    None => report(
+                        &field,
+                        format!("'{status}' is not an HTTP status such as 200 or 2xx"),
+                    ),
+                }
+                if !EVENT_TYPES.contains(&event_type.as_str()) {
+                    report(&field, unknown_type(event_type));
+                }
+            }
+            // Exact statuses win over classes.
+            emit.sort_by_key(|(m, _)| matches!(m, StatusMatch::Class(_)));
+            Step::Http(HttpStep {
+                url,
+                timeout: http.timeout,
+                emit,
+            })
+        }
+        StepConfig::Custom { handler } => {
+            if !handlers.contains(&handler.as_str()) {
+                report(
+                    "step.custom.handler",
+                    format!(
+                        "no handler '{handler}' is registered (registered: {})",
+                        handlers.join(", ")
+                    ),
+                );
+            }
+            Step::Custom {
+                handler: handler.clone(),
+            }
+        }
+    };
+    for (i, tier) in config.retry.tiers.iter().enumerate() {
+        if tier.is_zero() || *tier > Duration::from_secs(3600) {
+            report(
+                &format!("retry.tiers[{i}]"),
+                format!("{tier:?} must be more than 0 and at most 1h"),
+            );
+        }
+    }
+    if config.retry.transient_attempts > 10 {
+        report(
+            "retry.transient_attempts",
+            format!("{} is more than 10", config.retry.transient_attempts),
+        );
+    }
+    let mut overrides = BTreeMap::new();
+    for (status, class) in &config.classify {
+        let field = format!("classify.{status}");
+        let code = match status.parse::<u16>() {
+            Ok(code) if (100..=599).contains(&code) => Some(code),
+            _ => {
+                report(&field, format!("'{status}' is not an HTTP status"));
+                None
+            }
+        };
+        match class.parse::<ErrorClass>() {
+            Ok(class) => {
+                if let Some(code) = code {
+                    overrides.insert(code, class);
+                }
+            }
+            Err(e) => report(&field, e),
+        }
+    }
+    if problems.is_empty() {
+        Ok(Pipeline {
+            name: config.name,
+            description: config.description,
+            file: file.to_path_buf(),
+            group: config.group,
+            inputs: config.inputs,
+            step,
+            retry: config.retry,
+            classifier: Classifier::new(overrides),
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+fn unknown_type(t: &str) -> String {
+    format!(
+        "'{t}' is not an event type (known: {})",
+        EVENT_TYPES.join(", ")
+    )
+}
+
+/// Replaces `${VAR}` and `${VAR:-default}` with the environment's value.
+pub fn substitute_env(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let Some(end) = rest[start..].find('}') else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let inner = &rest[start + 2..start + end];
+        let (var, default) = inner.split_once(":-").unwrap_or((inner, ""));
+        out.push_str(&std::env::var(var).unwrap_or_else(|_| default.to_string()));
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(text: &str) -> Result<Pipeline, Vec<Problem>> {
+        parse(Path::new("pipelines/x.yaml"), text, &["order-metrics"])
+    }
+
+    #[test]
+    fn the_shipped_pipelines_are_valid() {
+        let dir = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"));
+        let pipelines = load_dir(dir, &crate::steps::HANDLER_NAMES).unwrap();
+        let names: Vec<&str> = pipelines.iter().map(|p| p.name.as_str()).collect();
+        for expected in ["analytics", "inventory", "notification", "payment"] {
+            assert!(names.contains(&expected), "{names:?}");
+        }
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let problems = parse_str(
+            r#"
+name: Pay Ment
+group: payment
+inputs: [order.created, order.placed, order.created]
+step:
+  http:
+    url: "ftp://x"
+    timeout: 0s
+    emit: {"2xx": payment.done, "abc": payment.failed}
+retry:
+  tiers: [1s, 2h]
+classify: {"999": permanent, "409": fatal}
+"#,
+        )
+        .unwrap_err();
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "name",
+                "inputs[1]",
+                "inputs[2]",
+                "step.http.url",
+                "step.http.timeout",
+                "step.http.emit.2xx",
+                "step.http.emit.abc",
+                "retry.tiers[1]",
+                "classify.409",
+                "classify.999",
+            ],
+            "{problems:#?}"
+        );
+        let text = problems[1].to_string();
+        assert!(text.starts_with("pipelines/x.yaml (pipeline Pay Ment): inputs[1]: 'order.placed' is not an event type"), "{text}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let problems = parse_str(
+            "name: a\ngroup: a\ninputs: [order.created]\nstep: {route: {to: [x]}}\nretires: {}\n",
+        )
+        .unwrap_err();
+        assert!(
+            problems[0].message.contains("unknown field `retires`"),
+            "{problems:?}"
+        );
+        let problems = parse_str(
+            "name: a\ngroup: a\ninputs: [order.created]\nstep: {route: {to: [x], via: y}}\n",
+        )
+        .unwrap_err();
+        assert!(
+            problems[0].message.contains("unknown field `via`"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn defaults_and_topic_names() {
+        let p = parse_str("name: pay\ngroup: payment\ninputs: [order.created]\nstep: {custom: {handler: order-metrics}}\n").unwrap();
+        assert_eq!(p.retry.tiers, [1, 2, 4, 8, 16].map(Duration::from_secs));
+        assert_eq!(p.retry.transient_attempts, 3);
+        let naming = Naming {
+            topic_prefix: "stage.".into(),
+            ..Naming::default()
+        };
+        assert_eq!(p.group_id(&naming), "stage.payment");
+        let input = &p.input_topics(&naming)[0];
+        assert_eq!(input, "stage.order.created");
+        assert_eq!(
+            p.retry_topic(input, 3),
+            "stage.order.created.payment.retry.3"
+        );
+        assert_eq!(p.dlq_topic(input), "stage.order.created.payment.dlq");
+    }
+
+    #[test]
+    fn http_answers_match_exact_statuses_before_classes() {
+        let p = parse_str(
+            "name: pay\ngroup: payment\ninputs: [order.created]\nstep:\n  http:\n    url: http://x/pay\n    emit: {\"2xx\": payment.charged, \"202\": payment.failed}\n",
+        )
+        .unwrap();
+        let Step::Http(http) = &p.step else { panic!() };
+        assert_eq!(http.emits(202), Some("payment.failed"));
+        assert_eq!(http.emits(201), Some("payment.charged"));
+        assert_eq!(http.emits(500), None);
+        assert_eq!(http.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn env_is_substituted_in_urls() {
+        std::env::set_var("ORDERFLOW_TEST_PAY_URL", "http://pay:1");
+        assert_eq!(
+            substitute_env("${ORDERFLOW_TEST_PAY_URL}/x"),
+            "http://pay:1/x"
+        );
+        assert_eq!(
+            substitute_env("${ORDERFLOW_TEST_UNSET:-http://d}/x"),
+            "http://d/x"
+        );
+    }
+}

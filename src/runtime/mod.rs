@@ -1,0 +1,625 @@
+//! Runs a pipeline: one consumer (its group) over the input topics and the pipeline's own retry
+//! topics, one idempotent producer (acks=all).
+//!
+//! For each record, in partition order:
+//! 1. a retry record that is not due yet rewinds and pauses its partition until it is due; no
+//!    other partition waits, and the consumer never sleeps;
+//! 2. the record is decoded and validated, then the step runs; transient failures are retried
+//!    at once a few times (jittered);
+//! 3. the router writes the outputs, or the record to the next retry tier, or to the
+//!    dead-letter topic, as `failure::Classifier` decides, with the failure context in headers;
+//! 4. only when every record written for this input is acknowledged is its offset stored (and
+//!    later committed). A write that keeps failing is retried without end and reported loudly:
+//!    the offset never moves past a record that is not safely somewhere.
+//!
+//! Delivery is at least once: a crash between writing and committing repeats the step, and
+//! downstream HTTP services see the same `Idempotency-Key` again.
+
+pub mod headers;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures::future::join_all;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+
+use crate::contracts::events::now_millis;
+use crate::contracts::{AnyEvent, EventCodec, Naming};
+use crate::failure::{ErrorClass, Failure};
+use crate::kafka;
+use crate::pipeline::Pipeline;
+use crate::steps::StepRunner;
+use crate::telemetry::{ProcessorEvent, Telemetry};
+use headers::FailureContext;
+
+/// Longest error message written to a header.
+const MAX_ERROR_MESSAGE: usize = 1000;
+/// Partitions of an input topic the runtime has to create itself.
+const DEFAULT_PARTITIONS: i32 = 3;
+
+/// What a subscribed topic is to this pipeline.
+#[derive(Debug, Clone)]
+enum Role {
+    Input {
+        event_type: String,
+    },
+    Retry {
+        input_topic: String,
+        event_type: String,
+    },
+}
+
+/// A record to write, owned.
+struct OutRecord {
+    topic: String,
+    partition: Option<i32>,
+    key: Option<Vec<u8>>,
+    payload: Option<Vec<u8>>,
+    headers: OwnedHeaders,
+}
+
+/// How one input ended, for telemetry once its records are acknowledged.
+enum Ending {
+    Succeeded {
+        outputs: usize,
+    },
+    Retried {
+        tier: usize,
+        class: ErrorClass,
+        kind: &'static str,
+        message: String,
+    },
+    DeadLettered {
+        topic: String,
+        class: ErrorClass,
+        kind: &'static str,
+        message: String,
+    },
+}
+
+/// A partition waiting for its head retry record to become due.
+struct Paused {
+    head_offset: i64,
+}
+
+pub struct Processor {
+    pipeline: Pipeline,
+    naming: Naming,
+    group_id: String,
+    bootstrap_servers: String,
+    codec: Arc<EventCodec>,
+    step: StepRunner,
+    producer: FutureProducer,
+    telemetry: Telemetry,
+    roles: HashMap<String, Role>,
+}
+
+impl Processor {
+    pub fn new(
+        pipeline: Pipeline,
+        naming: Naming,
+        bootstrap_servers: &str,
+        codec: Arc<EventCodec>,
+    ) -> anyhow::Result<Processor> {
+        let mut roles = HashMap::new();
+        for event_type in &pipeline.inputs {
+            let input_topic = naming.topic(event_type);
+            for tier in 1..=pipeline.retry.tiers.len() {
+                roles.insert(
+                    pipeline.retry_topic(&input_topic, tier),
+                    Role::Retry {
+                        input_topic: input_topic.clone(),
+                        event_type: event_type.clone(),
+                    },
+                );
+            }
+            roles.insert(
+                input_topic,
+                Role::Input {
+                    event_type: event_type.clone(),
+                },
+            );
+        }
+        let mut producer_config = kafka::producer_config(bootstrap_servers);
+        // Each input waits for its outputs' acks, so a batching window would only add latency.
+        producer_config.set("linger.ms", "1");
+        Ok(Processor {
+            group_id: pipeline.group_id(&naming),
+            telemetry: Telemetry::new(&pipeline.name),
+            step: StepRunner::for_pipeline(&pipeline),
+            producer: producer_config.create().context("creating the producer")?,
+            bootstrap_servers: bootstrap_servers.to_string(),
+            pipeline,
+            naming,
+            codec,
+            roles,
+        })
+    }
+
+    pub fn telemetry(&self) -> Telemetry {
+        self.telemetry.clone()
+    }
+
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Creates what the pipeline reads and writes when missing: inputs (3 partitions), their
+    /// retry and dead-letter topics (as many partitions as the input), and declared outputs.
+    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
+        let client: StreamConsumer =
+            kafka::consumer_config(&self.bootstrap_servers, &self.group_id).create()?;
+        let mut wanted: Vec<(String, i32)> = Vec::new();
+        for input in self.pipeline.input_topics(&self.naming) {
+            kafka::ensure_topics(&self.bootstrap_servers, &[(&input, DEFAULT_PARTITIONS)], 1)
+                .await?;
+            let metadata = client
+                .fetch_metadata(Some(&input), Duration::from_secs(10))
+                .with_context(|| format!("reading the metadata of {input}"))?;
+            let partitions = metadata
+                .topics()
+                .first()
+                .map(|t| t.partitions().len() as i32)
+                .filter(|n| *n > 0)
+                .unwrap_or(DEFAULT_PARTITIONS);
+            for tier in 1..=self.pipeline.retry.tiers.len() {
+                wanted.push((self.pipeline.retry_topic(&input, tier), partitions));
+            }
+            wanted.push((self.pipeline.dlq_topic(&input), partitions));
+        }
+        for output in self.pipeline.step.outputs() {
+            if !output.starts_with('(') {
+                wanted.push((self.naming.topic(&output), DEFAULT_PARTITIONS));
+            }
+        }
+        let wanted: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        kafka::ensure_topics(&self.bootstrap_servers, &wanted, 1).await
+    }
+
+    /// Consumes until `shutdown` turns true, then finishes the record in hand, flushes the
+    /// producer and commits what was stored.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let consumer: StreamConsumer =
+            kafka::consumer_config(&self.bootstrap_servers, &self.group_id)
+                .create()
+                .context("creating the consumer")?;
+        let topics: Vec<&str> = self.roles.keys().map(String::as_str).collect();
+        consumer.subscribe(&topics).context("subscribing")?;
+        tracing::info!(pipeline = %self.pipeline.name, group = %self.group_id, ?topics, "processor started");
+        let (resume_tx, mut resume_rx) = mpsc::unbounded_channel::<(String, i32)>();
+        let mut paused: HashMap<(String, i32), Paused> = HashMap::new();
+        while !*shutdown.borrow() {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some((topic, partition)) = resume_rx.recv() => {
+                    paused.remove(&(topic.clone(), partition));
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&topic, partition);
+                    if let Err(e) = consumer.resume(&tpl) {
+                        tracing::debug!(%topic, partition, "resume after a rebalance: {e}");
+                    }
+                }
+                message = consumer.recv() => match message {
+                    Ok(message) => self.handle(&consumer, &message, &mut paused, &resume_tx).await,
+                    Err(e) => tracing::warn!(pipeline = %self.pipeline.name, "consumer error: {e}"),
+                },
+            }
+        }
+        tracing::info!(pipeline = %self.pipeline.name, "stopping: flushing and committing");
+        self.producer
+            .flush(Duration::from_secs(10))
+            .context("flushing the producer")?;
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {}
+            Err(e) => return Err(e).context("committing offsets"),
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        consumer: &StreamConsumer,
+        message: &BorrowedMessage<'_>,
+        paused: &mut HashMap<(String, i32), Paused>,
+        resume_tx: &mpsc::UnboundedSender<(String, i32)>,
+    ) {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let key = (topic.to_string(), partition);
+        if let Some(p) = paused.get(&key) {
+            // Fetched before the pause took effect: rewind again, the timer still runs.
+            rewind_and_pause(consumer, topic, partition, p.head_offset);
+            return;
+        }
+        self.telemetry.emit(ProcessorEvent::Consumed {
+            topic,
+            partition,
+            offset,
+        });
+        let Some(role) = self.roles.get(topic) else {
+            tracing::error!(
+                topic,
+                "record from a topic this pipeline did not subscribe to"
+            );
+            return;
+        };
+        let (event_type, input_topic, context) = match role {
+            Role::Input { event_type } => (event_type.as_str(), topic, None),
+            Role::Retry {
+                input_topic,
+                event_type,
+            } => match FailureContext::read(message.headers()) {
+                Some(context) => {
+                    let now = now_millis();
+                    if let Some(due) = context.due_ms.filter(|due| *due > now) {
+                        let wait = Duration::from_millis((due - now) as u64);
+                        rewind_and_pause(consumer, topic, partition, offset);
+                        paused.insert(
+                            key.clone(),
+                            Paused {
+                                head_offset: offset,
+                            },
+                        );
+                        let tx = resume_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(wait).await;
+                            let _ = tx.send(key);
+                        });
+                        self.telemetry.emit(ProcessorEvent::Deferred {
+                            topic,
+                            partition,
+                            wait_ms: wait.as_millis() as u64,
+                        });
+                        return;
+                    }
+                    if let Some(due) = context.due_ms {
+                        self.telemetry.emit(ProcessorEvent::RetryLateness {
+                            tier: context.tier,
+                            late_ms: now - due,
+                        });
+                    }
+                    (event_type.as_str(), input_topic.as_str(), Some(context))
+                }
+                None => (event_type.as_str(), input_topic.as_str(), None),
+            },
+        };
+        let malformed_retry = matches!(role, Role::Retry { .. }) && context.is_none();
+        let (records, ending) = if malformed_retry {
+            let failure = Failure::BusinessRule(format!(
+                "record on retry topic {topic} has missing or malformed {}* headers",
+                headers::PREFIX
+            ));
+            self.failure_records(message, input_topic, None, ErrorClass::Permanent, &failure)
+        } else {
+            match self.process(event_type, message).await {
+                Ok(records) => {
+                    let outputs = records.len();
+                    (records, Ending::Succeeded { outputs })
+                }
+                Err((class, failure)) => {
+                    self.failure_records(message, input_topic, context, class, &failure)
+                }
+            }
+        };
+        self.deliver(records).await;
+        match ending {
+            Ending::Succeeded { outputs } => self
+                .telemetry
+                .emit(ProcessorEvent::Succeeded { topic, outputs }),
+            Ending::Retried {
+                tier,
+                class,
+                kind,
+                message,
+            } => self.telemetry.emit(ProcessorEvent::Retried {
+                tier,
+                class,
+                kind,
+                message: &message,
+            }),
+            Ending::DeadLettered {
+                topic,
+                class,
+                kind,
+                message,
+            } => self.telemetry.emit(ProcessorEvent::DeadLettered {
+                topic: &topic,
+                class,
+                kind,
+                message: &message,
+            }),
+        }
+        if let Err(e) = consumer.store_offset_from_message(message) {
+            // The partition was revoked meanwhile: its new owner reads this record again.
+            tracing::warn!(topic, partition, offset, "offset not stored: {e}");
+        }
+    }
+
+    /// Decode, run the step (with in-process retries of transient failures), encode outputs.
+    async fn process(
+        &self,
+        event_type: &str,
+        message: &BorrowedMessage<'_>,
+    ) -> Result<Vec<OutRecord>, (ErrorClass, Failure)> {
+        let classify = |failure: Failure| (self.pipeline.classifier.classify(&failure), failure);
+        let event = AnyEvent::decode(&self.codec, event_type, message.payload())
+            .await
+            .map_err(|e| classify(Failure::Decode(e)))?;
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.step.run(&event).await {
+                Ok(outcome) => break outcome,
+                Err(failure) => {
+                    let class = self.pipeline.classifier.classify(&failure);
+                    if class == ErrorClass::Transient
+                        && attempt < self.pipeline.retry.transient_attempts
+                    {
+                        attempt += 1;
+                        self.telemetry.emit(ProcessorEvent::TransientRetry {
+                            attempt,
+                            kind: failure.kind(),
+                            message: &failure.to_string(),
+                        });
+                        tokio::time::sleep(jittered_backoff(attempt)).await;
+                        continue;
+                    }
+                    // Transient failures that outlast their attempts are treated as a service down.
+                    let class = if class == ErrorClass::Transient {
+                        ErrorClass::Service
+                    } else {
+                        class
+                    };
+                    return Err((class, failure));
+                }
+            }
+        };
+        let mut records = Vec::with_capacity(outcome.events.len() + outcome.copies.len());
+        for event in &outcome.events {
+            let topic = self.naming.topic(event.event_type());
+            let payload = event
+                .encode(&self.codec, &topic)
+                .await
+                .map_err(|e| classify(Failure::Encode(e)))?;
+            records.push(OutRecord {
+                headers: kafka::cloudevents_headers(event.envelope()),
+                key: Some(event.key().into_bytes()),
+                payload: Some(payload),
+                partition: None,
+                topic,
+            });
+        }
+        for to in &outcome.copies {
+            records.push(OutRecord {
+                topic: self.naming.topic(to),
+                partition: None,
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+                headers: copy_headers(message),
+            });
+        }
+        Ok(records)
+    }
+
+    /// The record for the next retry tier, or for the dead-letter topic.
+    fn failure_records(
+        &self,
+        message: &BorrowedMessage<'_>,
+        input_topic: &str,
+        context: Option<FailureContext>,
+        class: ErrorClass,
+        failure: &Failure,
+    ) -> (Vec<OutRecord>, Ending) {
+        let now = now_millis();
+        let previous = context.unwrap_or_else(|| FailureContext {
+            attempt: 0,
+            original_topic: message.topic().to_string(),
+            original_partition: message.partition(),
+            original_offset: message.offset(),
+            original_timestamp: message.timestamp().to_millis(),
+            first_failure_ms: now,
+            tier: 0,
+            due_ms: None,
+        });
+        let next_tier = previous.tier + 1;
+        let tiers = &self.pipeline.retry.tiers;
+        let to_retry = class == ErrorClass::Service && next_tier <= tiers.len();
+        let (topic, tier, due_ms) = if to_retry {
+            let due = now + tiers[next_tier - 1].as_millis() as i64;
+            (
+                self.pipeline.retry_topic(input_topic, next_tier),
+                next_tier,
+                Some(due),
+            )
+        } else {
+            (self.pipeline.dlq_topic(input_topic), previous.tier, None)
+        };
+        let context = FailureContext {
+            attempt: previous.attempt + 1,
+            tier,
+            due_ms,
+            ..previous
+        };
+        let mut text = failure.to_string();
+        if text.len() > MAX_ERROR_MESSAGE {
+            let mut end = MAX_ERROR_MESSAGE;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+        }
+        let record = OutRecord {
+            headers: headers::with_failure(
+                message.headers(),
+                &context,
+                &self.group_id,
+                class,
+                failure.kind(),
+                &text,
+            ),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            partition: Some(context.original_partition),
+            topic: topic.clone(),
+        };
+        let ending = if to_retry {
+            Ending::Retried {
+                tier,
+                class,
+                kind: failure.kind(),
+                message: text,
+            }
+        } else {
+            Ending::DeadLettered {
+                topic,
+                class,
+                kind: failure.kind(),
+                message: text,
+            }
+        };
+        (vec![record], ending)
+    }
+
+    /// Writes every record and waits for every ack; failed writes are retried until they
+    /// succeed, so the caller only stores the offset once all are safely written.
+    async fn deliver(&self, mut pending: Vec<OutRecord>) {
+        let mut attempt = 0u32;
+        while !pending.is_empty() {
+            let sends = pending.iter().map(|r| {
+                let mut record = FutureRecord::to(&r.topic).headers(r.headers.clone());
+                if let Some(key) = &r.key {
+                    record = record.key(key);
+                }
+                if let Some(payload) = &r.payload {
+                    record = record.payload(payload);
+                }
+                if let Some(partition) = r.partition {
+                    record = record.partition(partition);
+                }
+                self.producer
+                    .send(record, Timeout::After(Duration::from_secs(30)))
+            });
+            let results = join_all(sends).await;
+            attempt += 1;
+            let mut failed = Vec::new();
+            for (record, result) in pending.into_iter().zip(results) {
+                if let Err((error, _)) = result {
+                    self.telemetry.emit(ProcessorEvent::ProduceFailed {
+                        topic: &record.topic,
+                        error: &error.to_string(),
+                        attempt,
+                    });
+                    failed.push(record);
+                }
+            }
+            pending = failed;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(50)))).await;
+            }
+        }
+    }
+}
+
+fn rewind_and_pause(consumer: &StreamConsumer, topic: &str, partition: i32, offset: i64) {
+    if let Err(e) = consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(offset),
+        Duration::from_secs(5),
+    ) {
+        tracing::warn!(
+            topic,
+            partition,
+            offset,
+            "rewinding a not-yet-due retry record failed: {e}"
+        );
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if let Err(e) = consumer.pause(&tpl) {
+        tracing::warn!(topic, partition, "pausing failed: {e}");
+    }
+}
+
+fn copy_headers(message: &BorrowedMessage<'_>) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    if let Some(headers) = message.headers() {
+        for h in headers.iter() {
+            out = out.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    out
+}
+
+/// 50 ms, 100 ms, 200 ms, ... with +-50 % jitter, so retries of many records do not align.
+fn jittered_backoff(attempt: u32) -> Duration {
+    let base = 50u64 << attempt.min(6);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base))
+}
+
+/// Runs processors until SIGTERM or Ctrl-C, then stops them all and waits for each to flush
+/// and commit.
+pub async fn run_until_signal(processors: Vec<Processor>) -> anyhow::Result<()> {
+    let (stop, stopped) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for processor in processors {
+        let name = processor.pipeline().name.clone();
+        let stopped = stopped.clone();
+        tasks.spawn(async move { (name, processor.run(stopped).await) });
+    }
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut result = Ok(());
+    loop {
+        tokio::select! {
+            _ = &mut signal, if !*stop.borrow() => {
+                tracing::info!("shutdown requested");
+                let _ = stop.send(true);
+            }
+            joined = tasks.join_next() => match joined {
+                None => break,
+                Some(Ok((_, Ok(())))) => {}
+                Some(Ok((name, Err(e)))) => {
+                    tracing::error!(pipeline = %name, "processor failed: {e:#}");
+                    let _ = stop.send(true);
+                    result = Err(e.context(format!("pipeline {name}")));
+                }
+                Some(Err(e)) => {
+                    let _ = stop.send(true);
+                    result = Err(anyhow::anyhow!("a processor task panicked: {e}"));
+                }
+            }
+        }
+    }
+    result
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,207 @@
+//! Simulated downstream services for the demo: payment, inventory and notification, over HTTP on
+//! loopback, with latency and failure rates as settings. Like a real payment API they are
+//! idempotent: a request repeating an `Idempotency-Key` gets the first answer again, and only a
+//! success is remembered (a failed attempt may be retried for real).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+/// How the simulated services behave. Each rate is the chance of that answer per request.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    pub latency_ms: RangeInclusive<u64>,
+    /// 503: transient, retried at once.
+    pub rate_503: f64,
+    /// 500: service error, retried through the tiers.
+    pub rate_500: f64,
+    /// 400: permanent, straight to the dead-letter topic.
+    pub rate_400: f64,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Behaviour {
+            latency_ms: 2..=20,
+            rate_503: 0.0,
+            rate_500: 0.0,
+            rate_400: 0.0,
+        }
+    }
+}
+
+/// Requests answered, by status class, for the demo's report.
+#[derive(Debug, Default)]
+pub struct Served {
+    pub ok: AtomicU64,
+    pub s503: AtomicU64,
+    pub s500: AtomicU64,
+    pub s400: AtomicU64,
+    pub repeated: AtomicU64,
+}
+
+struct Shared {
+    behaviour: Behaviour,
+    served: Arc<Served>,
+    answers: Mutex<HashMap<String, (StatusCode, Value)>>,
+}
+
+type Answer = (StatusCode, Json<Value>);
+
+/// Serves until the returned handle's task is aborted. Returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    behaviour: Behaviour,
+) -> std::io::Result<(SocketAddr, Arc<Served>, tokio::task::JoinHandle<()>)> {
+    let served = Arc::new(Served::default());
+    let shared = Arc::new(Shared {
+        behaviour,
+        served: served.clone(),
+        answers: Mutex::default(),
+    });
+    let app = Router::new()
+        .route("/payments", post(payments))
+        .route("/reservations", post(reservations))
+        .route("/notifications", post(notifications))
+        .with_state(shared);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("simulated downstreams stopped: {e}");
+        }
+    });
+    Ok((addr, served, task))
+}
+
+/// Latency, injected failures and idempotency around one service's real answer.
+async fn answer(
+    shared: &Shared,
+    service: &str,
+    headers: &HeaderMap,
+    ok: impl FnOnce() -> (StatusCode, Value),
+) -> Answer {
+    let b = &shared.behaviour;
+    tokio::time::sleep(Duration::from_millis(fastrand::u64(b.latency_ms.clone()))).await;
+    let key = headers
+        .get("Idempotency-Key")
+        .and_then(|v| v.to_str().ok())
+        .map(|k| format!("{service}/{k}"));
+    if let Some(key) = &key {
+        if let Some((status, body)) = shared.answers.lock().unwrap().get(key) {
+            shared.served.repeated.fetch_add(1, Ordering::Relaxed);
+            return (*status, Json(body.clone()));
+        }
+    }
+    let roll = fastrand::f64();
+    let served = &shared.served;
+    if roll < b.rate_503 {
+        served.s503.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "overloaded, try again"})),
+        );
+    }
+    if roll < b.rate_503 + b.rate_500 {
+        served.s500.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": "database unavailable"})),
+        );
+    }
+    if roll < b.rate_503 + b.rate_500 + b.rate_400 {
+        served.s400.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": format!("{service} refuses this order")})),
+        );
+    }
+    let (status, body) = ok();
+    served.ok.fetch_add(1, Ordering::Relaxed);
+    if let Some(key) = key {
+        shared
+            .answers
+            .lock()
+            .unwrap()
+            .insert(key, (status, body.clone()));
+    }
+    (status, Json(body))
+}
+
+fn order_id(order: &Value) -> Value {
+    order["data"]["order_id"].clone()
+}
+
+async fn payments(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(order): Json<Value>,
+) -> Answer {
+    answer(&shared, "payments", &headers, || {
+        (
+            StatusCode::OK,
+            json!({
+                "order_id": order_id(&order),
+                "payment_id": uuid::Uuid::now_v7().to_string(),
+                "amount": order["data"]["total"],
+            }),
+        )
+    })
+    .await
+}
+
+async fn reservations(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(order): Json<Value>,
+) -> Answer {
+    answer(&shared, "reservations", &headers, || {
+        let lines: Vec<Value> = order["data"]["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|i| json!({"sku": i["sku"], "quantity": i["quantity"]}))
+                    .collect()
+            })
+            .unwrap_or_default();
+        (
+            StatusCode::OK,
+            json!({
+                "order_id": order_id(&order),
+                "reservation_id": uuid::Uuid::now_v7().to_string(),
+                "lines": lines,
+            }),
+        )
+    })
+    .await
+}
+
+async fn notifications(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(order): Json<Value>,
+) -> Answer {
+    answer(&shared, "notifications", &headers, || {
+        let customer = order["data"]["customer_id"].as_str().unwrap_or("customer");
+        (
+            StatusCode::OK,
+            json!({
+                "order_id": order_id(&order),
+                "channel": "email",
+                "recipient": format!("{customer}@example.com"),
+                "template": "order-received",
+            }),
+        )
+    })
+    .await
+}
