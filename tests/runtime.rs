@@ -1,0 +1,622 @@
+//! The processor runtime against the real stack (`scripts/stack up`) and a real HTTP server
+//! whose answers each test scripts per order. Topics and groups get a random prefix per test.
+//! Every test checks that the counts balance: per consumer, inputs = succeeded + dead-lettered.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use axum::{Json, Router};
+use orderflow::cli::{processors, Connect};
+use orderflow::contracts::{Catalog, EventCodec, Naming, OrderCreated, SubjectStrategy};
+use orderflow::kafka::{self, Publisher};
+use orderflow::pipeline;
+use orderflow::runtime::headers;
+use orderflow::telemetry::Telemetry;
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+fn bootstrap() -> String {
+    std::env::var("ORDERFLOW_BOOTSTRAP_SERVERS")
+        .expect("ORDERFLOW_BOOTSTRAP_SERVERS is not set: run the tests with scripts/test")
+}
+
+fn registry_url() -> String {
+    std::env::var("ORDERFLOW_REGISTRY_URL")
+        .expect("ORDERFLOW_REGISTRY_URL is not set: run the tests with scripts/test")
+}
+
+fn connect(prefix: &str) -> Connect {
+    Connect {
+        bootstrap_servers: bootstrap(),
+        registry_url: registry_url(),
+        schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
+        topic_prefix: prefix.to_string(),
+        subject_strategy: SubjectStrategy::Topic,
+    }
+}
+
+fn prefix(name: &str) -> String {
+    format!(
+        "it-{name}-{}.",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+// ---- a scripted downstream -------------------------------------------------------------------
+
+/// One call the downstream received.
+#[derive(Debug, Clone)]
+struct Call {
+    order_id: String,
+    idempotency_key: String,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Script {
+    /// Per service and order: the statuses to answer, in order; then 200.
+    answers: HashMap<(String, String), VecDeque<u16>>,
+    /// Per service: delay of every answer.
+    delay: HashMap<String, Duration>,
+    calls: Vec<(String, Call)>,
+}
+
+#[derive(Clone, Default)]
+struct Downstream(Arc<Mutex<Script>>);
+
+impl Downstream {
+    fn script(&self, service: &str, order: &OrderCreated, statuses: &[u16]) {
+        self.0.lock().unwrap().answers.insert(
+            (service.to_string(), order.data.order_id.to_string()),
+            statuses.iter().copied().collect(),
+        );
+    }
+
+    fn delay(&self, service: &str, delay: Duration) {
+        self.0
+            .lock()
+            .unwrap()
+            .delay
+            .insert(service.to_string(), delay);
+    }
+
+    fn calls(&self, service: &str, order: &OrderCreated) -> Vec<Call> {
+        let id = order.data.order_id.to_string();
+        self.0
+            .lock()
+            .unwrap()
+            .calls
+            .iter()
+            .filter(|(s, c)| s == service && c.order_id == id)
+            .map(|(_, c)| c.clone())
+            .collect()
+    }
+
+    async fn start(&self) -> SocketAddr {
+        let app = Router::new()
+            .route("/{service}", post(answer))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+}
+
+async fn answer(
+    State(downstream): State<Downstream>,
+    UrlPath(service): UrlPath<String>,
+    headers: HeaderMap,
+    Json(order): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let order_id = order["data"]["order_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let (status, delay) = {
+        let mut script = downstream.0.lock().unwrap();
+        script.calls.push((
+            service.clone(),
+            Call {
+                order_id: order_id.clone(),
+                idempotency_key: headers
+                    .get("Idempotency-Key")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+                at: Instant::now(),
+            },
+        ));
+        let status = script
+            .answers
+            .get_mut(&(service.clone(), order_id.clone()))
+            .and_then(VecDeque::pop_front)
+            .unwrap_or(200);
+        (status, script.delay.get(&service).copied())
+    };
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let body = match (service.as_str(), status) {
+        ("payments", 200) => {
+            json!({"order_id": order_id, "payment_id": uuid::Uuid::now_v7().to_string(), "amount": order["data"]["total"]})
+        }
+        ("reservations", 200) => json!({
+            "order_id": order_id,
+            "reservation_id": uuid::Uuid::now_v7().to_string(),
+            "lines": order["data"]["items"].as_array().unwrap().iter().map(|i| json!({"sku": i["sku"], "quantity": i["quantity"]})).collect::<Vec<_>>(),
+        }),
+        ("notifications", 200) => {
+            json!({"order_id": order_id, "channel": "email", "recipient": "a@example.com", "template": "order-received"})
+        }
+        _ => json!({"error": format!("scripted {status}")}),
+    };
+    (StatusCode::from_u16(status).unwrap(), Json(body))
+}
+
+// ---- pipelines, processors, topics -----------------------------------------------------------
+
+/// The four order.created consumers, pointing at the scripted downstream, with short tiers.
+fn pipelines_dir(addr: SocketAddr) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let http = |name: &str, path: &str, emit: &str| {
+        format!(
+            "name: {name}\ngroup: {name}\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/{path}\n    timeout: 5s\n    emit: {{\"2xx\": {emit}}}\nretry:\n  tiers: [1s, 2s, 4s]\n  transient_attempts: 2\n"
+        )
+    };
+    std::fs::write(
+        dir.join("payment.yaml"),
+        http("payment", "payments", "payment.charged"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("inventory.yaml"),
+        http("inventory", "reservations", "inventory.reserved"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("notification.yaml"),
+        http("notification", "notifications", "notification.sent"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("analytics.yaml"),
+        "name: analytics\ngroup: analytics\ninputs: [order.created]\nstep: {route: {to: [analytics.orders]}}\nretry: {tiers: [1s]}\n",
+    )
+    .unwrap();
+    dir
+}
+
+struct Running {
+    telemetry: HashMap<String, Telemetry>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    async fn start(prefix: &str, dir: &Path) -> Running {
+        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
+        let processors = processors(&connect(prefix), pipelines).await.unwrap();
+        let telemetry = processors
+            .iter()
+            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+            .collect();
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in processors {
+            tasks.spawn(p.run(stopped.clone()));
+        }
+        Running {
+            telemetry,
+            stop,
+            tasks,
+        }
+    }
+
+    fn done(&self, pipeline: &str) -> u64 {
+        let s = self.telemetry[pipeline].snapshot();
+        s.succeeded + s.dead_lettered
+    }
+
+    /// Waits until each named pipeline has ended `count` inputs (succeeded or dead-lettered).
+    async fn wait_done(&self, pipelines: &[&str], count: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while pipelines.iter().any(|p| self.done(p) < count) {
+            assert!(
+                Instant::now() < deadline,
+                "not done within {within:?}: {:?}",
+                pipelines
+                    .iter()
+                    .map(|p| (p, self.telemetry[*p].snapshot()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.send(true).unwrap();
+        while let Some(result) = self.tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+    }
+}
+
+async fn publisher(prefix: &str) -> (Publisher, String) {
+    let naming = Naming {
+        topic_prefix: prefix.to_string(),
+        strategy: SubjectStrategy::Topic,
+    };
+    let catalog = Arc::new(Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/avro")).unwrap());
+    let codec =
+        Arc::new(EventCodec::with_naming(&registry_url(), catalog, naming.clone()).unwrap());
+    (
+        Publisher::new(&bootstrap(), codec).unwrap(),
+        naming.topic("order.created"),
+    )
+}
+
+/// Every record of a topic, from the beginning to the end as of now.
+fn read_topic(topic: &str) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set(
+            "group.id",
+            format!("it-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = 0;
+    for partition in metadata.topics()[0].partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+            .unwrap();
+        if high > low {
+            tpl.add_partition_offset(topic, partition.id(), Offset::Offset(low))
+                .unwrap();
+            remaining += high - low;
+        }
+    }
+    if remaining == 0 {
+        return Vec::new();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (out.len() as i64) < remaining && Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
+            out.push(message.unwrap().detach());
+        }
+    }
+    out
+}
+
+fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).to_string())
+}
+
+fn keys(messages: &[OwnedMessage]) -> Vec<String> {
+    let mut keys: Vec<String> = messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap()).to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+// ---- tests -----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_out_with_every_error_class_on_its_path() {
+    let downstream = Downstream::default();
+    let addr = downstream.start().await;
+    let dir = pipelines_dir(addr);
+    let prefix = prefix("fanout");
+    let running = Running::start(&prefix, &dir).await;
+    let (publisher, topic) = publisher(&prefix).await;
+
+    let happy = OrderCreated::sample("test");
+    let refused = OrderCreated::sample("test"); // payment 400: permanent, DLQ at once
+    let flaky = OrderCreated::sample("test"); // payment 503 once: transient, retried in process
+    let recovering = OrderCreated::sample("test"); // inventory 500 x3: tiers 1, 2, 3, then ok
+    downstream.script("payments", &refused, &[400]);
+    downstream.script("payments", &flaky, &[503]);
+    downstream.script("reservations", &recovering, &[500, 500, 500]);
+    let orders = [&happy, &refused, &flaky, &recovering];
+    let mut delivered = HashMap::new();
+    for order in orders {
+        delivered.insert(
+            order.data.order_id.to_string(),
+            publisher.publish(&topic, order).await.unwrap(),
+        );
+    }
+
+    let all = ["payment", "inventory", "notification", "analytics"];
+    running.wait_done(&all, 4, Duration::from_secs(40)).await;
+    for name in all {
+        let s = running.telemetry[name].snapshot();
+        assert_eq!(s.succeeded + s.dead_lettered, 4, "{name} balances: {s:?}");
+    }
+    let payment = running.telemetry["payment"].snapshot();
+    assert_eq!(
+        (
+            payment.succeeded,
+            payment.dead_lettered,
+            payment.transient_retries
+        ),
+        (3, 1, 1),
+        "{payment:?}"
+    );
+    assert_eq!(
+        payment.retried.iter().sum::<u64>(),
+        0,
+        "no payment failure went through the tiers"
+    );
+    let inventory = running.telemetry["inventory"].snapshot();
+    assert_eq!((inventory.succeeded, inventory.dead_lettered), (4, 0));
+    assert_eq!(&inventory.retried[..3], &[1, 1, 1], "{inventory:?}");
+    running.stop().await;
+
+    // Fan-out: each group wrote its own results.
+    assert_eq!(
+        keys(&read_topic(&format!("{prefix}payment.charged"))).len(),
+        3
+    );
+    assert_eq!(
+        keys(&read_topic(&format!("{prefix}notification.sent"))).len(),
+        4
+    );
+    let mut expected: Vec<String> = orders.iter().map(|o| o.data.order_id.to_string()).collect();
+    expected.sort();
+    // Tier 3 succeeded: exactly one reservation per order, the recovering one included.
+    assert_eq!(
+        keys(&read_topic(&format!("{prefix}inventory.reserved"))),
+        expected
+    );
+    // Route: copies with key, value and headers kept.
+    let copies = read_topic(&format!("{prefix}analytics.orders"));
+    let originals = read_topic(&topic);
+    assert_eq!(keys(&copies), expected);
+    for copy in &copies {
+        let original = originals.iter().find(|o| o.key() == copy.key()).unwrap();
+        assert_eq!(copy.payload(), original.payload());
+        assert_eq!(header(copy, "ce_id"), header(original, "ce_id"));
+    }
+
+    // Permanent: the DLQ record is the original plus why and where it came from.
+    let dlq = read_topic(&format!("{topic}.payment.dlq"));
+    assert_eq!(dlq.len(), 1);
+    let dead = &dlq[0];
+    let original = originals.iter().find(|o| o.key() == dead.key()).unwrap();
+    let at = delivered[&refused.data.order_id.to_string()];
+    assert_eq!(
+        dead.key(),
+        Some(refused.data.order_id.to_string().as_bytes())
+    );
+    assert_eq!(dead.payload(), original.payload());
+    assert_eq!(
+        header(dead, "ce_id"),
+        Some(refused.envelope.event_id.to_string())
+    );
+    assert_eq!(
+        header(dead, headers::ERROR_CLASS).as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(
+        header(dead, headers::ERROR_KIND).as_deref(),
+        Some("http_status")
+    );
+    assert!(header(dead, headers::ERROR_MESSAGE)
+        .unwrap()
+        .contains("HTTP 400"));
+    assert_eq!(header(dead, headers::ORIGINAL_TOPIC), Some(topic.clone()));
+    assert_eq!(
+        header(dead, headers::ORIGINAL_PARTITION),
+        Some(at.partition.to_string())
+    );
+    assert_eq!(
+        header(dead, headers::ORIGINAL_OFFSET),
+        Some(at.offset.to_string())
+    );
+    assert_eq!(
+        header(dead, headers::GROUP),
+        Some(format!("{prefix}payment"))
+    );
+    assert_eq!(header(dead, headers::ATTEMPT).as_deref(), Some("1"));
+    assert_eq!(
+        dead.partition(),
+        at.partition,
+        "the DLQ record keeps its partition"
+    );
+
+    // Transient: retried at once with the same Idempotency-Key, never through a retry topic.
+    let calls = downstream.calls("payments", &flaky);
+    assert_eq!(calls.len(), 2);
+    assert!(calls
+        .iter()
+        .all(|c| c.idempotency_key == flaky.envelope.event_id.to_string()));
+    assert!(read_topic(&format!("{topic}.payment.retry.1")).is_empty());
+
+    // Service: tiers 1 s, 2 s, 4 s between the calls, within tolerance.
+    let calls = downstream.calls("reservations", &recovering);
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    for (i, due) in [1000u128, 2000, 4000].into_iter().enumerate() {
+        let gap = calls[i + 1].at.duration_since(calls[i].at).as_millis();
+        assert!(
+            gap + 50 >= due && gap <= due + 1500,
+            "tier {}: call {gap} ms after the previous, due after {due} ms",
+            i + 1
+        );
+    }
+    let tier3 = read_topic(&format!("{topic}.inventory.retry.3"));
+    assert_eq!(tier3.len(), 1);
+    assert_eq!(header(&tier3[0], headers::ATTEMPT).as_deref(), Some("3"));
+    assert_eq!(
+        header(&tier3[0], headers::ERROR_CLASS).as_deref(),
+        Some("service")
+    );
+    assert_eq!(header(&tier3[0], headers::RETRY_TIER).as_deref(), Some("3"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_downstream_does_not_delay_the_others() {
+    let downstream = Downstream::default();
+    downstream.delay("notifications", Duration::from_millis(1500));
+    let addr = downstream.start().await;
+    let dir = pipelines_dir(addr);
+    let prefix = prefix("slow");
+    let running = Running::start(&prefix, &dir).await;
+    let (publisher, topic) = publisher(&prefix).await;
+    let started = Instant::now();
+    for _ in 0..6 {
+        publisher
+            .publish(&topic, &OrderCreated::sample("test"))
+            .await
+            .unwrap();
+    }
+    running
+        .wait_done(
+            &["payment", "inventory", "analytics"],
+            6,
+            Duration::from_secs(20),
+        )
+        .await;
+    let fast = started.elapsed();
+    let slow_done = running.done("notification");
+    assert!(
+        slow_done < 6,
+        "notification (1.5 s per call) cannot have finished 6 calls in {fast:?}"
+    );
+    assert!(
+        fast < Duration::from_secs(8),
+        "the other consumers took {fast:?}"
+    );
+    // The slow one still gets everything, and nothing is lost.
+    running
+        .wait_done(&["notification"], 6, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        running.telemetry["notification"].snapshot().dead_lettered,
+        0
+    );
+    running.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_dlq_write_holds_the_offset_until_it_succeeds() {
+    let downstream = Downstream::default();
+    let addr = downstream.start().await;
+    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("payment.yaml"),
+        format!("name: payment\ngroup: payment\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/payments\n    emit: {{\"2xx\": payment.charged}}\n"),
+    )
+    .unwrap();
+    let prefix = prefix("dlqfail");
+    let (publisher, topic) = publisher(&prefix).await;
+    // The input has one partition; its DLQ accepts no record of a realistic size.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let dlq = format!("{topic}.payment.dlq");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin
+        .create_topics(
+            &[
+                NewTopic::new(&topic, 1, TopicReplication::Fixed(1)),
+                NewTopic::new(&dlq, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "100"),
+            ],
+            &options,
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let refused = OrderCreated::sample("test");
+    let after = OrderCreated::sample("test");
+    downstream.script("payments", &refused, &[400]);
+    publisher.publish(&topic, &refused).await.unwrap();
+    publisher.publish(&topic, &after).await.unwrap();
+
+    let running = Running::start(&prefix, &dir).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while running.telemetry["payment"].snapshot().produce_failures < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            running.telemetry["payment"].snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Stuck on the refused record: nothing after it is handled, and no offset is committed.
+    let s = running.telemetry["payment"].snapshot();
+    assert_eq!((s.succeeded, s.dead_lettered), (0, 0), "{s:?}");
+    assert!(downstream.calls("payments", &after).is_empty());
+    let committed = |group: String| {
+        let c: BaseConsumer = kafka::consumer_config(&bootstrap(), &group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, 0);
+        c.committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap()
+            .find_partition(&topic, 0)
+            .unwrap()
+            .offset()
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await; // longer than auto.commit.interval.ms
+    assert_eq!(
+        committed(format!("{prefix}payment")),
+        Offset::Invalid,
+        "nothing may be committed yet"
+    );
+
+    // Once the DLQ accepts it, the record lands there and processing moves on.
+    let mut config = AlterConfig::new(ResourceSpecifier::Topic(&dlq));
+    config = config.set("max.message.bytes", "1048588");
+    for result in admin.alter_configs(&[config], &options).await.unwrap() {
+        result.unwrap();
+    }
+    running
+        .wait_done(&["payment"], 2, Duration::from_secs(30))
+        .await;
+    let s = running.telemetry["payment"].snapshot();
+    assert_eq!((s.succeeded, s.dead_lettered), (1, 1), "{s:?}");
+    running.stop().await;
+    assert_eq!(committed(format!("{prefix}payment")), Offset::Offset(2));
+    assert_eq!(
+        keys(&read_topic(&dlq)),
+        vec![refused.data.order_id.to_string()]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
