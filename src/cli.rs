@@ -16,6 +16,7 @@ use crate::contracts::{
 };
 use crate::kafka::{self, Publisher};
 use crate::pipeline::{self, Pipeline};
+use crate::runtime::dedup::DedupStore;
 use crate::simulate::{self, Behaviour};
 use crate::telemetry::Telemetry;
 use crate::{demo, runtime, steps};
@@ -68,6 +69,14 @@ pub struct Connect {
         global = true
     )]
     pub topic_prefix: String,
+    /// PostgreSQL database of the processors' dedup store (handled event ids per group).
+    #[arg(
+        long,
+        env = "ORDERFLOW_DATABASE_URL",
+        default_value = "postgres://orderflow@127.0.0.1:15432/orderflow",
+        global = true
+    )]
+    pub database_url: String,
     /// Subject naming: topic (`<topic>-value`), record (`<record full name>`) or topic-record.
     #[arg(
         long,
@@ -135,6 +144,9 @@ pub struct RunArgs {
     /// Run every pipeline of the folder.
     #[arg(long, conflicts_with = "pipelines")]
     pub all: bool,
+    /// Run without the dedup store: a repeated event id is handled again.
+    #[arg(long)]
+    pub no_dedup: bool,
     /// Print each pipeline's counters this often (0s: never).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub report_every: Duration,
@@ -184,6 +196,9 @@ pub struct DemoArgs {
     /// Orders published per second.
     #[arg(long, default_value_t = 100)]
     pub rate: u32,
+    /// Run without the dedup store.
+    #[arg(long)]
+    pub no_dedup: bool,
     /// Give up waiting for the report to balance after this long.
     #[arg(long, default_value = "180s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -333,11 +348,21 @@ fn pipelines(connect: &Connect, dir: &PipelinesDir, cmd: PipelinesCommand) -> an
     Ok(())
 }
 
-/// Builds a processor for each pipeline and creates the topics they need.
+/// Builds a processor for each pipeline and creates the topics they need. With `dedup`, they
+/// share one connection to the dedup store, which must be reachable.
 pub async fn processors(
     connect: &Connect,
     pipelines: Vec<Pipeline>,
+    dedup: bool,
 ) -> anyhow::Result<Vec<runtime::Processor>> {
+    let dedup = if dedup {
+        Some(Arc::new(DedupStore::connect(&connect.database_url).await.map_err(|e| {
+            anyhow::anyhow!("{e}; start it with scripts/stack up, point --database-url at yours, or run with --no-dedup")
+        })?))
+    } else {
+        tracing::warn!("deduplication is off: a repeated event id is handled again");
+        None
+    };
     let catalog = Arc::new(load_catalog(connect)?);
     let codec = Arc::new(EventCodec::with_naming(
         &connect.registry_url,
@@ -351,6 +376,7 @@ pub async fn processors(
             connect.naming(),
             &connect.bootstrap_servers,
             codec.clone(),
+            dedup.clone(),
         )?;
         processor.ensure_topics().await.with_context(|| {
             format!(
@@ -379,7 +405,7 @@ async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> 
         .into_iter()
         .filter(|p| args.all || args.pipelines.contains(&p.name))
         .collect();
-    let processors = processors(connect, chosen).await?;
+    let processors = processors(connect, chosen, !args.no_dedup).await?;
     let telemetry: Vec<(String, Telemetry)> = processors
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))

@@ -55,7 +55,7 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         args.faults.fail_400 * 100.0,
     );
 
-    let processors = processors(&connect, pipelines).await?;
+    let processors = processors(&connect, pipelines, !args.no_dedup).await?;
     let telemetry: Vec<(String, Telemetry)> = processors
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))

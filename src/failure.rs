@@ -85,6 +85,9 @@ pub enum Failure {
     BusinessRule(String),
     #[error("kafka producer is backed up: {0}")]
     Backpressure(String),
+    /// A store the runtime itself depends on (the dedup store) is unavailable.
+    #[error("{0}")]
+    Dependency(String),
     /// A custom handler that knows best how its failure should be handled.
     #[error("{message}")]
     Handler { class: ErrorClass, message: String },
@@ -102,6 +105,7 @@ impl Failure {
             Failure::BadAnswer(_) => "bad_answer",
             Failure::BusinessRule(_) => "business_rule",
             Failure::Backpressure(_) => "backpressure",
+            Failure::Dependency(_) => "dependency_unavailable",
             Failure::Handler { .. } => "handler",
         }
     }
@@ -126,7 +130,7 @@ impl Classifier {
                 .copied()
                 .unwrap_or_else(|| default_http_class(*status)),
             Failure::HttpTimeout { .. } | Failure::Backpressure(_) => ErrorClass::Transient,
-            Failure::HttpUnreachable { .. } => ErrorClass::Service,
+            Failure::HttpUnreachable { .. } | Failure::Dependency(_) => ErrorClass::Service,
             Failure::Decode(e) if e.is_retryable() => ErrorClass::Service,
             Failure::Encode(e) if e.is_retryable() => ErrorClass::Service,
             Failure::Decode(_)

@@ -45,6 +45,10 @@ pub enum ProcessorEvent<'a> {
     },
     /// A retried record was handled this late after its due time.
     RetryLateness { tier: usize, late_ms: i64 },
+    /// The event id was already handled by this group: skipped, no second effect.
+    Duplicate { topic: &'a str, event_id: &'a str },
+    /// Recording a handled event in the dedup store failed (its outputs are written).
+    DedupMarkFailed { event_id: &'a str, error: &'a str },
     /// Producing failed; the input's offset does not advance until it succeeds.
     ProduceFailed {
         topic: &'a str,
@@ -65,6 +69,8 @@ pub struct Counters {
     pub dead_lettered: AtomicU64,
     pub deferred: AtomicU64,
     pub produce_failures: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub dedup_mark_failures: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -77,6 +83,7 @@ pub struct Snapshot {
     pub retried: Vec<u64>,
     pub dead_lettered: u64,
     pub produce_failures: u64,
+    pub duplicates: u64,
 }
 
 /// Emits a processor's events: a log line and its counters.
@@ -181,6 +188,19 @@ impl Telemetry {
                     "retry handled after its due time"
                 );
             }
+            ProcessorEvent::Duplicate { topic, event_id } => {
+                c.duplicates.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(pipeline = p, topic, event_id, "duplicate event id: skipped");
+            }
+            ProcessorEvent::DedupMarkFailed { event_id, error } => {
+                c.dedup_mark_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    pipeline = p,
+                    event_id,
+                    error,
+                    "could not record a handled event; a redelivery would repeat it"
+                );
+            }
             ProcessorEvent::ProduceFailed {
                 topic,
                 error,
@@ -206,6 +226,7 @@ impl Telemetry {
             retried: c.retried.iter().map(load).collect(),
             dead_lettered: load(&c.dead_lettered),
             produce_failures: load(&c.produce_failures),
+            duplicates: load(&c.duplicates),
         }
     }
 }

@@ -46,6 +46,8 @@ fn connect(prefix: &str) -> Connect {
         schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
         topic_prefix: prefix.to_string(),
         subject_strategy: SubjectStrategy::Topic,
+        database_url: std::env::var("ORDERFLOW_DATABASE_URL")
+            .expect("ORDERFLOW_DATABASE_URL is not set: run the tests with scripts/test"),
     }
 }
 
@@ -211,7 +213,7 @@ struct Running {
 impl Running {
     async fn start(prefix: &str, dir: &Path) -> Running {
         let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
-        let processors = processors(&connect(prefix), pipelines).await.unwrap();
+        let processors = processors(&connect(prefix), pipelines, true).await.unwrap();
         let telemetry = processors
             .iter()
             .map(|p| (p.pipeline().name.clone(), p.telemetry()))
@@ -618,5 +620,81 @@ async fn a_failing_dlq_write_holds_the_offset_until_it_succeeds() {
         keys(&read_topic(&dlq)),
         vec![refused.data.order_id.to_string()]
     );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+impl Running {
+    async fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&HashMap<String, Telemetry>) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        while !done(&self.telemetry) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}: {:?}",
+                self.telemetry
+                    .iter()
+                    .map(|(n, t)| (n, t.snapshot()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_repeated_event_id_has_no_second_effect_even_after_a_restart() {
+    let downstream = Downstream::default();
+    let addr = downstream.start().await;
+    let dir = pipelines_dir(addr);
+    let prefix = prefix("dedup");
+    let (publisher, topic) = publisher(&prefix).await;
+    let order = OrderCreated::sample("test");
+    let all = ["payment", "inventory", "notification", "analytics"];
+
+    let running = Running::start(&prefix, &dir).await;
+    // A producer duplicate: the same event, id and all, twice.
+    publisher.publish(&topic, &order).await.unwrap();
+    publisher.publish(&topic, &order).await.unwrap();
+    running
+        .wait_until("one handled, one skipped", Duration::from_secs(20), |t| {
+            all.iter().all(|p| {
+                let s = t[*p].snapshot();
+                (s.succeeded, s.duplicates) == (1, 1)
+            })
+        })
+        .await;
+    running.stop().await;
+
+    // The dedup state outlives the processors: a new set skips the same event again.
+    publisher.publish(&topic, &order).await.unwrap();
+    let running = Running::start(&prefix, &dir).await;
+    running
+        .wait_until("skipped after the restart", Duration::from_secs(20), |t| {
+            all.iter().all(|p| t[*p].snapshot().duplicates == 1)
+        })
+        .await;
+    for p in all {
+        let s = running.telemetry[p].snapshot();
+        assert_eq!(
+            (s.consumed, s.succeeded, s.dead_lettered, s.duplicates),
+            (1, 0, 0, 1),
+            "{p}: {s:?}"
+        );
+    }
+    running.stop().await;
+
+    for service in ["payments", "reservations", "notifications"] {
+        assert_eq!(
+            downstream.calls(service, &order).len(),
+            1,
+            "{service} was called once"
+        );
+    }
+    assert_eq!(read_topic(&format!("{prefix}payment.charged")).len(), 1);
+    assert_eq!(read_topic(&format!("{prefix}analytics.orders")).len(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -15,6 +15,7 @@
 //! Delivery is at least once: a crash between writing and committing repeats the step, and
 //! downstream HTTP services see the same `Idempotency-Key` again.
 
+pub mod dedup;
 pub mod headers;
 
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ use crate::kafka;
 use crate::pipeline::Pipeline;
 use crate::steps::StepRunner;
 use crate::telemetry::{ProcessorEvent, Telemetry};
+use dedup::DedupStore;
 use headers::FailureContext;
 
 /// Longest error message written to a header.
@@ -65,10 +67,25 @@ struct OutRecord {
     headers: OwnedHeaders,
 }
 
+/// What processing one input gave.
+enum Processed {
+    Done {
+        event_id: uuid::Uuid,
+        records: Vec<OutRecord>,
+    },
+    Duplicate {
+        event_id: uuid::Uuid,
+    },
+}
+
 /// How one input ended, for telemetry once its records are acknowledged.
 enum Ending {
     Succeeded {
         outputs: usize,
+        event_id: uuid::Uuid,
+    },
+    Duplicate {
+        event_id: uuid::Uuid,
     },
     Retried {
         tier: usize,
@@ -99,14 +116,17 @@ pub struct Processor {
     producer: FutureProducer,
     telemetry: Telemetry,
     roles: HashMap<String, Role>,
+    dedup: Option<Arc<DedupStore>>,
 }
 
 impl Processor {
+    /// `dedup`: the store of handled event ids; `None` turns deduplication off.
     pub fn new(
         pipeline: Pipeline,
         naming: Naming,
         bootstrap_servers: &str,
         codec: Arc<EventCodec>,
+        dedup: Option<Arc<DedupStore>>,
     ) -> anyhow::Result<Processor> {
         let mut roles = HashMap::new();
         for event_type in &pipeline.inputs {
@@ -140,6 +160,7 @@ impl Processor {
             naming,
             codec,
             roles,
+            dedup,
         })
     }
 
@@ -302,9 +323,12 @@ impl Processor {
             self.failure_records(message, input_topic, None, ErrorClass::Permanent, &failure)
         } else {
             match self.process(event_type, message).await {
-                Ok(records) => {
+                Ok(Processed::Done { event_id, records }) => {
                     let outputs = records.len();
-                    (records, Ending::Succeeded { outputs })
+                    (records, Ending::Succeeded { outputs, event_id })
+                }
+                Ok(Processed::Duplicate { event_id }) => {
+                    (Vec::new(), Ending::Duplicate { event_id })
                 }
                 Err((class, failure)) => {
                     self.failure_records(message, input_topic, context, class, &failure)
@@ -313,9 +337,15 @@ impl Processor {
         };
         self.deliver(records).await;
         match ending {
-            Ending::Succeeded { outputs } => self
-                .telemetry
-                .emit(ProcessorEvent::Succeeded { topic, outputs }),
+            Ending::Succeeded { outputs, event_id } => {
+                self.mark_handled(event_id).await;
+                self.telemetry
+                    .emit(ProcessorEvent::Succeeded { topic, outputs });
+            }
+            Ending::Duplicate { event_id } => self.telemetry.emit(ProcessorEvent::Duplicate {
+                topic,
+                event_id: &event_id.to_string(),
+            }),
             Ending::Retried {
                 tier,
                 class,
@@ -350,11 +380,19 @@ impl Processor {
         &self,
         event_type: &str,
         message: &BorrowedMessage<'_>,
-    ) -> Result<Vec<OutRecord>, (ErrorClass, Failure)> {
+    ) -> Result<Processed, (ErrorClass, Failure)> {
         let classify = |failure: Failure| (self.pipeline.classifier.classify(&failure), failure);
         let event = AnyEvent::decode(&self.codec, event_type, message.payload())
             .await
             .map_err(|e| classify(Failure::Decode(e)))?;
+        let event_id = event.envelope().event_id;
+        if let Some(dedup) = &self.dedup {
+            match dedup.seen(&self.group_id, event_id).await {
+                Ok(true) => return Ok(Processed::Duplicate { event_id }),
+                Ok(false) => {}
+                Err(e) => return Err(classify(Failure::Dependency(e.to_string()))),
+            }
+        }
         let mut attempt = 0;
         let outcome = loop {
             match self.step.run(&event).await {
@@ -407,7 +445,27 @@ impl Processor {
                 headers: copy_headers(message),
             });
         }
-        Ok(records)
+        Ok(Processed::Done { event_id, records })
+    }
+
+    /// Records a handled event, after its outputs are acknowledged. A failure here cannot
+    /// undo the outputs; it is retried briefly, then reported (a redelivery would repeat it).
+    async fn mark_handled(&self, event_id: uuid::Uuid) {
+        let Some(dedup) = &self.dedup else { return };
+        let mut last_error = None;
+        for attempt in 0..3 {
+            match dedup.mark(&self.group_id, event_id).await {
+                Ok(()) => return,
+                Err(e) => {
+                    last_error = Some(e.to_string());
+                    tokio::time::sleep(jittered_backoff(attempt + 1)).await;
+                }
+            }
+        }
+        self.telemetry.emit(ProcessorEvent::DedupMarkFailed {
+            event_id: &event_id.to_string(),
+            error: last_error.as_deref().unwrap_or_default(),
+        });
     }
 
     /// The record for the next retry tier, or for the dead-letter topic.
