@@ -2,19 +2,16 @@
 //! whose answers each test scripts per order. Topics and groups get a random prefix per test.
 //! Every test checks that the counts balance: per consumer, inputs = succeeded + dead-lettered.
 
-use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use axum::extract::{Path as UrlPath, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::routing::post;
-use axum::{Json, Router};
-use orderflow::cli::{processors, Connect};
-use orderflow::contracts::{Catalog, EventCodec, Naming, OrderCreated, SubjectStrategy};
-use orderflow::kafka::{self, Publisher};
+use common::*;
+use orderflow::cli::processors;
+use orderflow::contracts::OrderCreated;
+use orderflow::kafka;
 use orderflow::pipeline;
 use orderflow::runtime::headers;
 use orderflow::telemetry::Telemetry;
@@ -24,185 +21,9 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{json, Value};
 use tokio::sync::watch;
-
-fn bootstrap() -> String {
-    std::env::var("ORDERFLOW_BOOTSTRAP_SERVERS")
-        .expect("ORDERFLOW_BOOTSTRAP_SERVERS is not set: run the tests with scripts/test")
-}
-
-fn registry_url() -> String {
-    std::env::var("ORDERFLOW_REGISTRY_URL")
-        .expect("ORDERFLOW_REGISTRY_URL is not set: run the tests with scripts/test")
-}
-
-fn connect(prefix: &str) -> Connect {
-    Connect {
-        bootstrap_servers: bootstrap(),
-        registry_url: registry_url(),
-        schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
-        topic_prefix: prefix.to_string(),
-        subject_strategy: SubjectStrategy::Topic,
-        database_url: std::env::var("ORDERFLOW_DATABASE_URL")
-            .expect("ORDERFLOW_DATABASE_URL is not set: run the tests with scripts/test"),
-    }
-}
-
-fn prefix(name: &str) -> String {
-    format!(
-        "it-{name}-{}.",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
-
-// ---- a scripted downstream -------------------------------------------------------------------
-
-/// One call the downstream received.
-#[derive(Debug, Clone)]
-struct Call {
-    order_id: String,
-    idempotency_key: String,
-    at: Instant,
-}
-
-#[derive(Default)]
-struct Script {
-    /// Per service and order: the statuses to answer, in order; then 200.
-    answers: HashMap<(String, String), VecDeque<u16>>,
-    /// Per service: delay of every answer.
-    delay: HashMap<String, Duration>,
-    calls: Vec<(String, Call)>,
-}
-
-#[derive(Clone, Default)]
-struct Downstream(Arc<Mutex<Script>>);
-
-impl Downstream {
-    fn script(&self, service: &str, order: &OrderCreated, statuses: &[u16]) {
-        self.0.lock().unwrap().answers.insert(
-            (service.to_string(), order.data.order_id.to_string()),
-            statuses.iter().copied().collect(),
-        );
-    }
-
-    fn delay(&self, service: &str, delay: Duration) {
-        self.0
-            .lock()
-            .unwrap()
-            .delay
-            .insert(service.to_string(), delay);
-    }
-
-    fn calls(&self, service: &str, order: &OrderCreated) -> Vec<Call> {
-        let id = order.data.order_id.to_string();
-        self.0
-            .lock()
-            .unwrap()
-            .calls
-            .iter()
-            .filter(|(s, c)| s == service && c.order_id == id)
-            .map(|(_, c)| c.clone())
-            .collect()
-    }
-
-    async fn start(&self) -> SocketAddr {
-        let app = Router::new()
-            .route("/{service}", post(answer))
-            .with_state(self.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    }
-}
-
-async fn answer(
-    State(downstream): State<Downstream>,
-    UrlPath(service): UrlPath<String>,
-    headers: HeaderMap,
-    Json(order): Json<Value>,
-) -> (StatusCode, Json<Value>) {
-    let order_id = order["data"]["order_id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let (status, delay) = {
-        let mut script = downstream.0.lock().unwrap();
-        script.calls.push((
-            service.clone(),
-            Call {
-                order_id: order_id.clone(),
-                idempotency_key: headers
-                    .get("Idempotency-Key")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string(),
-                at: Instant::now(),
-            },
-        ));
-        let status = script
-            .answers
-            .get_mut(&(service.clone(), order_id.clone()))
-            .and_then(VecDeque::pop_front)
-            .unwrap_or(200);
-        (status, script.delay.get(&service).copied())
-    };
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
-    }
-    let body = match (service.as_str(), status) {
-        ("payments", 200) => {
-            json!({"order_id": order_id, "payment_id": uuid::Uuid::now_v7().to_string(), "amount": order["data"]["total"]})
-        }
-        ("reservations", 200) => json!({
-            "order_id": order_id,
-            "reservation_id": uuid::Uuid::now_v7().to_string(),
-            "lines": order["data"]["items"].as_array().unwrap().iter().map(|i| json!({"sku": i["sku"], "quantity": i["quantity"]})).collect::<Vec<_>>(),
-        }),
-        ("notifications", 200) => {
-            json!({"order_id": order_id, "channel": "email", "recipient": "a@example.com", "template": "order-received"})
-        }
-        _ => json!({"error": format!("scripted {status}")}),
-    };
-    (StatusCode::from_u16(status).unwrap(), Json(body))
-}
-
-// ---- pipelines, processors, topics -----------------------------------------------------------
-
-/// The four order.created consumers, pointing at the scripted downstream, with short tiers.
-fn pipelines_dir(addr: SocketAddr) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let http = |name: &str, path: &str, emit: &str| {
-        format!(
-            "name: {name}\ngroup: {name}\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/{path}\n    timeout: 5s\n    emit: {{\"2xx\": {emit}}}\nretry:\n  tiers: [1s, 2s, 4s]\n  transient_attempts: 2\n"
-        )
-    };
-    std::fs::write(
-        dir.join("payment.yaml"),
-        http("payment", "payments", "payment.charged"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("inventory.yaml"),
-        http("inventory", "reservations", "inventory.reserved"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("notification.yaml"),
-        http("notification", "notifications", "notification.sent"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("analytics.yaml"),
-        "name: analytics\ngroup: analytics\ninputs: [order.created]\nstep: {route: {to: [analytics.orders]}}\nretry: {tiers: [1s]}\n",
-    )
-    .unwrap();
-    dir
-}
 
 struct Running {
     telemetry: HashMap<String, Telemetry>,
@@ -257,78 +78,6 @@ impl Running {
             result.unwrap().unwrap();
         }
     }
-}
-
-async fn publisher(prefix: &str) -> (Publisher, String) {
-    let naming = Naming {
-        topic_prefix: prefix.to_string(),
-        strategy: SubjectStrategy::Topic,
-    };
-    let catalog = Arc::new(Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/avro")).unwrap());
-    let codec =
-        Arc::new(EventCodec::with_naming(&registry_url(), catalog, naming.clone()).unwrap());
-    (
-        Publisher::new(&bootstrap(), codec).unwrap(),
-        naming.topic("order.created"),
-    )
-}
-
-/// Every record of a topic, from the beginning to the end as of now.
-fn read_topic(topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set(
-            "group.id",
-            format!("it-reader-{}", uuid::Uuid::new_v4().simple()),
-        )
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0;
-    for partition in metadata.topics()[0].partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-            .unwrap();
-        if high > low {
-            tpl.add_partition_offset(topic, partition.id(), Offset::Offset(low))
-                .unwrap();
-            remaining += high - low;
-        }
-    }
-    if remaining == 0 {
-        return Vec::new();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (out.len() as i64) < remaining && Instant::now() < deadline {
-        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
-            out.push(message.unwrap().detach());
-        }
-    }
-    out
-}
-
-fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).to_string())
-}
-
-fn keys(messages: &[OwnedMessage]) -> Vec<String> {
-    let mut keys: Vec<String> = messages
-        .iter()
-        .map(|m| String::from_utf8_lossy(m.key().unwrap()).to_string())
-        .collect();
-    keys.sort();
-    keys
 }
 
 // ---- tests -----------------------------------------------------------------------------------
