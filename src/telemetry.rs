@@ -2,7 +2,7 @@
 //! never disagree. Every counter moves here and nowhere else.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::failure::ErrorClass;
 
@@ -71,7 +71,12 @@ pub struct Counters {
     pub produce_failures: AtomicU64,
     pub duplicates: AtomicU64,
     pub dedup_mark_failures: AtomicU64,
+    /// How late retried records were handled after their due time, per tier (index 0 is tier
+    /// 1), in ms; the newest `MAX_LATENESS_SAMPLES` of each.
+    pub retry_lateness_ms: Mutex<Vec<Vec<i64>>>,
 }
+
+const MAX_LATENESS_SAMPLES: usize = 100_000;
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -181,6 +186,17 @@ impl Telemetry {
                 );
             }
             ProcessorEvent::RetryLateness { tier, late_ms } => {
+                if let Some(index) = tier.checked_sub(1) {
+                    let mut samples = c.retry_lateness_ms.lock().expect("lateness lock");
+                    if samples.len() <= index {
+                        samples.resize_with(index + 1, Vec::new);
+                    }
+                    let tier_samples = &mut samples[index];
+                    if tier_samples.len() == MAX_LATENESS_SAMPLES {
+                        tier_samples.remove(0);
+                    }
+                    tier_samples.push(late_ms);
+                }
                 tracing::debug!(
                     pipeline = p,
                     tier,
@@ -213,6 +229,19 @@ impl Telemetry {
                 );
             }
         }
+    }
+
+    /// Lateness samples (ms after the due time) of retry tier `tier` (1-based).
+    pub fn retry_lateness_ms(&self, tier: usize) -> Vec<i64> {
+        let samples = self
+            .counters
+            .retry_lateness_ms
+            .lock()
+            .expect("lateness lock");
+        samples
+            .get(tier.wrapping_sub(1))
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn snapshot(&self) -> Snapshot {

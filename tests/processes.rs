@@ -39,6 +39,16 @@ fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
         .unwrap()
 }
 
+/// Fails the test at once, with the log, when the child has already exited.
+fn still_running(child: &mut Child, log: &Path) {
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!(
+            "orderflow run exited with {status}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
 fn signal(child: &Child, signal: i32) {
     // SAFETY: kill(2) on the pid of a child we own and have not waited for.
     assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
@@ -64,17 +74,13 @@ fn outputs(prefix: &str) -> Vec<(String, usize, usize)> {
         .iter()
         .map(|t| {
             let topic = format!("{prefix}{t}");
-            let records = read_topic_if_exists(&topic);
+            let records = read_topic(&topic);
             let mut keys = keys(&records);
             let all = keys.len();
             keys.dedup();
             (topic, all, keys.len())
         })
         .collect()
-}
-
-fn read_topic_if_exists(topic: &str) -> Vec<rdkafka::message::OwnedMessage> {
-    std::panic::catch_unwind(|| read_topic(topic)).unwrap_or_default()
 }
 
 fn wait_complete(
@@ -183,6 +189,7 @@ async fn sigkill_and_restart_loses_nothing() {
         let threshold = k * orders.len() / (kills + 1) + fastrand::usize(0..5);
         let deadline = Instant::now() + Duration::from_secs(60);
         while downstream.keys_and_calls("payments").0 < threshold {
+            still_running(&mut run, &log);
             assert!(
                 Instant::now() < deadline,
                 "no progress to {threshold}:\n{}",
@@ -225,6 +232,84 @@ async fn sigkill_and_restart_loses_nothing() {
         assert!(
             calls - keys <= kills,
             "{service}: {calls} calls for {keys} events after {kills} kills"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_copies_appear_once_through_kills() {
+    let prefix = prefix("eos");
+    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("copy.yaml"),
+        "name: copy\ngroup: copy\ninputs: [order.created]\nstep: {route: {to: [eos.a, eos.b]}}\ndelivery: exactly-once\n",
+    )
+    .unwrap();
+    let log = dir.join("run.log");
+    let orders = publish(&prefix, 600).await;
+    let copies = |topic: &str| read_topic(&format!("{prefix}{topic}")).len();
+
+    let kills = 3;
+    let mut run = spawn_run(&prefix, &dir, &log);
+    let mut copied_at_kills = Vec::new();
+    for k in 1..=kills {
+        let threshold = k * orders.len() / (kills + 1);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = 0;
+        while seen < threshold {
+            // Committed with the copies in one transaction: exactly the inputs finished.
+            seen = committed_inputs(&format!("{prefix}copy"), &format!("{prefix}order.created"))
+                as usize;
+            still_running(&mut run, &log);
+            assert!(
+                Instant::now() < deadline,
+                "no progress to {threshold}:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        signal(&run, libc::SIGKILL);
+        wait_exit(&mut run, Duration::from_secs(10));
+        copied_at_kills.push(seen);
+        run = spawn_run(&prefix, &dir, &log);
+    }
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while copies("eos.a") < orders.len() || copies("eos.b") < orders.len() {
+        still_running(&mut run, &log);
+        assert!(
+            Instant::now() < deadline,
+            "copies: {} / {}\n{}",
+            copies("eos.a"),
+            copies("eos.b"),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&run, libc::SIGTERM);
+    assert!(wait_exit(&mut run, Duration::from_secs(20)).success());
+    assert!(
+        copied_at_kills
+            .iter()
+            .all(|c| (1..orders.len()).contains(c)),
+        "kills mid-stream: {copied_at_kills:?}"
+    );
+
+    let mut expected: Vec<String> = orders.iter().map(|o| o.data.order_id.to_string()).collect();
+    expected.sort();
+    for topic in ["eos.a", "eos.b"] {
+        let committed = read_topic(&format!("{prefix}{topic}"));
+        let written = read_topic_with(&format!("{prefix}{topic}"), "read_uncommitted");
+        eprintln!(
+            "{topic}: {} committed copies, {} written including aborted transactions",
+            committed.len(),
+            written.len()
+        );
+        assert_eq!(
+            keys(&committed),
+            expected,
+            "{topic}: each order exactly once"
         );
     }
     std::fs::remove_dir_all(dir).unwrap();

@@ -28,6 +28,20 @@ pub struct PipelineConfig {
     /// Overrides of the default error classification, by HTTP status: `"409": permanent`.
     #[serde(default)]
     pub classify: BTreeMap<String, String>,
+    /// `at-least-once` (default: outputs may repeat after a crash, the dedup store skips
+    /// repeated event ids) or `exactly-once` (route and custom steps only: outputs and the input
+    /// offset are committed in one Kafka transaction).
+    #[serde(default)]
+    pub delivery: Delivery,
+}
+
+/// The delivery guarantee of a pipeline's outputs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 /// The one thing a pipeline does with an event.

@@ -17,7 +17,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub use config::{HttpStepConfig, PipelineConfig, RetryConfig, StepConfig};
+pub use config::{Delivery, HttpStepConfig, PipelineConfig, RetryConfig, StepConfig};
 
 use crate::contracts::{Naming, EVENT_TYPES};
 use crate::failure::{Classifier, ErrorClass};
@@ -35,6 +35,7 @@ pub struct Pipeline {
     pub step: Step,
     pub retry: RetryConfig,
     pub classifier: Classifier,
+    pub delivery: Delivery,
 }
 
 /// What a pipeline does with each event, validated.
@@ -391,6 +392,14 @@ pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec
             );
         }
     }
+    if config.delivery == Delivery::ExactlyOnce && matches!(config.step, StepConfig::Http(_)) {
+        report(
+            "delivery",
+            "exactly-once needs a step whose only effects are Kafka records (route or custom); \
+             an HTTP call cannot be part of a Kafka transaction"
+                .into(),
+        );
+    }
     if config.retry.transient_attempts > 10 {
         report(
             "retry.transient_attempts",
@@ -426,6 +435,7 @@ pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec
             step,
             retry: config.retry,
             classifier: Classifier::new(overrides),
+            delivery: config.delivery,
         })
     } else {
         Err(problems)
@@ -565,6 +575,19 @@ classify: {"999": permanent, "409": fatal}
         assert_eq!(http.emits(201), Some("payment.charged"));
         assert_eq!(http.emits(500), None);
         assert_eq!(http.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn exactly_once_is_for_kafka_only_steps() {
+        let route = "name: a\ngroup: a\ninputs: [order.created]\nstep: {route: {to: [x]}}\ndelivery: exactly-once\n";
+        assert_eq!(parse_str(route).unwrap().delivery, Delivery::ExactlyOnce);
+        let http = "name: a\ngroup: a\ninputs: [order.created]\nstep: {http: {url: \"http://x\", emit: {\"2xx\": payment.charged}}}\ndelivery: exactly-once\n";
+        let problems = parse_str(http).unwrap_err();
+        assert_eq!(problems[0].field, "delivery", "{problems:?}");
+        let bogus = "name: a\ngroup: a\ninputs: [order.created]\nstep: {route: {to: [x]}}\ndelivery: twice\n";
+        assert!(parse_str(bogus).unwrap_err()[0]
+            .message
+            .contains("unknown variant `twice`"));
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::failure::{ErrorClass, Failure};
 use crate::kafka;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Delivery, Pipeline};
 use crate::steps::StepRunner;
 use crate::telemetry::{ProcessorEvent, Telemetry};
 use dedup::DedupStore;
@@ -101,6 +101,44 @@ enum Ending {
     },
 }
 
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+enum TransactionError {
+    /// Aborted (or abortable): redo the input.
+    #[error("{0}")]
+    Abortable(String),
+    /// The producer cannot go on (e.g. fenced by a newer instance): stop the processor.
+    #[error("fatal transaction error: {0}")]
+    Fatal(anyhow::Error),
+}
+
+impl TransactionError {
+    fn from_kafka(error: rdkafka::error::KafkaError) -> TransactionError {
+        match &error {
+            rdkafka::error::KafkaError::Transaction(e) if e.is_fatal() => {
+                TransactionError::Fatal(anyhow::Error::new(error))
+            }
+            _ => TransactionError::Abortable(error.to_string()),
+        }
+    }
+}
+
+impl OutRecord {
+    fn future_record(&self) -> FutureRecord<'_, Vec<u8>, Vec<u8>> {
+        let mut record = FutureRecord::to(&self.topic).headers(self.headers.clone());
+        if let Some(key) = &self.key {
+            record = record.key(key);
+        }
+        if let Some(payload) = &self.payload {
+            record = record.payload(payload);
+        }
+        if let Some(partition) = self.partition {
+            record = record.partition(partition);
+        }
+        record
+    }
+}
+
 /// A partition waiting for its head retry record to become due.
 struct Paused {
     head_offset: i64,
@@ -117,6 +155,8 @@ pub struct Processor {
     telemetry: Telemetry,
     roles: HashMap<String, Role>,
     dedup: Option<Arc<DedupStore>>,
+    /// Exactly-once: each input's records and offset are committed in one transaction.
+    transactional: bool,
 }
 
 impl Processor {
@@ -150,6 +190,20 @@ impl Processor {
         let mut producer_config = kafka::producer_config(bootstrap_servers);
         // Each input waits for its outputs' acks, so a batching window would only add latency.
         producer_config.set("linger.ms", "1");
+        let transactional = pipeline.delivery == Delivery::ExactlyOnce;
+        if transactional {
+            // A stable id per instance: a restarted instance fences its predecessor and aborts
+            // the transaction it left open, instead of readers waiting for it to time out.
+            producer_config
+                .set(
+                    "transactional.id",
+                    format!("{}.{}", pipeline.group_id(&naming), instance_id()),
+                )
+                // A zombie that never comes back blocks read_committed readers at most this long.
+                .set("transaction.timeout.ms", "10000")
+                // librdkafka requires a record's delivery timeout within the transaction's.
+                .set("message.timeout.ms", "10000");
+        }
         Ok(Processor {
             group_id: pipeline.group_id(&naming),
             telemetry: Telemetry::new(&pipeline.name),
@@ -161,6 +215,7 @@ impl Processor {
             codec,
             roles,
             dedup,
+            transactional,
         })
     }
 
@@ -207,10 +262,18 @@ impl Processor {
     /// Consumes until `shutdown` turns true, then finishes the record in hand, flushes the
     /// producer and commits what was stored.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let consumer: StreamConsumer =
-            kafka::consumer_config(&self.bootstrap_servers, &self.group_id)
-                .create()
-                .context("creating the consumer")?;
+        let mut consumer_config = kafka::consumer_config(&self.bootstrap_servers, &self.group_id);
+        if self.transactional {
+            // Offsets are committed by the producer's transactions only.
+            consumer_config.set("enable.auto.commit", "false");
+            let producer = self.producer.clone();
+            tokio::task::spawn_blocking(move || {
+                producer.init_transactions(Duration::from_secs(30))
+            })
+            .await?
+            .context("initialising transactions")?;
+        }
+        let consumer: StreamConsumer = consumer_config.create().context("creating the consumer")?;
         let topics: Vec<&str> = self.roles.keys().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
         tracing::info!(pipeline = %self.pipeline.name, group = %self.group_id, ?topics, "processor started");
@@ -229,7 +292,7 @@ impl Processor {
                     }
                 }
                 message = consumer.recv() => match message {
-                    Ok(message) => self.handle(&consumer, &message, &mut paused, &resume_tx).await,
+                    Ok(message) => self.handle(&consumer, &message, &mut paused, &resume_tx).await?,
                     Err(e) => tracing::warn!(pipeline = %self.pipeline.name, "consumer error: {e}"),
                 },
             }
@@ -254,13 +317,13 @@ impl Processor {
         message: &BorrowedMessage<'_>,
         paused: &mut HashMap<(String, i32), Paused>,
         resume_tx: &mpsc::UnboundedSender<(String, i32)>,
-    ) {
+    ) -> anyhow::Result<()> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let key = (topic.to_string(), partition);
         if let Some(p) = paused.get(&key) {
             // Fetched before the pause took effect: rewind again, the timer still runs.
             rewind_and_pause(consumer, topic, partition, p.head_offset);
-            return;
+            return Ok(());
         }
         self.telemetry.emit(ProcessorEvent::Consumed {
             topic,
@@ -272,7 +335,7 @@ impl Processor {
                 topic,
                 "record from a topic this pipeline did not subscribe to"
             );
-            return;
+            return Ok(());
         };
         let (event_type, input_topic, context) = match role {
             Role::Input { event_type } => (event_type.as_str(), topic, None),
@@ -301,7 +364,7 @@ impl Processor {
                             partition,
                             wait_ms: wait.as_millis() as u64,
                         });
-                        return;
+                        return Ok(());
                     }
                     if let Some(due) = context.due_ms {
                         self.telemetry.emit(ProcessorEvent::RetryLateness {
@@ -335,7 +398,37 @@ impl Processor {
                 }
             }
         };
-        self.deliver(records).await;
+        if self.transactional {
+            if let Err(e) = self.commit_in_transaction(consumer, message, records).await {
+                if let TransactionError::Fatal(e) = e {
+                    return Err(e);
+                }
+                // Aborted: nothing of it is visible; read the input again and redo it.
+                tracing::warn!(
+                    topic,
+                    partition,
+                    offset,
+                    "transaction aborted, retrying the input: {e}"
+                );
+                if let Err(e) = consumer.seek(
+                    topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        offset,
+                        "rewinding after an abort failed: {e}"
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Ok(());
+            }
+        } else {
+            self.deliver(records).await;
+        }
         match ending {
             Ending::Succeeded { outputs, event_id } => {
                 self.mark_handled(event_id).await;
@@ -369,10 +462,14 @@ impl Processor {
                 message: &message,
             }),
         }
+        if self.transactional {
+            return Ok(()); // the offset was committed with the transaction
+        }
         if let Err(e) = consumer.store_offset_from_message(message) {
             // The partition was revoked meanwhile: its new owner reads this record again.
             tracing::warn!(topic, partition, offset, "offset not stored: {e}");
         }
+        Ok(())
     }
 
     /// Decode, run the step (with in-process retries of transient failures), encode outputs.
@@ -547,24 +644,77 @@ impl Processor {
         (vec![record], ending)
     }
 
+    /// Writes the records, then the input's next offset, in one transaction. On an abortable
+    /// error the transaction is aborted and the caller redoes the input.
+    async fn commit_in_transaction(
+        &self,
+        consumer: &StreamConsumer,
+        message: &BorrowedMessage<'_>,
+        records: Vec<OutRecord>,
+    ) -> Result<(), TransactionError> {
+        let timeout = Duration::from_secs(30);
+        self.producer
+            .begin_transaction()
+            .map_err(TransactionError::from_kafka)?;
+        let sends = records.iter().map(|r| {
+            self.producer
+                .send(r.future_record(), Timeout::After(timeout))
+        });
+        let mut failed = None;
+        for (record, result) in records.iter().zip(join_all(sends).await) {
+            if let Err((error, _)) = result {
+                self.telemetry.emit(ProcessorEvent::ProduceFailed {
+                    topic: &record.topic,
+                    error: &error.to_string(),
+                    attempt: 1,
+                });
+                failed = Some(error);
+            }
+        }
+        let mut offsets = TopicPartitionList::new();
+        let committed = match failed {
+            Some(error) => Err(error),
+            None => offsets
+                .add_partition_offset(
+                    message.topic(),
+                    message.partition(),
+                    Offset::Offset(message.offset() + 1),
+                )
+                .and_then(|()| {
+                    // A consumer that is in its group always has its metadata.
+                    let metadata = consumer.group_metadata().ok_or(
+                        rdkafka::error::KafkaError::ConsumerCommit(
+                            rdkafka::types::RDKafkaErrorCode::State,
+                        ),
+                    )?;
+                    tokio::task::block_in_place(|| {
+                        self.producer
+                            .send_offsets_to_transaction(&offsets, &metadata, timeout)?;
+                        self.producer.commit_transaction(timeout)
+                    })
+                }),
+        };
+        match committed {
+            Ok(()) => Ok(()),
+            Err(error) => {
+                let error = TransactionError::from_kafka(error);
+                if !matches!(error, TransactionError::Fatal(_)) {
+                    tokio::task::block_in_place(|| self.producer.abort_transaction(timeout))
+                        .map_err(TransactionError::from_kafka)?;
+                }
+                Err(error)
+            }
+        }
+    }
+
     /// Writes every record and waits for every ack; failed writes are retried until they
     /// succeed, so the caller only stores the offset once all are safely written.
     async fn deliver(&self, mut pending: Vec<OutRecord>) {
         let mut attempt = 0u32;
         while !pending.is_empty() {
             let sends = pending.iter().map(|r| {
-                let mut record = FutureRecord::to(&r.topic).headers(r.headers.clone());
-                if let Some(key) = &r.key {
-                    record = record.key(key);
-                }
-                if let Some(payload) = &r.payload {
-                    record = record.payload(payload);
-                }
-                if let Some(partition) = r.partition {
-                    record = record.partition(partition);
-                }
                 self.producer
-                    .send(record, Timeout::After(Duration::from_secs(30)))
+                    .send(r.future_record(), Timeout::After(Duration::from_secs(30)))
             });
             let results = join_all(sends).await;
             attempt += 1;
@@ -584,6 +734,22 @@ impl Processor {
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(50)))).await;
             }
         }
+    }
+}
+
+/// This instance's name in transactional ids: `ORDERFLOW_INSTANCE_ID`, else the host name (a
+/// pod's name in Kubernetes). Two live instances of one pipeline need different names.
+pub fn instance_id() -> String {
+    if let Ok(id) = std::env::var("ORDERFLOW_INSTANCE_ID") {
+        return id;
+    }
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(host) if ok && !host.is_empty() => host.to_string(),
+        _ => "orderflow".to_string(),
     }
 }
 

@@ -210,8 +210,14 @@ pub async fn publisher(prefix: &str) -> (Publisher, String) {
     )
 }
 
-/// Every record of a topic, from the beginning to the end as of now.
+/// Every committed record of a topic, from the beginning to the end as of now (empty when the
+/// topic does not exist). Reads to each partition's end rather than counting up to the
+/// watermarks, which also count aborted records and transaction markers.
 pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
+    read_topic_with(topic, "read_committed")
+}
+
+pub fn read_topic_with(topic: &str, isolation: &str) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set(
@@ -219,32 +225,43 @@ pub fn read_topic(topic: &str) -> Vec<OwnedMessage> {
             format!("it-reader-{}", uuid::Uuid::new_v4().simple()),
         )
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
         .create()
         .unwrap();
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = 0;
-    for partition in metadata.topics()[0].partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-            .unwrap();
-        if high > low {
-            tpl.add_partition_offset(topic, partition.id(), Offset::Offset(low))
-                .unwrap();
-            remaining += high - low;
-        }
-    }
-    if remaining == 0 {
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
         return Vec::new();
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
     }
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (out.len() as i64) < remaining && Instant::now() < deadline {
-        if let Some(message) = consumer.poll(Duration::from_millis(200)) {
-            out.push(message.unwrap().detach());
+    let mut at_end = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < partitions.len() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach the end within 30 s"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => out.push(message.detach()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
         }
     }
     out
@@ -287,4 +304,31 @@ impl Downstream {
             calls.iter().map(|c| c.idempotency_key.as_str()).collect();
         (keys.len(), calls.len())
     }
+}
+
+/// Sum of a group's committed offsets over a topic's partitions: how many inputs it has
+/// finished (committed), when it started from the beginning.
+pub fn committed_inputs(group: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition(topic, p.id());
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum()
 }
