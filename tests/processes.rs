@@ -213,24 +213,28 @@ async fn sigkill_and_restart_loses_nothing() {
     assert!(wait_exit(&mut run, Duration::from_secs(20)).success());
 
     eprintln!("after {kills} kills at {paid_at_kills:?} orders paid: (topic, records, distinct keys) {done:?}");
+    // A kill repeats the events that were handled but not yet recorded as handled: the one in
+    // its step, and the few whose outputs were still awaiting acks (an at-least-once window,
+    // bounded per kill). Their HTTP calls repeat with the same Idempotency-Key.
+    let bound = 3 * kills;
     for (topic, all, distinct) in done {
         assert_eq!(distinct, orders.len(), "{topic}: no order lost");
-        // A kill between an output's ack and the dedup mark can repeat that one record.
         assert!(
-            all - distinct <= kills,
+            all - distinct <= bound,
             "{topic}: {} repeated records after {kills} kills",
             all - distinct
         );
     }
     for service in ["payments", "reservations", "notifications"] {
         let (keys, calls) = downstream.keys_and_calls(service);
+        eprintln!("{service}: {calls} calls for {keys} distinct events");
         assert_eq!(
             keys,
             orders.len(),
             "{service}: every order's event was sent"
         );
         assert!(
-            calls - keys <= kills,
+            calls - keys <= bound,
             "{service}: {calls} calls for {keys} events after {kills} kills"
         );
     }

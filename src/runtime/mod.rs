@@ -9,8 +9,13 @@
 //! 3. the router writes the outputs, or the record to the next retry tier, or to the
 //!    dead-letter topic, as `failure::Classifier` decides, with the failure context in headers;
 //! 4. only when every record written for this input is acknowledged is its offset stored (and
-//!    later committed). A write that keeps failing is retried without end and reported loudly:
-//!    the offset never moves past a record that is not safely somewhere.
+//!    later committed). Writing does not wait for acks: up to `MAX_IN_FLIGHT` inputs may be
+//!    awaiting theirs, and they are finished strictly in order, so an offset is never stored
+//!    past an input that is not safely written. A write that keeps failing is retried without
+//!    end and reported loudly, and no new record is read until it succeeds.
+//!
+//! With `delivery: exactly-once` each input is instead one transaction: its records and its
+//! offset commit together or not at all.
 //!
 //! Delivery is at least once: a crash between writing and committing repeats the step, and
 //! downstream HTTP services see the same `Idempotency-Key` again.
@@ -18,12 +23,13 @@
 pub mod dedup;
 pub mod headers;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use futures::future::join_all;
+use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -45,6 +51,9 @@ use headers::FailureContext;
 const MAX_ERROR_MESSAGE: usize = 1000;
 /// Partitions of an input topic the runtime has to create itself.
 const DEFAULT_PARTITIONS: i32 = 3;
+/// Inputs whose records may be awaiting acks at once (at-least-once mode). Offsets are still
+/// stored strictly in order, and only once every record of an input is acknowledged.
+const MAX_IN_FLIGHT: usize = 1000;
 
 /// What a subscribed topic is to this pipeline.
 #[derive(Debug, Clone)]
@@ -99,6 +108,22 @@ enum Ending {
         kind: &'static str,
         message: String,
     },
+}
+
+/// Per record: acknowledged, refused (why), or the producer went away.
+type Acks = Vec<Result<Result<(), String>, futures::channel::oneshot::Canceled>>;
+
+/// An input whose records are written but not all acknowledged yet.
+struct InFlight {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    ending: Ending,
+    /// Records not yet acknowledged (all of them until the first acks arrive).
+    pending: Vec<OutRecord>,
+    acks: std::pin::Pin<Box<dyn std::future::Future<Output = Acks> + Send>>,
+    /// Rounds of writing that had a failure.
+    failed_rounds: u32,
 }
 
 /// Why a transaction did not commit.
@@ -279,7 +304,10 @@ impl Processor {
         tracing::info!(pipeline = %self.pipeline.name, group = %self.group_id, ?topics, "processor started");
         let (resume_tx, mut resume_rx) = mpsc::unbounded_channel::<(String, i32)>();
         let mut paused: HashMap<(String, i32), Paused> = HashMap::new();
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         while !*shutdown.borrow() {
+            let head_failing = in_flight.front().is_some_and(|h| h.failed_rounds > 0);
+            let room = in_flight.len() < MAX_IN_FLIGHT && !head_failing;
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -291,11 +319,17 @@ impl Processor {
                         tracing::debug!(%topic, partition, "resume after a rebalance: {e}");
                     }
                 }
-                message = consumer.recv() => match message {
-                    Ok(message) => self.handle(&consumer, &message, &mut paused, &resume_tx).await?,
+                acks = head_acks(&mut in_flight) => self.finish_head(&consumer, &mut in_flight, acks).await,
+                message = consumer.recv(), if room => match message {
+                    Ok(message) => self.handle(&consumer, &message, &mut paused, &resume_tx, &mut in_flight).await?,
                     Err(e) => tracing::warn!(pipeline = %self.pipeline.name, "consumer error: {e}"),
                 },
             }
+        }
+        // Finish what is in flight, so its offsets can be committed below.
+        while !in_flight.is_empty() {
+            let acks = head_acks(&mut in_flight).await;
+            self.finish_head(&consumer, &mut in_flight, acks).await;
         }
         tracing::info!(pipeline = %self.pipeline.name, "stopping: flushing and committing");
         self.producer
@@ -317,6 +351,7 @@ impl Processor {
         message: &BorrowedMessage<'_>,
         paused: &mut HashMap<(String, i32), Paused>,
         resume_tx: &mpsc::UnboundedSender<(String, i32)>,
+        in_flight: &mut VecDeque<InFlight>,
     ) -> anyhow::Result<()> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let key = (topic.to_string(), partition);
@@ -385,7 +420,14 @@ impl Processor {
             ));
             self.failure_records(message, input_topic, None, ErrorClass::Permanent, &failure)
         } else {
-            match self.process(event_type, message).await {
+            let busy: HashSet<uuid::Uuid> = in_flight
+                .iter()
+                .filter_map(|f| match &f.ending {
+                    Ending::Succeeded { event_id, .. } => Some(*event_id),
+                    _ => None,
+                })
+                .collect();
+            match self.process(event_type, message, &busy).await {
                 Ok(Processed::Done { event_id, records }) => {
                     let outputs = records.len();
                     (records, Ending::Succeeded { outputs, event_id })
@@ -427,8 +469,24 @@ impl Processor {
                 return Ok(());
             }
         } else {
-            self.deliver(records).await;
+            // Written now, acknowledged later: the loop finishes inputs in order.
+            in_flight.push_back(InFlight {
+                topic: topic.to_string(),
+                partition,
+                offset,
+                ending,
+                acks: self.send_all(&records),
+                pending: records,
+                failed_rounds: 0,
+            });
+            return Ok(());
         }
+        self.end(topic, ending).await;
+        Ok(())
+    }
+
+    /// Telemetry (and the dedup mark) for an input whose records are all acknowledged.
+    async fn end(&self, topic: &str, ending: Ending) {
         match ending {
             Ending::Succeeded { outputs, event_id } => {
                 self.mark_handled(event_id).await;
@@ -462,14 +520,85 @@ impl Processor {
                 message: &message,
             }),
         }
-        if self.transactional {
-            return Ok(()); // the offset was committed with the transaction
+    }
+
+    /// Enqueues every record with the producer; the future resolves with all their acks.
+    fn send_all(
+        &self,
+        records: &[OutRecord],
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Acks> + Send>> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in records {
+            let mut future_record = record.future_record();
+            let delivery = loop {
+                match self.producer.send_result(future_record) {
+                    Ok(delivery) => {
+                        break delivery
+                            .map(|ack| {
+                                ack.map(|result| result.map(|_| ()).map_err(|(e, _)| e.to_string()))
+                            })
+                            .boxed()
+                    }
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        back,
+                    )) => {
+                        // librdkafka's own threads drain the queue; wait a moment.
+                        future_record = back;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((error, _)) => {
+                        // Reported like a failed delivery, and written again the same way.
+                        break futures::future::ready(Ok(Err(error.to_string()))).boxed();
+                    }
+                }
+            };
+            deliveries.push(delivery);
         }
-        if let Err(e) = consumer.store_offset_from_message(message) {
-            // The partition was revoked meanwhile: its new owner reads this record again.
-            tracing::warn!(topic, partition, offset, "offset not stored: {e}");
+        Box::pin(join_all(deliveries))
+    }
+
+    /// The head's acks arrived: store its offset when all succeeded, else write the failed
+    /// records again (the loop reads nothing new until they are written).
+    async fn finish_head(
+        &self,
+        consumer: &StreamConsumer,
+        in_flight: &mut VecDeque<InFlight>,
+        acks: Acks,
+    ) {
+        let head = in_flight.front_mut().expect("acks come from the head");
+        let mut failed = Vec::new();
+        for (record, ack) in std::mem::take(&mut head.pending).into_iter().zip(acks) {
+            let error = match ack {
+                Ok(Ok(())) => continue,
+                Ok(Err(error)) => error,
+                Err(_) => "the producer went away".to_string(),
+            };
+            self.telemetry.emit(ProcessorEvent::ProduceFailed {
+                topic: &record.topic,
+                error: &error,
+                attempt: head.failed_rounds + 1,
+            });
+            failed.push(record);
         }
-        Ok(())
+        if failed.is_empty() {
+            let head = in_flight.pop_front().expect("head exists");
+            self.end(&head.topic, head.ending).await;
+            if let Err(e) = consumer.store_offset(&head.topic, head.partition, head.offset) {
+                // The partition was revoked meanwhile: its new owner reads this record again.
+                tracing::warn!(topic = %head.topic, partition = head.partition, offset = head.offset, "offset not stored: {e}");
+            }
+            return;
+        }
+        head.failed_rounds += 1;
+        tokio::time::sleep(Duration::from_millis(
+            200 * u64::from(head.failed_rounds.min(50)),
+        ))
+        .await;
+        head.acks = self.send_all(&failed);
+        head.pending = failed;
     }
 
     /// Decode, run the step (with in-process retries of transient failures), encode outputs.
@@ -477,12 +606,17 @@ impl Processor {
         &self,
         event_type: &str,
         message: &BorrowedMessage<'_>,
+        in_flight: &HashSet<uuid::Uuid>,
     ) -> Result<Processed, (ErrorClass, Failure)> {
         let classify = |failure: Failure| (self.pipeline.classifier.classify(&failure), failure);
         let event = AnyEvent::decode(&self.codec, event_type, message.payload())
             .await
             .map_err(|e| classify(Failure::Decode(e)))?;
         let event_id = event.envelope().event_id;
+        // The same event still awaiting its acks counts as handled.
+        if in_flight.contains(&event_id) {
+            return Ok(Processed::Duplicate { event_id });
+        }
         if let Some(dedup) = &self.dedup {
             match dedup.seen(&self.group_id, event_id).await {
                 Ok(true) => return Ok(Processed::Duplicate { event_id }),
@@ -706,34 +840,13 @@ impl Processor {
             }
         }
     }
+}
 
-    /// Writes every record and waits for every ack; failed writes are retried until they
-    /// succeed, so the caller only stores the offset once all are safely written.
-    async fn deliver(&self, mut pending: Vec<OutRecord>) {
-        let mut attempt = 0u32;
-        while !pending.is_empty() {
-            let sends = pending.iter().map(|r| {
-                self.producer
-                    .send(r.future_record(), Timeout::After(Duration::from_secs(30)))
-            });
-            let results = join_all(sends).await;
-            attempt += 1;
-            let mut failed = Vec::new();
-            for (record, result) in pending.into_iter().zip(results) {
-                if let Err((error, _)) = result {
-                    self.telemetry.emit(ProcessorEvent::ProduceFailed {
-                        topic: &record.topic,
-                        error: &error.to_string(),
-                        attempt,
-                    });
-                    failed.push(record);
-                }
-            }
-            pending = failed;
-            if !pending.is_empty() {
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt.min(50)))).await;
-            }
-        }
+/// The head's acks; never resolves while nothing is in flight.
+async fn head_acks(in_flight: &mut VecDeque<InFlight>) -> Acks {
+    match in_flight.front_mut() {
+        Some(head) => head.acks.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
