@@ -18,7 +18,7 @@ use crate::kafka::{self, Publisher};
 use crate::pipeline::{self, Pipeline};
 use crate::runtime::dedup::DedupStore;
 use crate::simulate::{self, Behaviour};
-use crate::telemetry::Telemetry;
+use crate::telemetry::{self, Telemetry};
 use crate::{demo, runtime, steps};
 
 /// Kafka stream processing for order events: typed Avro contracts in a schema registry,
@@ -147,6 +147,13 @@ pub struct RunArgs {
     /// Run without the dedup store: a repeated event id is handled again.
     #[arg(long)]
     pub no_dedup: bool,
+    /// Address for /metrics, /healthz and /readyz (0.0.0.0:9464 in a pod).
+    #[arg(
+        long,
+        env = "ORDERFLOW_METRICS_LISTEN",
+        default_value = "127.0.0.1:9464"
+    )]
+    pub metrics_listen: std::net::SocketAddr,
     /// Print each pipeline's counters this often (0s: never).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub report_every: Duration,
@@ -410,6 +417,10 @@ async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> 
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))
         .collect();
+    let (addr, _server) = telemetry::server::serve(args.metrics_listen, telemetry.clone())
+        .await
+        .with_context(|| format!("serving metrics on {}", args.metrics_listen))?;
+    eprintln!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
     if !args.report_every.is_zero() {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(args.report_every);

@@ -8,6 +8,7 @@
 //! consumer on v1 reads v2 data and the reverse, where the two are compatible.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -144,6 +145,8 @@ pub struct EventCodec {
     encoder: AvroEncoder,
     registry: RegistryClient,
     writers: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
 }
 
 impl EventCodec {
@@ -169,6 +172,8 @@ impl EventCodec {
             encoder: AvroEncoder::new(settings),
             registry: RegistryClient::new(registry_url),
             writers: RwLock::new(HashMap::new()),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
         })
     }
 
@@ -178,6 +183,18 @@ impl EventCodec {
 
     pub fn naming(&self) -> &Naming {
         &self.naming
+    }
+
+    pub fn registry(&self) -> &RegistryClient {
+        &self.registry
+    }
+
+    /// Writer-schema lookups so far: (served from the cache, fetched from the registry).
+    pub fn cache_lookups(&self) -> (u64, u64) {
+        (
+            self.cache_hits.load(Ordering::Relaxed),
+            self.cache_misses.load(Ordering::Relaxed),
+        )
     }
 
     fn local_schema<E: Event>(&self) -> Option<&EventSchema> {
@@ -215,8 +232,10 @@ impl EventCodec {
 
     async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
         if let Some(found) = self.writers.read().expect("cache lock").get(&id) {
+            self.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(found.clone());
         }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
         let text = match self.registry.schema_by_id(id).await {
             Ok(Some(text)) => text,
             Ok(None) => return Err(DecodeError::UnknownSchemaId { id }),

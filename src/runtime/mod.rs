@@ -20,8 +20,10 @@
 //! Delivery is at least once: a crash between writing and committing repeats the step, and
 //! downstream HTTP services see the same `Idempotency-Key` again.
 
+pub mod context;
 pub mod dedup;
 pub mod headers;
+pub mod monitor;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -44,6 +46,7 @@ use crate::kafka;
 use crate::pipeline::{Delivery, Pipeline};
 use crate::steps::StepRunner;
 use crate::telemetry::{ProcessorEvent, Telemetry};
+use context::MeteredContext;
 use dedup::DedupStore;
 use headers::FailureContext;
 
@@ -54,6 +57,8 @@ const DEFAULT_PARTITIONS: i32 = 3;
 /// Inputs whose records may be awaiting acks at once (at-least-once mode). Offsets are still
 /// stored strictly in order, and only once every record of an input is acknowledged.
 const MAX_IN_FLIGHT: usize = 1000;
+/// How often DLQ depth, retry backlog and readiness are measured.
+const MONITOR_EVERY: Duration = Duration::from_secs(10);
 
 /// What a subscribed topic is to this pipeline.
 #[derive(Debug, Clone)]
@@ -80,6 +85,7 @@ struct OutRecord {
 enum Processed {
     Done {
         event_id: uuid::Uuid,
+        occurred_at_ms: i64,
         records: Vec<OutRecord>,
     },
     Duplicate {
@@ -90,8 +96,10 @@ enum Processed {
 /// How one input ended, for telemetry once its records are acknowledged.
 enum Ending {
     Succeeded {
-        outputs: usize,
+        /// Topic of each record written.
+        outputs: Vec<String>,
         event_id: uuid::Uuid,
+        occurred_at_ms: i64,
     },
     Duplicate {
         event_id: uuid::Uuid,
@@ -176,7 +184,8 @@ pub struct Processor {
     bootstrap_servers: String,
     codec: Arc<EventCodec>,
     step: StepRunner,
-    producer: FutureProducer,
+    producer: FutureProducer<MeteredContext>,
+    context: MeteredContext,
     telemetry: Telemetry,
     roles: HashMap<String, Role>,
     dedup: Option<Arc<DedupStore>>,
@@ -212,9 +221,12 @@ impl Processor {
                 },
             );
         }
+        let telemetry = Telemetry::new(&pipeline.name, &pipeline.group_id(&naming));
+        let context = MeteredContext::new(telemetry.clone());
         let mut producer_config = kafka::producer_config(bootstrap_servers);
         // Each input waits for its outputs' acks, so a batching window would only add latency.
         producer_config.set("linger.ms", "1");
+        producer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
         let transactional = pipeline.delivery == Delivery::ExactlyOnce;
         if transactional {
             // A stable id per instance: a restarted instance fences its predecessor and aborts
@@ -231,9 +243,12 @@ impl Processor {
         }
         Ok(Processor {
             group_id: pipeline.group_id(&naming),
-            telemetry: Telemetry::new(&pipeline.name),
             step: StepRunner::for_pipeline(&pipeline),
-            producer: producer_config.create().context("creating the producer")?,
+            producer: producer_config
+                .create_with_context(context.clone())
+                .context("creating the producer")?,
+            context,
+            telemetry,
             bootstrap_servers: bootstrap_servers.to_string(),
             pipeline,
             naming,
@@ -298,7 +313,20 @@ impl Processor {
             .await?
             .context("initialising transactions")?;
         }
-        let consumer: StreamConsumer = consumer_config.create().context("creating the consumer")?;
+        consumer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
+        let consumer: StreamConsumer<MeteredContext> = consumer_config
+            .create_with_context(self.context.clone())
+            .context("creating the consumer")?;
+        let monitor = monitor::Monitor {
+            pipeline: self.pipeline.clone(),
+            naming: self.naming.clone(),
+            group_id: self.group_id.clone(),
+            bootstrap_servers: self.bootstrap_servers.clone(),
+            telemetry: self.telemetry.clone(),
+            context: self.context.clone(),
+            codec: self.codec.clone(),
+        };
+        let monitoring = tokio::spawn(monitor.run(MONITOR_EVERY, shutdown.clone()));
         let topics: Vec<&str> = self.roles.keys().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
         tracing::info!(pipeline = %self.pipeline.name, group = %self.group_id, ?topics, "processor started");
@@ -331,6 +359,7 @@ impl Processor {
             let acks = head_acks(&mut in_flight).await;
             self.finish_head(&consumer, &mut in_flight, acks).await;
         }
+        monitoring.abort();
         tracing::info!(pipeline = %self.pipeline.name, "stopping: flushing and committing");
         self.producer
             .flush(Duration::from_secs(10))
@@ -347,7 +376,7 @@ impl Processor {
 
     async fn handle(
         &self,
-        consumer: &StreamConsumer,
+        consumer: &StreamConsumer<MeteredContext>,
         message: &BorrowedMessage<'_>,
         paused: &mut HashMap<(String, i32), Paused>,
         resume_tx: &mpsc::UnboundedSender<(String, i32)>,
@@ -427,10 +456,26 @@ impl Processor {
                     _ => None,
                 })
                 .collect();
-            match self.process(event_type, message, &busy).await {
-                Ok(Processed::Done { event_id, records }) => {
-                    let outputs = records.len();
-                    (records, Ending::Succeeded { outputs, event_id })
+            let started = std::time::Instant::now();
+            let processed = self.process(event_type, message, &busy).await;
+            self.telemetry.emit(ProcessorEvent::Handled {
+                seconds: started.elapsed().as_secs_f64(),
+            });
+            match processed {
+                Ok(Processed::Done {
+                    event_id,
+                    occurred_at_ms,
+                    records,
+                }) => {
+                    let outputs = records.iter().map(|r| r.topic.clone()).collect();
+                    (
+                        records,
+                        Ending::Succeeded {
+                            outputs,
+                            event_id,
+                            occurred_at_ms,
+                        },
+                    )
                 }
                 Ok(Processed::Duplicate { event_id }) => {
                     (Vec::new(), Ending::Duplicate { event_id })
@@ -488,10 +533,17 @@ impl Processor {
     /// Telemetry (and the dedup mark) for an input whose records are all acknowledged.
     async fn end(&self, topic: &str, ending: Ending) {
         match ending {
-            Ending::Succeeded { outputs, event_id } => {
+            Ending::Succeeded {
+                outputs,
+                event_id,
+                occurred_at_ms,
+            } => {
                 self.mark_handled(event_id).await;
-                self.telemetry
-                    .emit(ProcessorEvent::Succeeded { topic, outputs });
+                self.telemetry.emit(ProcessorEvent::Succeeded {
+                    topic,
+                    outputs: &outputs,
+                    occurred_at_ms,
+                });
             }
             Ending::Duplicate { event_id } => self.telemetry.emit(ProcessorEvent::Duplicate {
                 topic,
@@ -564,7 +616,7 @@ impl Processor {
     /// records again (the loop reads nothing new until they are written).
     async fn finish_head(
         &self,
-        consumer: &StreamConsumer,
+        consumer: &StreamConsumer<MeteredContext>,
         in_flight: &mut VecDeque<InFlight>,
         acks: Acks,
     ) {
@@ -676,7 +728,11 @@ impl Processor {
                 headers: copy_headers(message),
             });
         }
-        Ok(Processed::Done { event_id, records })
+        Ok(Processed::Done {
+            event_id,
+            occurred_at_ms: event.envelope().occurred_at,
+            records,
+        })
     }
 
     /// Records a handled event, after its outputs are acknowledged. A failure here cannot
@@ -782,7 +838,7 @@ impl Processor {
     /// error the transaction is aborted and the caller redoes the input.
     async fn commit_in_transaction(
         &self,
-        consumer: &StreamConsumer,
+        consumer: &StreamConsumer<MeteredContext>,
         message: &BorrowedMessage<'_>,
         records: Vec<OutRecord>,
     ) -> Result<(), TransactionError> {
@@ -866,7 +922,12 @@ pub fn instance_id() -> String {
     }
 }
 
-fn rewind_and_pause(consumer: &StreamConsumer, topic: &str, partition: i32, offset: i64) {
+fn rewind_and_pause(
+    consumer: &StreamConsumer<MeteredContext>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) {
     if let Err(e) = consumer.seek(
         topic,
         partition,

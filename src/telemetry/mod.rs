@@ -1,10 +1,21 @@
-//! What happens to events, emitted from one type ([`ProcessorEvent`]) so logs and counters
-//! never disagree. Every counter moves here and nowhere else.
+//! What happens to events, emitted from one type ([`ProcessorEvent`]) so logs, the processor's
+//! own counters (read by the demo and tests) and the Prometheus metrics never disagree. Every
+//! counter, gauge and histogram moves here and nowhere else.
+//!
+//! - [`metrics`]: the Prometheus families and their text exposition.
+//! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
+
+pub mod metrics;
+pub mod server;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::failure::ErrorClass;
+use metrics::{
+    metrics, CacheLabels, ClassLabels, OutcomeLabels, PartitionLabels, PipelineLabels, TierLabels,
+    TopicLabels,
+};
 
 /// One thing that happened in a processor.
 #[derive(Debug)]
@@ -15,8 +26,14 @@ pub enum ProcessorEvent<'a> {
         partition: i32,
         offset: i64,
     },
+    /// Decoding and the step took this long for one input.
+    Handled { seconds: f64 },
     /// The step succeeded and every output is acknowledged.
-    Succeeded { topic: &'a str, outputs: usize },
+    Succeeded {
+        topic: &'a str,
+        outputs: &'a [String],
+        occurred_at_ms: i64,
+    },
     /// A failure was retried in process (transient class).
     TransientRetry {
         attempt: u32,
@@ -45,16 +62,39 @@ pub enum ProcessorEvent<'a> {
     },
     /// A retried record was handled this late after its due time.
     RetryLateness { tier: usize, late_ms: i64 },
-    /// The event id was already handled by this group: skipped, no second effect.
-    Duplicate { topic: &'a str, event_id: &'a str },
-    /// Recording a handled event in the dedup store failed (its outputs are written).
-    DedupMarkFailed { event_id: &'a str, error: &'a str },
     /// Producing failed; the input's offset does not advance until it succeeds.
     ProduceFailed {
         topic: &'a str,
         error: &'a str,
         attempt: u32,
     },
+    /// The event id was already handled by this group: skipped, no second effect.
+    Duplicate { topic: &'a str, event_id: &'a str },
+    /// Recording a handled event in the dedup store failed (its outputs are written).
+    DedupMarkFailed { event_id: &'a str, error: &'a str },
+    /// librdkafka's view of the group's lag on one assigned partition.
+    ConsumerLag {
+        topic: &'a str,
+        partition: i32,
+        lag: i64,
+    },
+    /// Dead-letter records not yet replayed or discarded, and the oldest one's age.
+    DlqDepth {
+        topic: &'a str,
+        depth: i64,
+        oldest_age_seconds: f64,
+    },
+    /// Records waiting in a retry tier.
+    RetryBacklog { tier: usize, records: i64 },
+    /// Readiness changed (in the group, broker and registry answering).
+    Ready { ready: bool, reason: &'a str },
+    /// Producer statistics from librdkafka.
+    ProducerStats {
+        queue_messages: i64,
+        broker_rtt_seconds: f64,
+    },
+    /// Writer-schema lookups since the last report.
+    RegistryCache { hits: u64, misses: u64 },
 }
 
 /// Running totals of one processor, read by the CLI's summary and by tests.
@@ -91,24 +131,53 @@ pub struct Snapshot {
     pub duplicates: u64,
 }
 
-/// Emits a processor's events: a log line and its counters.
+/// Emits a processor's events: a log line, its counters and its Prometheus metrics.
 #[derive(Debug, Clone)]
 pub struct Telemetry {
-    pipeline: Arc<str>,
+    labels: PipelineLabels,
     counters: Arc<Counters>,
 }
 
 impl Telemetry {
-    pub fn new(pipeline: &str) -> Telemetry {
+    pub fn new(pipeline: &str, group: &str) -> Telemetry {
         Telemetry {
-            pipeline: pipeline.into(),
+            labels: PipelineLabels {
+                pipeline: pipeline.to_string(),
+                group: group.to_string(),
+            },
             counters: Arc::default(),
+        }
+    }
+
+    fn topic(&self, topic: &str) -> TopicLabels {
+        TopicLabels {
+            pipeline: self.labels.pipeline.clone(),
+            group: self.labels.group.clone(),
+            topic: topic.to_string(),
+        }
+    }
+
+    fn outcome(&self, outcome: &'static str) {
+        let labels = OutcomeLabels {
+            pipeline: self.labels.pipeline.clone(),
+            group: self.labels.group.clone(),
+            outcome,
+        };
+        metrics().processed.get_or_create(&labels).inc();
+    }
+
+    fn tier(&self, tier: usize) -> TierLabels {
+        TierLabels {
+            pipeline: self.labels.pipeline.clone(),
+            group: self.labels.group.clone(),
+            tier: tier.to_string(),
         }
     }
 
     pub fn emit(&self, event: ProcessorEvent<'_>) {
         let c = &self.counters;
-        let p = &*self.pipeline;
+        let m = metrics();
+        let p = self.labels.pipeline.as_str();
         match event {
             ProcessorEvent::Consumed {
                 topic,
@@ -116,12 +185,32 @@ impl Telemetry {
                 offset,
             } => {
                 c.consumed.fetch_add(1, Ordering::Relaxed);
+                m.consumed.get_or_create(&self.topic(topic)).inc();
                 tracing::trace!(pipeline = p, topic, partition, offset, "consumed");
             }
-            ProcessorEvent::Succeeded { topic, outputs } => {
+            ProcessorEvent::Handled { seconds } => {
+                m.handler_seconds
+                    .get_or_create(&self.labels)
+                    .observe(seconds);
+            }
+            ProcessorEvent::Succeeded {
+                topic,
+                outputs,
+                occurred_at_ms,
+            } => {
                 c.succeeded.fetch_add(1, Ordering::Relaxed);
-                c.produced.fetch_add(outputs as u64, Ordering::Relaxed);
-                tracing::debug!(pipeline = p, topic, outputs, "succeeded");
+                c.produced
+                    .fetch_add(outputs.len() as u64, Ordering::Relaxed);
+                self.outcome("succeeded");
+                for output in outputs {
+                    m.produced.get_or_create(&self.topic(output)).inc();
+                }
+                let age = (crate::contracts::events::now_millis() - occurred_at_ms).max(0) as f64
+                    / 1000.0;
+                m.end_to_end_seconds
+                    .get_or_create(&self.labels)
+                    .observe(age);
+                tracing::debug!(pipeline = p, topic, outputs = outputs.len(), "succeeded");
             }
             ProcessorEvent::TransientRetry {
                 attempt,
@@ -129,6 +218,7 @@ impl Telemetry {
                 message,
             } => {
                 c.transient_retries.fetch_add(1, Ordering::Relaxed);
+                m.transient_retries.get_or_create(&self.labels).inc();
                 tracing::info!(
                     pipeline = p,
                     attempt,
@@ -146,6 +236,8 @@ impl Telemetry {
                 if let Some(counter) = c.retried.get(tier.saturating_sub(1)) {
                     counter.fetch_add(1, Ordering::Relaxed);
                 }
+                self.outcome("retried");
+                m.retries.get_or_create(&self.tier(tier)).inc();
                 tracing::info!(
                     pipeline = p,
                     tier,
@@ -162,6 +254,13 @@ impl Telemetry {
                 message,
             } => {
                 c.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                self.outcome("dead_lettered");
+                let labels = ClassLabels {
+                    pipeline: self.labels.pipeline.clone(),
+                    group: self.labels.group.clone(),
+                    error_class: class.as_str(),
+                };
+                m.dead_lettered.get_or_create(&labels).inc();
                 tracing::warn!(
                     pipeline = p,
                     dlq = topic,
@@ -196,6 +295,9 @@ impl Telemetry {
                         tier_samples.remove(0);
                     }
                     tier_samples.push(late_ms);
+                    m.retry_lateness_seconds
+                        .get_or_create(&self.tier(tier))
+                        .observe(late_ms.max(0) as f64 / 1000.0);
                 }
                 tracing::debug!(
                     pipeline = p,
@@ -204,8 +306,21 @@ impl Telemetry {
                     "retry handled after its due time"
                 );
             }
+            ProcessorEvent::ProduceFailed {
+                topic,
+                error,
+                attempt,
+            } => {
+                c.produce_failures.fetch_add(1, Ordering::Relaxed);
+                m.produce_failures.get_or_create(&self.labels).inc();
+                tracing::error!(
+                    pipeline = p, topic, error, attempt,
+                    "PRODUCE FAILED: the input offset will not advance until this record is written"
+                );
+            }
             ProcessorEvent::Duplicate { topic, event_id } => {
                 c.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.outcome("duplicate");
                 tracing::info!(pipeline = p, topic, event_id, "duplicate event id: skipped");
             }
             ProcessorEvent::DedupMarkFailed { event_id, error } => {
@@ -217,18 +332,63 @@ impl Telemetry {
                     "could not record a handled event; a redelivery would repeat it"
                 );
             }
-            ProcessorEvent::ProduceFailed {
+            ProcessorEvent::ConsumerLag {
                 topic,
-                error,
-                attempt,
+                partition,
+                lag,
             } => {
-                c.produce_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(
-                    pipeline = p, topic, error, attempt,
-                    "PRODUCE FAILED: the input offset will not advance until this record is written"
-                );
+                let labels = PartitionLabels {
+                    pipeline: self.labels.pipeline.clone(),
+                    group: self.labels.group.clone(),
+                    topic: topic.to_string(),
+                    partition: partition.to_string(),
+                };
+                m.consumer_lag.get_or_create(&labels).set(lag);
+            }
+            ProcessorEvent::DlqDepth {
+                topic,
+                depth,
+                oldest_age_seconds,
+            } => {
+                m.dlq_depth.get_or_create(&self.topic(topic)).set(depth);
+                m.dlq_oldest_age_seconds
+                    .get_or_create(&self.topic(topic))
+                    .set(oldest_age_seconds);
+            }
+            ProcessorEvent::RetryBacklog { tier, records } => {
+                m.retry_backlog.get_or_create(&self.tier(tier)).set(records);
+            }
+            ProcessorEvent::Ready { ready, reason } => {
+                let previous = m.ready.get_or_create(&self.labels).set(i64::from(ready));
+                if previous != i64::from(ready) {
+                    tracing::info!(pipeline = p, ready, reason, "readiness changed");
+                }
+            }
+            ProcessorEvent::ProducerStats {
+                queue_messages,
+                broker_rtt_seconds,
+            } => {
+                m.producer_queue_messages
+                    .get_or_create(&self.labels)
+                    .set(queue_messages);
+                m.broker_rtt_seconds
+                    .get_or_create(&self.labels)
+                    .set(broker_rtt_seconds);
+            }
+            ProcessorEvent::RegistryCache { hits, misses } => {
+                m.registry_cache
+                    .get_or_create(&CacheLabels { result: "hit" })
+                    .inc_by(hits);
+                m.registry_cache
+                    .get_or_create(&CacheLabels { result: "miss" })
+                    .inc_by(misses);
             }
         }
+    }
+
+    /// True when the processor last reported itself ready.
+    pub fn is_ready(&self) -> bool {
+        metrics().ready.get_or_create(&self.labels).get() == 1
     }
 
     /// Lateness samples (ms after the due time) of retry tier `tier` (1-based).

@@ -1,0 +1,231 @@
+//! Every Prometheus metric orderflow exports, registered once. Only `telemetry` moves them.
+//!
+//! Names follow Prometheus conventions (`orderflow_<noun>_<unit>`, `_total` on counters,
+//! `_seconds` on durations); labels come from small fixed sets: pipeline, group, topic,
+//! partition, tier, error class, outcome. Never ids or messages.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub pipeline: String,
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub pipeline: String,
+    pub group: String,
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub pipeline: String,
+    pub group: String,
+    pub topic: String,
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub pipeline: String,
+    pub group: String,
+    /// succeeded, retried, dead_lettered, duplicate
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub pipeline: String,
+    pub group: String,
+    pub tier: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub pipeline: String,
+    pub group: String,
+    pub error_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// hit or miss
+    pub result: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+fn lateness_buckets() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
+}
+
+pub struct Metrics {
+    pub consumed: Family<TopicLabels, Counter>,
+    pub processed: Family<OutcomeLabels, Counter>,
+    pub produced: Family<TopicLabels, Counter>,
+    pub retries: Family<TierLabels, Counter>,
+    pub dead_lettered: Family<ClassLabels, Counter>,
+    pub transient_retries: Family<PipelineLabels, Counter>,
+    pub produce_failures: Family<PipelineLabels, Counter>,
+    pub handler_seconds: HistogramFamily<PipelineLabels>,
+    pub end_to_end_seconds: HistogramFamily<PipelineLabels>,
+    pub retry_lateness_seconds: HistogramFamily<TierLabels>,
+    pub consumer_lag: Family<PartitionLabels, Gauge>,
+    pub dlq_depth: Family<TopicLabels, Gauge>,
+    pub dlq_oldest_age_seconds: Family<TopicLabels, Gauge<f64, AtomicU64>>,
+    pub retry_backlog: Family<TierLabels, Gauge>,
+    pub registry_cache: Family<CacheLabels, Counter>,
+    pub ready: Family<PipelineLabels, Gauge>,
+    pub producer_queue_messages: Family<PipelineLabels, Gauge>,
+    pub broker_rtt_seconds: Family<PipelineLabels, Gauge<f64, AtomicU64>>,
+}
+
+struct Exported {
+    metrics: Metrics,
+    registry: Registry,
+}
+
+fn exported() -> &'static Exported {
+    static EXPORTED: OnceLock<Exported> = OnceLock::new();
+    EXPORTED.get_or_init(|| {
+        let m = Metrics {
+            consumed: Family::default(),
+            processed: Family::default(),
+            produced: Family::default(),
+            retries: Family::default(),
+            dead_lettered: Family::default(),
+            transient_retries: Family::default(),
+            produce_failures: Family::default(),
+            handler_seconds: Family::new_with_constructor(latency_buckets),
+            end_to_end_seconds: Family::new_with_constructor(latency_buckets),
+            retry_lateness_seconds: Family::new_with_constructor(lateness_buckets),
+            consumer_lag: Family::default(),
+            dlq_depth: Family::default(),
+            dlq_oldest_age_seconds: Family::default(),
+            retry_backlog: Family::default(),
+            registry_cache: Family::default(),
+            ready: Family::default(),
+            producer_queue_messages: Family::default(),
+            broker_rtt_seconds: Family::default(),
+        };
+        let mut r = Registry::with_prefix("orderflow");
+        r.register(
+            "events_consumed",
+            "Records read from input and retry topics",
+            m.consumed.clone(),
+        );
+        r.register(
+            "events_processed",
+            "Inputs finished, by outcome (succeeded, retried, dead_lettered, duplicate)",
+            m.processed.clone(),
+        );
+        r.register(
+            "records_produced",
+            "Output records written and acknowledged, per topic",
+            m.produced.clone(),
+        );
+        r.register("retries", "Records sent to a retry tier", m.retries.clone());
+        r.register(
+            "dlq_records",
+            "Records sent to the dead-letter topic, by error class",
+            m.dead_lettered.clone(),
+        );
+        r.register(
+            "transient_retries",
+            "Immediate in-process retries after transient failures",
+            m.transient_retries.clone(),
+        );
+        r.register(
+            "produce_failures",
+            "Failed writes (retried until they succeed; the offset waits)",
+            m.produce_failures.clone(),
+        );
+        r.register(
+            "handler_duration_seconds",
+            "Time to decode and run the step for one input",
+            m.handler_seconds.clone(),
+        );
+        r.register(
+            "end_to_end_latency_seconds",
+            "From the event's occurred_at to its input being finished",
+            m.end_to_end_seconds.clone(),
+        );
+        r.register(
+            "retry_lateness_seconds",
+            "How late a retried record was handled after its due time",
+            m.retry_lateness_seconds.clone(),
+        );
+        r.register(
+            "consumer_lag",
+            "Records between the group's position and the end of each partition",
+            m.consumer_lag.clone(),
+        );
+        r.register(
+            "dlq_depth",
+            "Records in the dead-letter topic not yet replayed or discarded",
+            m.dlq_depth.clone(),
+        );
+        r.register(
+            "dlq_oldest_age_seconds",
+            "Age of the oldest dead-letter record not yet replayed or discarded",
+            m.dlq_oldest_age_seconds.clone(),
+        );
+        r.register(
+            "retry_backlog",
+            "Records waiting in each retry tier",
+            m.retry_backlog.clone(),
+        );
+        r.register(
+            "registry_cache_lookups",
+            "Writer schema lookups by id, from the cache (hit) or the registry (miss)",
+            m.registry_cache.clone(),
+        );
+        r.register(
+            "ready",
+            "1 when the processor is in its group and the broker and registry answer",
+            m.ready.clone(),
+        );
+        r.register(
+            "kafka_producer_queue_messages",
+            "Messages in librdkafka's producer queue",
+            m.producer_queue_messages.clone(),
+        );
+        r.register(
+            "kafka_broker_rtt_seconds",
+            "Average broker round-trip time seen by the producer",
+            m.broker_rtt_seconds.clone(),
+        );
+        Exported {
+            metrics: m,
+            registry: r,
+        }
+    })
+}
+
+pub fn metrics() -> &'static Metrics {
+    &exported().metrics
+}
+
+/// The text exposition format, for `/metrics`.
+pub fn encode() -> String {
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &exported().registry)
+        .expect("writing to a String cannot fail");
+    out
+}
