@@ -38,6 +38,9 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         // Offsets are committed in the background, but only those stored after processing.
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
+        // A fetch waits at most 100 ms for data: a retry partition resumed at its due time is read
+        // again promptly (librdkafka's default is 500 ms).
+        .set("fetch.wait.max.ms", "100")
         // Rebalances move partitions one at a time instead of stopping the whole group.
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000");

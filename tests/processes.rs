@@ -33,6 +33,8 @@ fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
             concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
         )
         .env("ORDERFLOW_LOG", "info")
+        // Several runs at once: each serves its metrics on a free port.
+        .env("ORDERFLOW_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
