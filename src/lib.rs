@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod contracts;
 pub mod demo;
+pub mod dlq;
 pub mod failure;
 pub mod kafka;
 pub mod pipeline;
