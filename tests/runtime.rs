@@ -5,16 +5,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use orderflow::cli::processors;
 use orderflow::contracts::OrderCreated;
 use orderflow::kafka;
-use orderflow::pipeline;
 use orderflow::runtime::headers;
-use orderflow::telemetry::Telemetry;
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
 };
@@ -23,62 +19,6 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use tokio::sync::watch;
-
-struct Running {
-    telemetry: HashMap<String, Telemetry>,
-    stop: watch::Sender<bool>,
-    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
-}
-
-impl Running {
-    async fn start(prefix: &str, dir: &Path) -> Running {
-        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
-        let processors = processors(&connect(prefix), pipelines, true).await.unwrap();
-        let telemetry = processors
-            .iter()
-            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
-            .collect();
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in processors {
-            tasks.spawn(p.run(stopped.clone()));
-        }
-        Running {
-            telemetry,
-            stop,
-            tasks,
-        }
-    }
-
-    fn done(&self, pipeline: &str) -> u64 {
-        let s = self.telemetry[pipeline].snapshot();
-        s.succeeded + s.dead_lettered
-    }
-
-    /// Waits until each named pipeline has ended `count` inputs (succeeded or dead-lettered).
-    async fn wait_done(&self, pipelines: &[&str], count: u64, within: Duration) {
-        let deadline = Instant::now() + within;
-        while pipelines.iter().any(|p| self.done(p) < count) {
-            assert!(
-                Instant::now() < deadline,
-                "not done within {within:?}: {:?}",
-                pipelines
-                    .iter()
-                    .map(|p| (p, self.telemetry[*p].snapshot()))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    async fn stop(mut self) {
-        self.stop.send(true).unwrap();
-        while let Some(result) = self.tasks.join_next().await {
-            result.unwrap().unwrap();
-        }
-    }
-}
 
 // ---- tests -----------------------------------------------------------------------------------
 
@@ -370,28 +310,6 @@ async fn a_failing_dlq_write_holds_the_offset_until_it_succeeds() {
         vec![refused.data.order_id.to_string()]
     );
     std::fs::remove_dir_all(dir).unwrap();
-}
-
-impl Running {
-    async fn wait_until(
-        &self,
-        what: &str,
-        within: Duration,
-        done: impl Fn(&HashMap<String, Telemetry>) -> bool,
-    ) {
-        let deadline = Instant::now() + within;
-        while !done(&self.telemetry) {
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {within:?}: {:?}",
-                self.telemetry
-                    .iter()
-                    .map(|(n, t)| (n, t.snapshot()))
-                    .collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,14 +12,17 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use orderflow::cli::Connect;
+use orderflow::cli::{processors, Connect};
 use orderflow::contracts::{Catalog, EventCodec, Naming, OrderCreated, SubjectStrategy};
 use orderflow::kafka::Publisher;
+use orderflow::pipeline;
+use orderflow::telemetry::Telemetry;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
+use tokio::sync::watch;
 
 pub fn bootstrap() -> String {
     std::env::var("ORDERFLOW_BOOTSTRAP_SERVERS")
@@ -331,4 +334,81 @@ pub fn committed_inputs(group: &str, topic: &str) -> i64 {
             _ => 0,
         })
         .sum()
+}
+
+pub struct Running {
+    pub telemetry: HashMap<String, Telemetry>,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn start(prefix: &str, dir: &Path) -> Running {
+        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
+        let processors = processors(&connect(prefix), pipelines, true).await.unwrap();
+        let telemetry = processors
+            .iter()
+            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+            .collect();
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in processors {
+            tasks.spawn(p.run(stopped.clone()));
+        }
+        Running {
+            telemetry,
+            stop,
+            tasks,
+        }
+    }
+
+    pub fn done(&self, pipeline: &str) -> u64 {
+        let s = self.telemetry[pipeline].snapshot();
+        s.succeeded + s.dead_lettered
+    }
+
+    /// Waits until each named pipeline has ended `count` inputs (succeeded or dead-lettered).
+    pub async fn wait_done(&self, pipelines: &[&str], count: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while pipelines.iter().any(|p| self.done(p) < count) {
+            assert!(
+                Instant::now() < deadline,
+                "not done within {within:?}: {:?}",
+                pipelines
+                    .iter()
+                    .map(|p| (p, self.telemetry[*p].snapshot()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(mut self) {
+        self.stop.send(true).unwrap();
+        while let Some(result) = self.tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+    }
+}
+
+impl Running {
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        within: Duration,
+        done: impl Fn(&HashMap<String, Telemetry>) -> bool,
+    ) {
+        let deadline = Instant::now() + within;
+        while !done(&self.telemetry) {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: not within {within:?}: {:?}",
+                self.telemetry
+                    .iter()
+                    .map(|(n, t)| (n, t.snapshot()))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
