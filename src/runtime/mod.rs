@@ -221,7 +221,11 @@ impl Processor {
                 },
             );
         }
-        let telemetry = Telemetry::new(&pipeline.name, &pipeline.group_id(&naming));
+        let telemetry = Telemetry::new(
+            &pipeline.name,
+            &pipeline.group_id(&naming),
+            pipeline.retry.tiers.len(),
+        );
         let context = MeteredContext::new(telemetry.clone());
         let mut producer_config = kafka::producer_config(bootstrap_servers);
         // Each input waits for its outputs' acks, so a batching window would only add latency.

@@ -139,14 +139,50 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub fn new(pipeline: &str, group: &str) -> Telemetry {
-        Telemetry {
+    /// Creates every fixed label set of the pipeline at zero, so a series reads 0 rather than
+    /// being absent before its first event (alerts and dashboards can tell the two apart).
+    pub fn new(pipeline: &str, group: &str, retry_tiers: usize) -> Telemetry {
+        let telemetry = Telemetry {
             labels: PipelineLabels {
                 pipeline: pipeline.to_string(),
                 group: group.to_string(),
             },
             counters: Arc::default(),
+        };
+        let m = metrics();
+        let l = &telemetry.labels;
+        for outcome in ["succeeded", "retried", "dead_lettered", "duplicate"] {
+            let labels = OutcomeLabels {
+                pipeline: l.pipeline.clone(),
+                group: l.group.clone(),
+                outcome,
+            };
+            let _ = m.processed.get_or_create(&labels);
         }
+        for class in ErrorClass::ALL {
+            let labels = ClassLabels {
+                pipeline: l.pipeline.clone(),
+                group: l.group.clone(),
+                error_class: class.as_str(),
+            };
+            let _ = m.dead_lettered.get_or_create(&labels);
+        }
+        for tier in 1..=retry_tiers {
+            let _ = m.retries.get_or_create(&telemetry.tier(tier));
+            let _ = m
+                .retry_lateness_seconds
+                .get_or_create(&telemetry.tier(tier));
+            let _ = m.retry_backlog.get_or_create(&telemetry.tier(tier));
+        }
+        let _ = m.transient_retries.get_or_create(l);
+        let _ = m.produce_failures.get_or_create(l);
+        let _ = m.handler_seconds.get_or_create(l);
+        let _ = m.end_to_end_seconds.get_or_create(l);
+        let _ = m.ready.get_or_create(l);
+        for result in ["hit", "miss"] {
+            let _ = m.registry_cache.get_or_create(&CacheLabels { result });
+        }
+        telemetry
     }
 
     fn topic(&self, topic: &str) -> TopicLabels {
