@@ -51,6 +51,7 @@ fn connect(prefix: &str) -> Connect {
         schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
         topic_prefix: prefix.to_string(),
         subject_strategy: SubjectStrategy::Topic,
+        replication_factor: 1,
     }
 }
 

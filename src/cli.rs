@@ -78,6 +78,15 @@ pub struct Connect {
         global = true
     )]
     pub database_url: String,
+    /// Replication factor of the topics orderflow creates when they are missing (3 in
+    /// production; 1 on the local single-broker stack).
+    #[arg(
+        long,
+        env = "ORDERFLOW_REPLICATION_FACTOR",
+        default_value_t = 1,
+        global = true
+    )]
+    pub replication_factor: i32,
     /// Subject naming: topic (`<topic>-value`), record (`<record full name>`) or topic-record.
     #[arg(
         long,
@@ -113,6 +122,9 @@ pub enum Command {
     /// Inspect, replay and discard dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Create the topics of the pipelines (for clusters without a topic operator).
+    #[command(subcommand)]
+    Topics(TopicsCommand),
     /// Serve simulated payment, inventory and notification services on loopback.
     Simulate(SimulateArgs),
     /// The whole flow in one process: simulated downstreams, every pipeline, a stream of orders,
@@ -126,6 +138,17 @@ pub enum PipelinesCommand {
     Validate,
     /// Each pipeline with its group and every topic it reads and writes.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicsCommand {
+    /// Create every missing input, retry, dead-letter, audit and output topic of the
+    /// pipelines; existing topics are left as they are. Prints each topic.
+    Ensure {
+        /// Pipelines (by name); default: all.
+        #[arg(long = "pipeline")]
+        pipelines: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -404,6 +427,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pipelines(cmd) => pipelines(&cli.connect, &cli.pipelines, cmd),
         Command::Run(args) => run_pipelines(&cli.connect, &cli.pipelines, args).await,
         Command::Dlq(cmd) => dead_letters(&cli.connect, &cli.pipelines, cmd).await,
+        Command::Topics(TopicsCommand::Ensure { pipelines }) => {
+            let chosen = select_pipelines(&cli.pipelines, &pipelines)?;
+            let bootstrap = cli.connect.bootstrap_servers.clone();
+            tokio::task::spawn_blocking(move || kafka::check_connection(&bootstrap)).await??;
+            let naming = cli.connect.naming();
+            let mut all = std::collections::BTreeMap::new();
+            for p in &chosen {
+                let topics = runtime::ensure_topics(
+                    &cli.connect.bootstrap_servers,
+                    &naming,
+                    p,
+                    cli.connect.replication_factor,
+                )
+                .await
+                .with_context(|| format!("creating the topics of pipeline {}", p.name))?;
+                all.extend(topics);
+            }
+            for (topic, partitions) in &all {
+                println!("{topic:<60} {partitions:>3} partition(s)");
+            }
+            eprintln!(
+                "{} topic(s) present (replication factor {} for the ones created)",
+                all.len(),
+                cli.connect.replication_factor
+            );
+            Ok(())
+        }
         Command::Simulate(args) => {
             let (addr, _, task) = simulate::serve(args.listen, args.faults.behaviour()).await?;
             eprintln!("simulated services on http://{addr}: POST /payments, /reservations, /notifications");
@@ -746,6 +796,8 @@ pub async fn processors(
     pipelines: Vec<Pipeline>,
     dedup: bool,
 ) -> anyhow::Result<Vec<runtime::Processor>> {
+    let bootstrap = connect.bootstrap_servers.clone();
+    tokio::task::spawn_blocking(move || kafka::check_connection(&bootstrap)).await??;
     let dedup = if dedup {
         Some(Arc::new(DedupStore::connect(&connect.database_url).await.map_err(|e| {
             anyhow::anyhow!("{e}; start it with scripts/stack up, point --database-url at yours, or run with --no-dedup")
@@ -769,12 +821,15 @@ pub async fn processors(
             codec.clone(),
             dedup.clone(),
         )?;
-        processor.ensure_topics().await.with_context(|| {
-            format!(
-                "creating the topics of pipeline {}",
-                processor.pipeline().name
-            )
-        })?;
+        processor
+            .ensure_topics(connect.replication_factor)
+            .await
+            .with_context(|| {
+                format!(
+                    "creating the topics of pipeline {}",
+                    processor.pipeline().name
+                )
+            })?;
         processors.push(processor);
     }
     Ok(processors)

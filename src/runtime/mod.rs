@@ -271,36 +271,15 @@ impl Processor {
         &self.pipeline
     }
 
-    /// Creates what the pipeline reads and writes when missing: inputs (3 partitions), their
-    /// retry and dead-letter topics (as many partitions as the input), and declared outputs.
-    pub async fn ensure_topics(&self) -> anyhow::Result<()> {
-        let client: StreamConsumer =
-            kafka::consumer_config(&self.bootstrap_servers, &self.group_id).create()?;
-        let mut wanted: Vec<(String, i32)> = Vec::new();
-        for input in self.pipeline.input_topics(&self.naming) {
-            kafka::ensure_topics(&self.bootstrap_servers, &[(&input, DEFAULT_PARTITIONS)], 1)
-                .await?;
-            let metadata = client
-                .fetch_metadata(Some(&input), Duration::from_secs(10))
-                .with_context(|| format!("reading the metadata of {input}"))?;
-            let partitions = metadata
-                .topics()
-                .first()
-                .map(|t| t.partitions().len() as i32)
-                .filter(|n| *n > 0)
-                .unwrap_or(DEFAULT_PARTITIONS);
-            for tier in 1..=self.pipeline.retry.tiers.len() {
-                wanted.push((self.pipeline.retry_topic(&input, tier), partitions));
-            }
-            wanted.push((self.pipeline.dlq_topic(&input), partitions));
-        }
-        for output in self.pipeline.step.outputs() {
-            if !output.starts_with('(') {
-                wanted.push((self.naming.topic(&output), DEFAULT_PARTITIONS));
-            }
-        }
-        let wanted: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        kafka::ensure_topics(&self.bootstrap_servers, &wanted, 1).await
+    /// Creates what the pipeline reads and writes when missing (see [`ensure_topics`]).
+    pub async fn ensure_topics(&self, replication: i32) -> anyhow::Result<Vec<(String, i32)>> {
+        ensure_topics(
+            &self.bootstrap_servers,
+            &self.naming,
+            &self.pipeline,
+            replication,
+        )
+        .await
     }
 
     /// Consumes until `shutdown` turns true, then finishes the record in hand, flushes the
@@ -900,6 +879,53 @@ impl Processor {
             }
         }
     }
+}
+
+/// Creates what a pipeline reads and writes when missing: its inputs (3 partitions), their retry
+/// and dead-letter topics (as many partitions as the input, so a record keeps its partition),
+/// the dead-letter audit topics, and its declared outputs. Existing topics are left as they
+/// are. Returns every topic with its partition count.
+pub async fn ensure_topics(
+    bootstrap_servers: &str,
+    naming: &Naming,
+    pipeline: &Pipeline,
+    replication: i32,
+) -> anyhow::Result<Vec<(String, i32)>> {
+    let client: rdkafka::consumer::BaseConsumer =
+        kafka::client_config(bootstrap_servers).create()?;
+    let mut wanted: Vec<(String, i32)> = Vec::new();
+    for input in pipeline.input_topics(naming) {
+        kafka::ensure_topics(
+            bootstrap_servers,
+            &[(&input, DEFAULT_PARTITIONS)],
+            replication,
+        )
+        .await?;
+        let metadata = client
+            .fetch_metadata(Some(&input), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of {input}"))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0)
+            .unwrap_or(DEFAULT_PARTITIONS);
+        wanted.push((input.clone(), partitions));
+        for tier in 1..=pipeline.retry.tiers.len() {
+            wanted.push((pipeline.retry_topic(&input, tier), partitions));
+        }
+        let dlq = pipeline.dlq_topic(&input);
+        wanted.push((crate::dlq::audit_topic(&dlq), 1));
+        wanted.push((dlq, partitions));
+    }
+    for output in pipeline.step.outputs() {
+        if !output.starts_with('(') {
+            wanted.push((naming.topic(&output), DEFAULT_PARTITIONS));
+        }
+    }
+    let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+    kafka::ensure_topics(bootstrap_servers, &refs, replication).await?;
+    Ok(wanted)
 }
 
 /// The head's acks; never resolves while nothing is in flight.

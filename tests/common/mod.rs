@@ -41,6 +41,7 @@ pub fn connect(prefix: &str) -> Connect {
         schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
         topic_prefix: prefix.to_string(),
         subject_strategy: SubjectStrategy::Topic,
+        replication_factor: 1,
         database_url: std::env::var("ORDERFLOW_DATABASE_URL")
             .expect("ORDERFLOW_DATABASE_URL is not set: run the tests with scripts/test"),
     }
