@@ -149,6 +149,15 @@ pub enum TopicsCommand {
         #[arg(long = "pipeline")]
         pipelines: Vec<String>,
     },
+    /// Print every topic the pipelines use, with its role; needs no broker.
+    Plan {
+        /// Pipelines (by name); default: all.
+        #[arg(long = "pipeline")]
+        pipelines: Vec<String>,
+        /// One JSON object per topic (pipeline, group, topic, role, input).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -388,6 +397,14 @@ pub enum SchemasCommand {
     /// Exits non-zero naming the subject, field and rule of each breaking change, so CI can
     /// block a deploy.
     Check,
+    /// `check`, then `register` when every schema passes: the pre-deploy step in one command
+    /// (the runtime image has no shell to chain two).
+    Deploy {
+        /// Compatibility level set on every subject before registering.
+        #[arg(long, env = "ORDERFLOW_COMPATIBILITY", default_value = "BACKWARD_TRANSITIVE",
+            value_parser = clap::builder::PossibleValuesParser::new(COMPATIBILITY_LEVELS))]
+        compatibility: String,
+    },
     /// List the registry's subjects with their latest id and version.
     List,
 }
@@ -427,6 +444,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pipelines(cmd) => pipelines(&cli.connect, &cli.pipelines, cmd),
         Command::Run(args) => run_pipelines(&cli.connect, &cli.pipelines, args).await,
         Command::Dlq(cmd) => dead_letters(&cli.connect, &cli.pipelines, cmd).await,
+        Command::Topics(TopicsCommand::Plan { pipelines, json }) => {
+            let naming = cli.connect.naming();
+            for p in select_pipelines(&cli.pipelines, &pipelines)? {
+                for t in p.topics(&naming) {
+                    if json {
+                        let line = serde_json::json!({"pipeline": p.name, "group": p.group_id(&naming), "topic": t.topic, "role": t.role, "input": t.input});
+                        println!("{line}");
+                    } else {
+                        println!("{:<14} {:<10} {}", p.name, t.role, t.topic);
+                    }
+                }
+            }
+            Ok(())
+        }
         Command::Topics(TopicsCommand::Ensure { pipelines }) => {
             let chosen = select_pipelines(&cli.pipelines, &pipelines)?;
             let bootstrap = cli.connect.bootstrap_servers.clone();
@@ -938,6 +969,14 @@ async fn schemas(connect: &Connect, cmd: SchemasCommand) -> anyhow::Result<()> {
                 bail!("the registry refused {refused} schema(s); `orderflow schemas check` names the fields");
             }
             Ok(())
+        }
+        SchemasCommand::Deploy { compatibility } => {
+            Box::pin(schemas(connect, SchemasCommand::Check)).await?;
+            let register = SchemasCommand::Register {
+                dry_run: false,
+                compatibility,
+            };
+            Box::pin(schemas(connect, register)).await
         }
         SchemasCommand::Check => {
             let catalog = load_catalog(connect)?;

@@ -159,8 +159,12 @@ impl EventCodec {
         catalog: Arc<Catalog>,
         naming: Naming,
     ) -> Result<EventCodec, EncodeError> {
-        let settings = SrSettings::new_builder(registry_url.to_string())
-            .set_timeout(Duration::from_secs(5))
+        let mut builder = SrSettings::new_builder(registry_url.to_string());
+        builder.set_timeout(Duration::from_secs(5));
+        if let Some((user, password)) = super::registry::credentials_from_env() {
+            builder.set_basic_authorization(&user, Some(&password));
+        }
+        let settings = builder
             .build()
             .map_err(|e| EncodeError::RegistryUnavailable {
                 event_type: "any".into(),

@@ -52,6 +52,24 @@ pub struct RegisteredSchema {
 pub struct RegistryClient {
     base: String,
     http: reqwest::Client,
+    credentials: Option<(String, String)>,
+}
+
+/// Registry basic-auth credentials from `ORDERFLOW_REGISTRY_USERNAME` and
+/// `ORDERFLOW_REGISTRY_PASSWORD` (or `ORDERFLOW_REGISTRY_PASSWORD_FILE`, for mounted Secrets).
+pub fn credentials_from_env() -> Option<(String, String)> {
+    let username = std::env::var("ORDERFLOW_REGISTRY_USERNAME")
+        .ok()
+        .filter(|u| !u.is_empty())?;
+    let password = std::env::var("ORDERFLOW_REGISTRY_PASSWORD")
+        .ok()
+        .or_else(|| {
+            let path = std::env::var("ORDERFLOW_REGISTRY_PASSWORD_FILE").ok()?;
+            std::fs::read_to_string(path)
+                .ok()
+                .map(|p| p.trim_end().to_string())
+        })?;
+    Some((username, password))
 }
 
 #[derive(Deserialize)]
@@ -71,6 +89,7 @@ impl RegistryClient {
         RegistryClient {
             base: base.trim_end_matches('/').to_string(),
             http,
+            credentials: credentials_from_env(),
         }
     }
 
@@ -110,6 +129,10 @@ impl RegistryClient {
         action: &str,
         request: reqwest::RequestBuilder,
     ) -> Result<Option<T>, RegistryError> {
+        let request = match &self.credentials {
+            Some((user, password)) => request.basic_auth(user, Some(password)),
+            None => request,
+        };
         let response = request
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .send()

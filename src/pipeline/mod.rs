@@ -128,6 +128,52 @@ impl Pipeline {
     }
 }
 
+/// A topic a pipeline uses, and what it is to the pipeline.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlannedTopic {
+    pub topic: String,
+    /// input, retry, dlq, dlq-audit or output
+    pub role: &'static str,
+    /// For retry, dlq and dlq-audit: the input topic it belongs to (same partition count,
+    /// except the single-partition audit topic).
+    pub input: Option<String>,
+}
+
+impl Pipeline {
+    /// Every topic the pipeline reads or writes, with the naming rules above.
+    pub fn topics(&self, naming: &Naming) -> Vec<PlannedTopic> {
+        let mut out = Vec::new();
+        for input in self.input_topics(naming) {
+            let of = |topic: String, role| PlannedTopic {
+                topic,
+                role,
+                input: Some(input.clone()),
+            };
+            out.push(PlannedTopic {
+                topic: input.clone(),
+                role: "input",
+                input: None,
+            });
+            for tier in 1..=self.retry.tiers.len() {
+                out.push(of(self.retry_topic(&input, tier), "retry"));
+            }
+            let dlq = self.dlq_topic(&input);
+            out.push(of(format!("{dlq}.audit"), "dlq-audit"));
+            out.push(of(dlq, "dlq"));
+        }
+        for output in self.step.outputs() {
+            if !output.starts_with('(') {
+                out.push(PlannedTopic {
+                    topic: naming.topic(&output),
+                    role: "output",
+                    input: None,
+                });
+            }
+        }
+        out
+    }
+}
+
 /// One problem in one pipeline file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

@@ -893,36 +893,38 @@ pub async fn ensure_topics(
 ) -> anyhow::Result<Vec<(String, i32)>> {
     let client: rdkafka::consumer::BaseConsumer =
         kafka::client_config(bootstrap_servers).create()?;
-    let mut wanted: Vec<(String, i32)> = Vec::new();
-    for input in pipeline.input_topics(naming) {
+    let plan = pipeline.topics(naming);
+    let mut partitions_of = HashMap::new();
+    for input in plan.iter().filter(|t| t.role == "input") {
         kafka::ensure_topics(
             bootstrap_servers,
-            &[(&input, DEFAULT_PARTITIONS)],
+            &[(&input.topic, DEFAULT_PARTITIONS)],
             replication,
         )
         .await?;
         let metadata = client
-            .fetch_metadata(Some(&input), Duration::from_secs(10))
-            .with_context(|| format!("reading the metadata of {input}"))?;
+            .fetch_metadata(Some(&input.topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of {}", input.topic))?;
         let partitions = metadata
             .topics()
             .first()
             .map(|t| t.partitions().len() as i32)
             .filter(|n| *n > 0)
             .unwrap_or(DEFAULT_PARTITIONS);
-        wanted.push((input.clone(), partitions));
-        for tier in 1..=pipeline.retry.tiers.len() {
-            wanted.push((pipeline.retry_topic(&input, tier), partitions));
-        }
-        let dlq = pipeline.dlq_topic(&input);
-        wanted.push((crate::dlq::audit_topic(&dlq), 1));
-        wanted.push((dlq, partitions));
+        partitions_of.insert(input.topic.clone(), partitions);
     }
-    for output in pipeline.step.outputs() {
-        if !output.starts_with('(') {
-            wanted.push((naming.topic(&output), DEFAULT_PARTITIONS));
-        }
-    }
+    let wanted: Vec<(String, i32)> = plan
+        .into_iter()
+        .map(|t| {
+            let partitions = match (t.role, &t.input) {
+                ("dlq-audit", _) => 1,
+                (_, Some(input)) => partitions_of[input],
+                ("input", None) => partitions_of[&t.topic],
+                _ => DEFAULT_PARTITIONS,
+            };
+            (t.topic, partitions)
+        })
+        .collect();
     let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
     kafka::ensure_topics(bootstrap_servers, &refs, replication).await?;
     Ok(wanted)
