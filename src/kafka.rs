@@ -168,6 +168,8 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         // Offsets are committed in the background, but only those stored after processing.
         .set("enable.auto.commit", "true")
         .set("enable.auto.offset.store", "false")
+        // Notice topics created after subscribing (e.g. retry tiers) within 30 s, not 5 min.
+        .set("topic.metadata.refresh.interval.ms", "30000")
         // A fetch waits at most 100 ms for data: a retry partition resumed at its due time is read
         // again promptly (librdkafka's default is 500 ms).
         .set("fetch.wait.max.ms", "100")
@@ -318,5 +320,37 @@ pub async fn ensure_topics(
             Err((topic, code)) => anyhow::bail!("creating topic {topic} failed: {code}"),
         }
     }
+    // A consumer that subscribes before a new topic shows in the metadata would not see it
+    // until its next metadata refresh: wait until every topic is visible.
+    let names: Vec<String> = topics.iter().map(|(t, _)| t.to_string()).collect();
+    let bootstrap = bootstrap_servers.to_string();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let client: BaseConsumer = client_config(&bootstrap).create()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for name in &names {
+            loop {
+                let visible = client
+                    .fetch_metadata(Some(name), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|m| {
+                        m.topics()
+                            .first()
+                            .map(|t| t.error().is_none() && !t.partitions().is_empty())
+                    })
+                    .unwrap_or(false);
+                if visible {
+                    break;
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "topic {name} was created but is not visible after 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Ok(())
+    })
+    .await??;
     Ok(())
 }

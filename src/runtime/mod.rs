@@ -323,7 +323,27 @@ impl Processor {
                 biased;
                 _ = shutdown.changed() => break,
                 Some((topic, partition)) = resume_rx.recv() => {
-                    paused.remove(&(topic.clone(), partition));
+                    let key = (topic.clone(), partition);
+                    let Some(p) = paused.remove(&key) else { continue };
+                    let assigned = consumer
+                        .assignment()
+                        .map(|a| a.find_partition(&topic, partition).is_some())
+                        .unwrap_or(false);
+                    if !assigned {
+                        continue; // revoked meanwhile: its new owner reads the record
+                    }
+                    // Seek to the waiting record again before resuming: had the first rewind
+                    // failed, resuming alone would go past it.
+                    if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(p.head_offset), Duration::from_secs(5)) {
+                        tracing::warn!(%topic, partition, offset = p.head_offset, "rewind before resuming failed, trying again: {e}");
+                        paused.insert(key.clone(), p);
+                        let tx = resume_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            let _ = tx.send(key);
+                        });
+                        continue;
+                    }
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&topic, partition);
                     if let Err(e) = consumer.resume(&tpl) {
