@@ -17,6 +17,9 @@ RUN cargo build --release --locked --bin orderflow \
 # Runtime stage: glibc, libssl and CA certificates, no shell, no package manager, uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/orderflow /usr/local/bin/orderflow
+# librdkafka links zlib, which not every distroless cc image carries (ldd: libz, libssl,
+# libcrypto, libgcc_s, libc; distroless provides all but zlib for certain).
+COPY --from=build /lib/*-linux-gnu/libz.so.1 /lib/
 # The event contracts ship with the binary that was built against them.
 COPY avro /etc/orderflow/avro
 ENV ORDERFLOW_SCHEMAS_DIR=/etc/orderflow/avro \
