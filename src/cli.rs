@@ -578,6 +578,15 @@ async fn dead_letters(
             dlq::read(&bootstrap, &naming, &pipelines, &filter).map(|letters| (pipelines, letters))
         })
     };
+    // Replay and discard act on the selected dead letters not yet handled.
+    let pending = |select: DlqSelect| {
+        let chosen = select_pipelines(dir, &select.pipelines);
+        let filter = dlq::Filter {
+            include_handled: false,
+            ..select.filter()
+        };
+        async move { read(chosen?, filter).await? }
+    };
     match cmd {
         DlqCommand::List { select, limit } => {
             let pipelines = select_pipelines(dir, &select.pipelines)?;
@@ -704,12 +713,7 @@ async fn dead_letters(
             rate,
             dry_run,
         } => {
-            let pipelines = select_pipelines(dir, &select.pipelines)?;
-            let filter = dlq::Filter {
-                include_handled: false,
-                ..select.filter()
-            };
-            let (pipelines, letters) = read(pipelines, filter).await??;
+            let (pipelines, letters) = pending(select).await?;
             let to = if to == "original" {
                 dlq::ReplayTo::Original
             } else {
@@ -731,12 +735,7 @@ async fn dead_letters(
             reason,
             dry_run,
         } => {
-            let pipelines = select_pipelines(dir, &select.pipelines)?;
-            let filter = dlq::Filter {
-                include_handled: false,
-                ..select.filter()
-            };
-            let (pipelines, letters) = read(pipelines, filter).await??;
+            let (pipelines, letters) = pending(select).await?;
             act(
                 &bootstrap,
                 &pipelines,

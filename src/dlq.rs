@@ -164,6 +164,34 @@ fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> 
         .unwrap_or_default())
 }
 
+/// Per partition of a dead-letter topic: (low watermark, the replay group's committed offset,
+/// or the low watermark when it has none).
+fn replay_positions(
+    consumer: &BaseConsumer,
+    dlq: &str,
+) -> anyhow::Result<HashMap<i32, (i64, i64)>> {
+    let parts = partitions(consumer, dlq)?;
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        tpl.add_partition(dlq, *p);
+    }
+    let committed = if parts.is_empty() {
+        tpl
+    } else {
+        consumer.committed_offsets(tpl, Duration::from_secs(10))?
+    };
+    let mut out = HashMap::new();
+    for p in parts {
+        let (low, _) = consumer.fetch_watermarks(dlq, p, Duration::from_secs(10))?;
+        let handled_below = match committed.find_partition(dlq, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o.max(low),
+            _ => low,
+        };
+        out.insert(p, (low, handled_below));
+    }
+    Ok(out)
+}
+
 /// Positions (`partition:offset`) the audit topic records as handled.
 fn audited(consumer: &BaseConsumer, dlq: &str) -> anyhow::Result<HashSet<String>> {
     let audit = audit_topic(dlq);
@@ -190,33 +218,25 @@ pub fn read(
         let consumer = reader(bootstrap, &replay_group(&group_id))?;
         for input in pipeline.input_topics(naming) {
             let dlq = pipeline.dlq_topic(&input);
-            let parts = partitions(&consumer, &dlq)?;
-            if parts.is_empty() {
+            let positions = replay_positions(&consumer, &dlq)?;
+            if positions.is_empty() {
                 continue;
             }
-            let mut tpl = TopicPartitionList::new();
-            for p in &parts {
-                tpl.add_partition(&dlq, *p);
-            }
-            let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-            let mut starts = HashMap::new();
-            let mut handled_below = HashMap::new();
-            for p in &parts {
-                let (low, _) = consumer.fetch_watermarks(&dlq, *p, Duration::from_secs(10))?;
-                let committed = match committed.find_partition(&dlq, *p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o,
-                    _ => low,
-                };
-                handled_below.insert(*p, committed);
-                starts.insert(
-                    *p,
-                    if filter.include_handled {
-                        low
-                    } else {
-                        committed.max(low)
-                    },
-                );
-            }
+            let handled_below: HashMap<i32, i64> =
+                positions.iter().map(|(p, (_, h))| (*p, *h)).collect();
+            let starts: HashMap<i32, i64> = positions
+                .iter()
+                .map(|(p, (low, handled))| {
+                    (
+                        *p,
+                        if filter.include_handled {
+                            *low
+                        } else {
+                            *handled
+                        },
+                    )
+                })
+                .collect();
             let audit = audited(&consumer, &dlq)?;
             for record in read_range(&consumer, &dlq, &starts)? {
                 let handled = record.offset() < handled_below[&record.partition()]
@@ -344,7 +364,7 @@ fn replay_target(letter: &DeadLetter, pipeline: &Pipeline, to: ReplayTo) -> (Str
     let mut out = OwnedHeaders::new();
     let replayed_from = letter.position();
     let now = now_millis().to_string();
-    match to {
+    let (topic, out) = match to {
         ReplayTo::Retry => {
             let topic = pipeline.retry_topic(&letter.input_topic, 1);
             if let Some(h) = record.headers() {
@@ -367,15 +387,6 @@ fn replay_target(letter: &DeadLetter, pipeline: &Pipeline, to: ReplayTo) -> (Str
                     key: headers::DUE_TIME,
                     value: Some(&now),
                 });
-            let out = out
-                .insert(Header {
-                    key: "orderflow.replayed.from",
-                    value: Some(&replayed_from),
-                })
-                .insert(Header {
-                    key: "orderflow.replayed.time",
-                    value: Some(&now),
-                });
             (topic, out)
         }
         ReplayTo::Original => {
@@ -390,18 +401,19 @@ fn replay_target(letter: &DeadLetter, pipeline: &Pipeline, to: ReplayTo) -> (Str
                     });
                 }
             }
-            let out = out
-                .insert(Header {
-                    key: "orderflow.replayed.from",
-                    value: Some(&replayed_from),
-                })
-                .insert(Header {
-                    key: "orderflow.replayed.time",
-                    value: Some(&now),
-                });
             (topic, out)
         }
-    }
+    };
+    let out = out
+        .insert(Header {
+            key: "orderflow.replayed.from",
+            value: Some(&replayed_from),
+        })
+        .insert(Header {
+            key: "orderflow.replayed.time",
+            value: Some(&now),
+        });
+    (topic, out)
 }
 
 /// Commits, per DLQ partition, the offset below which every dead letter is now handled.
@@ -418,21 +430,10 @@ fn advance_replay_groups(bootstrap: &str, letters: &[DeadLetter]) -> anyhow::Res
         for dlq in dlqs {
             // Re-read from the committed offsets: handled = audited now or before.
             let audit = audited(&consumer, dlq)?;
-            let parts = partitions(&consumer, dlq)?;
-            let mut tpl = TopicPartitionList::new();
-            for p in &parts {
-                tpl.add_partition(dlq, *p);
-            }
-            let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
-            let mut starts = HashMap::new();
-            for p in &parts {
-                let (low, _) = consumer.fetch_watermarks(dlq, *p, Duration::from_secs(10))?;
-                let start = match committed.find_partition(dlq, *p).map(|e| e.offset()) {
-                    Some(Offset::Offset(o)) => o.max(low),
-                    _ => low,
-                };
-                starts.insert(*p, start);
-            }
+            let starts: HashMap<i32, i64> = replay_positions(&consumer, dlq)?
+                .into_iter()
+                .map(|(p, (_, handled))| (p, handled))
+                .collect();
             let mut next = starts.clone();
             let mut blocked = HashSet::new();
             let mut records = read_range(&consumer, dlq, &starts)?;

@@ -334,8 +334,7 @@ impl Processor {
                     }
                     // Seek to the waiting record again before resuming: had the first rewind
                     // failed, resuming alone would go past it.
-                    if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(p.head_offset), Duration::from_secs(5)) {
-                        tracing::warn!(%topic, partition, offset = p.head_offset, "rewind before resuming failed, trying again: {e}");
+                    if !rewind(&consumer, &topic, partition, p.head_offset, "before resuming (trying again)") {
                         paused.insert(key.clone(), p);
                         let tx = resume_tx.clone();
                         tokio::spawn(async move {
@@ -500,19 +499,13 @@ impl Processor {
                     offset,
                     "transaction aborted, retrying the input: {e}"
                 );
-                if let Err(e) = consumer.seek(
+                rewind(
+                    consumer,
                     topic,
                     partition,
-                    Offset::Offset(offset),
-                    Duration::from_secs(5),
-                ) {
-                    tracing::warn!(
-                        topic,
-                        partition,
-                        offset,
-                        "rewinding after an abort failed: {e}"
-                    );
-                }
+                    offset,
+                    "after an aborted transaction",
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 return Ok(());
             }
@@ -974,25 +967,41 @@ pub fn instance_id() -> String {
     }
 }
 
+/// Seeks a partition back to `offset`, so that record is read again; `why` goes in the log.
+fn rewind(
+    consumer: &StreamConsumer<MeteredContext>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    why: &str,
+) -> bool {
+    match consumer.seek(
+        topic,
+        partition,
+        Offset::Offset(offset),
+        Duration::from_secs(5),
+    ) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(topic, partition, offset, "rewinding {why} failed: {e}");
+            false
+        }
+    }
+}
+
 fn rewind_and_pause(
     consumer: &StreamConsumer<MeteredContext>,
     topic: &str,
     partition: i32,
     offset: i64,
 ) {
-    if let Err(e) = consumer.seek(
+    rewind(
+        consumer,
         topic,
         partition,
-        Offset::Offset(offset),
-        Duration::from_secs(5),
-    ) {
-        tracing::warn!(
-            topic,
-            partition,
-            offset,
-            "rewinding a not-yet-due retry record failed: {e}"
-        );
-    }
+        offset,
+        "to a not-yet-due retry record",
+    );
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
     if let Err(e) = consumer.pause(&tpl) {
