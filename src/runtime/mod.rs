@@ -57,6 +57,8 @@ const DEFAULT_PARTITIONS: i32 = 3;
 /// Inputs whose records may be awaiting acks at once (at-least-once mode). Offsets are still
 /// stored strictly in order, and only once every record of an input is acknowledged.
 const MAX_IN_FLIGHT: usize = 1000;
+/// Longest a graceful stop waits for in-flight writes (the pod's grace period is 45 s).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// How often DLQ depth, retry backlog and readiness are measured.
 const MONITOR_EVERY: Duration = Duration::from_secs(10);
 
@@ -356,10 +358,21 @@ impl Processor {
                 },
             }
         }
-        // Finish what is in flight, so its offsets can be committed below.
+        // Finish what is in flight, so its offsets can be committed below, but within a bound:
+        // what is still unacknowledged then keeps its offset uncommitted and is read again.
+        let drain_until = tokio::time::Instant::now() + DRAIN_TIMEOUT;
         while !in_flight.is_empty() {
-            let acks = head_acks(&mut in_flight).await;
-            self.finish_head(&consumer, &mut in_flight, acks).await;
+            match tokio::time::timeout_at(drain_until, head_acks(&mut in_flight)).await {
+                Ok(acks) => self.finish_head(&consumer, &mut in_flight, acks).await,
+                Err(_) => {
+                    tracing::warn!(
+                        pipeline = %self.pipeline.name,
+                        unfinished = in_flight.len(),
+                        "shutdown: inputs still unacknowledged after {DRAIN_TIMEOUT:?}; they stay uncommitted and will be read again"
+                    );
+                    break;
+                }
+            }
         }
         monitoring.abort();
         tracing::info!(pipeline = %self.pipeline.name, "stopping: flushing and committing");
