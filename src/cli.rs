@@ -125,6 +125,17 @@ pub enum Command {
     /// Create the topics of the pipelines (for clusters without a topic operator).
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Serve the order intake API: POST /orders (202 once order.created is on its topic) and
+    /// GET /orders/{id}.
+    Serve {
+        /// Address to listen on.
+        #[arg(
+            long,
+            env = "ORDERFLOW_INTAKE_LISTEN",
+            default_value = "127.0.0.1:8080"
+        )]
+        listen: std::net::SocketAddr,
+    },
     /// Serve simulated payment, inventory and notification services on loopback.
     Simulate(SimulateArgs),
     /// The whole flow in one process: simulated downstreams, every pipeline, a stream of orders,
@@ -484,6 +495,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 cli.connect.replication_factor
             );
             Ok(())
+        }
+        Command::Serve { listen } => {
+            let connect = &cli.connect;
+            let bootstrap = connect.bootstrap_servers.clone();
+            tokio::task::spawn_blocking(move || kafka::check_connection(&bootstrap)).await??;
+            let catalog = Arc::new(load_catalog(connect)?);
+            let codec = Arc::new(EventCodec::with_naming(
+                &connect.registry_url,
+                catalog,
+                connect.naming(),
+            )?);
+            let publisher = Publisher::with_settings(
+                &connect.bootstrap_servers,
+                codec,
+                crate::intake::PRODUCER_SETTINGS,
+            )?;
+            let topic = connect.naming().topic("order.created");
+            let intake =
+                crate::intake::Intake::new(publisher, topic.clone(), &connect.database_url).await?;
+            let (addr, task) = crate::intake::serve(listen, intake).await?;
+            eprintln!(
+                "order intake on http://{addr}: POST /orders (to {topic}), GET /orders/{{id}}"
+            );
+            tokio::select! {
+                _ = runtime::shutdown_signal() => Ok(()),
+                _ = task => bail!("the intake server stopped"),
+            }
         }
         Command::Simulate(args) => {
             let (addr, _, task) = simulate::serve(args.listen, args.faults.behaviour()).await?;

@@ -262,8 +262,21 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(bootstrap_servers: &str, codec: Arc<EventCodec>) -> anyhow::Result<Publisher> {
+        Self::with_settings(bootstrap_servers, codec, &[])
+    }
+
+    /// A publisher whose producer has these librdkafka settings on top of the defaults.
+    pub fn with_settings(
+        bootstrap_servers: &str,
+        codec: Arc<EventCodec>,
+        settings: &[(&str, &str)],
+    ) -> anyhow::Result<Publisher> {
+        let mut config = producer_config(bootstrap_servers);
+        for (key, value) in settings {
+            config.set(*key, *value);
+        }
         Ok(Publisher {
-            producer: producer_config(bootstrap_servers).create()?,
+            producer: config.create()?,
             codec,
         })
     }

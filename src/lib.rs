@@ -16,6 +16,7 @@ pub mod contracts;
 pub mod demo;
 pub mod dlq;
 pub mod failure;
+pub mod intake;
 pub mod kafka;
 pub mod pipeline;
 pub mod runtime;

@@ -41,8 +41,7 @@ impl DedupStore {
             client: Mutex::new(None),
         };
         let client = store.open(url).await?;
-        client
-            .batch_execute(SCHEMA)
+        create_table(&client, SCHEMA)
             .await
             .map_err(|e| store.error(e))?;
         *store.client.lock().await = Some(client);
@@ -117,6 +116,19 @@ impl DedupStore {
             .await
             .map_err(|e| self.error(e))?;
         Ok(())
+    }
+}
+
+/// Runs a `CREATE TABLE IF NOT EXISTS`. Two sessions doing so at once can make the loser fail
+/// with a unique violation on PostgreSQL's catalog even though the table now exists: that
+/// counts as done.
+pub async fn create_table(client: &Client, sql: &str) -> Result<(), tokio_postgres::Error> {
+    use tokio_postgres::error::SqlState;
+    match client.batch_execute(sql).await {
+        Err(e) if matches!(e.code(), Some(c) if *c == SqlState::UNIQUE_VIOLATION || *c == SqlState::DUPLICATE_TABLE) => {
+            Ok(())
+        }
+        other => other,
     }
 }
 

@@ -1,0 +1,369 @@
+//! Order intake: `POST /orders` answers `202 Accepted` as soon as `order.created` is on its topic
+//! (acks=all), without calling any downstream; the work converges behind it.
+//!
+//! - A request is validated first: malformed JSON is a 400 naming the field or position, an
+//!   order that breaks a rule is a 422 listing every field.
+//! - Each accepted request is remembered in PostgreSQL (`orderflow_intake`) under its
+//!   `Idempotency-Key` (or its order id when the client sends none), with the event itself,
+//!   *before* it is published. A repeated key returns the same order and publishes nothing new;
+//!   if the first attempt never got its ack, the retry publishes the very same event (same event
+//!   id, which consumers deduplicate), so a timed-out publish cannot turn into two orders.
+//! - Kafka, the registry or the database unavailable: 503 with `Retry-After`, after at most
+//!   `PUBLISH_TIMEOUT`; never a hang, and never a 202 for an order that is not on the topic.
+//! - `GET /orders/{id}`: what the intake knows (read-your-writes for the caller that placed it).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use crate::contracts::{
+    Address, Envelope, Event, Money, OrderCreated, OrderCreatedData, OrderItem,
+};
+use crate::kafka::{PublishError, Publisher};
+
+/// Longest a POST waits for Kafka before answering 503.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
+/// librdkafka gives a record up before the answer is due, so a 503 means "not written" in all
+/// but the rarest cases (and a retry with the same key republishes the same event anyway).
+pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[("message.timeout.ms", "4500")];
+const RETRY_AFTER_SECONDS: u64 = 5;
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orderflow_intake (
+    idempotency_key text PRIMARY KEY,
+    order_id uuid NOT NULL UNIQUE,
+    request text NOT NULL,
+    event text NOT NULL,
+    state text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now(),
+    accepted_at timestamptz
+)";
+
+/// An order as a client sends it: no ids, no envelope, no total (computed here).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrderRequest {
+    pub customer_id: String,
+    pub items: Vec<OrderItem>,
+    pub shipping_address: Address,
+}
+
+pub struct Intake {
+    publisher: Publisher,
+    topic: String,
+    db: Mutex<Client>,
+}
+
+impl Intake {
+    /// Connects to the database (creating the table when missing).
+    pub async fn new(
+        publisher: Publisher,
+        topic: String,
+        database_url: &str,
+    ) -> anyhow::Result<Intake> {
+        let (client, connection) = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_postgres::connect(database_url, NoTls),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the intake database does not answer within 5 s"))??;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::error!("intake database connection ended: {e}");
+            }
+        });
+        crate::runtime::dedup::create_table(&client, SCHEMA).await?;
+        Ok(Intake {
+            publisher,
+            topic,
+            db: Mutex::new(client),
+        })
+    }
+}
+
+/// Serves until the returned task is aborted. Returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    intake: Intake,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let app = Router::new()
+        .route("/orders", post(create_order))
+        .route("/orders/{id}", get(order_status))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(Arc::new(intake));
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("intake server stopped: {e}");
+        }
+    });
+    Ok((addr, task))
+}
+
+fn problem(status: StatusCode, body: Value) -> Response {
+    (status, Json(body)).into_response()
+}
+
+fn unavailable(what: &str, detail: String) -> Response {
+    let mut response = problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": format!("{what} is unavailable; the order was not accepted, try again"), "detail": detail}),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, RETRY_AFTER_SECONDS.into());
+    response
+}
+
+fn accepted(order: &OrderCreated, replayed: bool) -> Response {
+    let order_id = order.data.order_id;
+    let url = format!("/orders/{order_id}");
+    let mut response = problem(
+        StatusCode::ACCEPTED,
+        json!({
+            "order_id": order_id,
+            "correlation_id": order.envelope.correlation_id,
+            "event_id": order.envelope.event_id,
+            "status": "accepted",
+            "status_url": url,
+        }),
+    );
+    response.headers_mut().insert(
+        header::LOCATION,
+        url.parse().expect("a path is a header value"),
+    );
+    if replayed {
+        response
+            .headers_mut()
+            .insert("Idempotent-Replayed", "true".parse().expect("ascii"));
+    }
+    response
+}
+
+async fn create_order(
+    State(intake): State<Arc<Intake>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    // 400: not JSON, or not the shape of an order; the error names the field (path) or position.
+    let deserializer = &mut serde_json::Deserializer::from_slice(&body);
+    let request: OrderRequest = match serde_path_to_error::deserialize(deserializer) {
+        Ok(request) => request,
+        Err(e) => {
+            let field = e.path().to_string();
+            return problem(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.inner().to_string(), "field": field}),
+            );
+        }
+    };
+    let key = headers
+        .get("Idempotency-Key")
+        .map(|v| v.to_str().map(str::to_string))
+        .transpose();
+    let key = match key {
+        Ok(key) => key,
+        Err(_) => {
+            return problem(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "Idempotency-Key must be visible ASCII", "field": "Idempotency-Key"}),
+            )
+        }
+    };
+    if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "Idempotency-Key must be 1 to 255 characters", "field": "Idempotency-Key"}),
+        );
+    }
+    let order = new_order(request);
+    // 422: the order breaks a rule; every violation is listed with its field.
+    if let Err(invalid) = order.validate() {
+        let errors: Vec<Value> = invalid
+            .violations
+            .iter()
+            .map(|v| json!({"field": v.field.trim_start_matches("data."), "problem": v.problem}))
+            .collect();
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!({"error": "the order is invalid", "errors": errors}),
+        );
+    }
+    let canonical_request =
+        serde_json::to_string(&serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null))
+            .unwrap_or_default();
+    // Keys are scoped to the topic, so environments sharing a database never collide.
+    let key = format!(
+        "{}|{}",
+        intake.topic,
+        key.unwrap_or_else(|| order.data.order_id.to_string())
+    );
+
+    // Remember the event under its key before publishing it.
+    let (order, state) = {
+        let db = intake.db.lock().await;
+        let event = serde_json::to_string(&order).expect("events serialize");
+        let inserted = db
+            .execute(
+                "INSERT INTO orderflow_intake (idempotency_key, order_id, request, event, state) \
+                 VALUES ($1, $2, $3, $4, 'pending') ON CONFLICT (idempotency_key) DO NOTHING",
+                &[&key, &order.data.order_id, &canonical_request, &event],
+            )
+            .await;
+        match inserted {
+            Ok(1) => (order, "pending".to_string()),
+            Ok(_) => {
+                let row = db
+                    .query_one("SELECT request, event, state FROM orderflow_intake WHERE idempotency_key = $1", &[&key])
+                    .await;
+                match row {
+                    Ok(row) => {
+                        let (request, event, state): (String, String, String) =
+                            (row.get(0), row.get(1), row.get(2));
+                        if request != canonical_request {
+                            return problem(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                json!({"error": "this Idempotency-Key was used with a different order", "field": "Idempotency-Key"}),
+                            );
+                        }
+                        match serde_json::from_str::<OrderCreated>(&event) {
+                            Ok(stored) => (stored, state),
+                            Err(e) => {
+                                return unavailable(
+                                    "the intake store",
+                                    format!("stored event unreadable: {e}"),
+                                )
+                            }
+                        }
+                    }
+                    Err(e) => return unavailable("the intake database", e.to_string()),
+                }
+            }
+            Err(e) => return unavailable("the intake database", e.to_string()),
+        }
+    };
+    if state == "accepted" {
+        return accepted(&order, true);
+    }
+    // Publish (or publish again: the same event id, deduplicated downstream), bounded in time.
+    match tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        intake.publisher.publish(&intake.topic, &order),
+    )
+    .await
+    {
+        Ok(Ok(_)) => {}
+        Ok(Err(PublishError::Encode(e))) if !e.is_retryable() => {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": e.to_string()}),
+            );
+        }
+        Ok(Err(e)) => return unavailable("Kafka or the schema registry", e.to_string()),
+        Err(_) => {
+            return unavailable(
+                "Kafka",
+                format!("no acknowledgement within {PUBLISH_TIMEOUT:?}"),
+            )
+        }
+    }
+    let db = intake.db.lock().await;
+    if let Err(e) = db
+        .execute(
+            "UPDATE orderflow_intake SET state = 'accepted', accepted_at = now() WHERE idempotency_key = $1",
+            &[&key],
+        )
+        .await
+    {
+        // The order is on the topic; a retry with the same key republishes the same event.
+        tracing::warn!(order_id = %order.data.order_id, "accepted order not marked in the intake store: {e}");
+    }
+    accepted(&order, false)
+}
+
+/// Builds the `order.created` event: new ids, the total from the items.
+fn new_order(request: OrderRequest) -> OrderCreated {
+    let order_id = Uuid::now_v7();
+    let currency = request
+        .items
+        .first()
+        .map(|i| i.unit_price.currency.clone())
+        .unwrap_or_default();
+    let total = request
+        .items
+        .iter()
+        .try_fold(0i64, |sum, i| {
+            i.unit_price
+                .amount_minor
+                .checked_mul(i64::from(i.quantity))
+                .and_then(|line| sum.checked_add(line))
+        })
+        .unwrap_or(-1);
+    OrderCreated {
+        envelope: Envelope::new::<OrderCreated>("orderflow/intake", order_id, None),
+        data: OrderCreatedData {
+            order_id,
+            customer_id: request.customer_id,
+            items: request.items,
+            total: Money {
+                amount_minor: total,
+                currency,
+            },
+            shipping_address: request.shipping_address,
+        },
+    }
+}
+
+async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>) -> Response {
+    let Ok(order_id) = Uuid::parse_str(&id) else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("'{id}' is not an order id (a UUID)"), "field": "id"}),
+        );
+    };
+    let db = intake.db.lock().await;
+    let row = db
+        .query_opt(
+            "SELECT state, extract(epoch from coalesce(accepted_at, received_at))::float8 FROM orderflow_intake WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await;
+    match row {
+        Ok(Some(row)) => {
+            let state: String = row.get(0);
+            let at: f64 = row.get(1);
+            let status = if state == "accepted" {
+                "accepted"
+            } else {
+                "accepting"
+            };
+            problem(
+                StatusCode::OK,
+                json!({
+                    "order_id": order_id,
+                    "status": status,
+                    "version": 0,
+                    "pending": ["payment", "inventory", "notification"],
+                    "last_event_time": humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_secs_f64(at)).to_string(),
+                }),
+            )
+        }
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            json!({"error": format!("no order {order_id}")}),
+        ),
+        Err(e) => unavailable("the intake database", e.to_string()),
+    }
+}
