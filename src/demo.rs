@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::cli::{processors, Connect, DemoArgs};
 use crate::contracts::events::now_millis;
 use crate::contracts::{Catalog, EventCodec, OrderCreated};
+use crate::intake;
 use crate::kafka::Publisher;
 use crate::telemetry::{Snapshot, Telemetry};
 use crate::{pipeline, simulate, steps};
@@ -72,23 +73,62 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         catalog,
         naming.clone(),
     )?);
-    let publisher = Publisher::new(&connect.bootstrap_servers, codec)?;
+    // Orders come in through the intake API, as customers' would.
+    let publisher =
+        Publisher::with_settings(&connect.bootstrap_servers, codec, intake::PRODUCER_SETTINGS)?;
     let topic = naming.topic("order.created");
+    let intake_api = intake::Intake::new(publisher, topic.clone(), &connect.database_url).await?;
+    let (intake_addr, intake_server) = intake::serve("127.0.0.1:0".parse()?, intake_api).await?;
+    eprintln!("intake on http://{intake_addr}/orders");
     let published = Arc::new(AtomicU64::new(0));
+    let intake_latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
     let publishing = {
-        let (published, topic, orders, rate) = (
+        let (published, latencies, orders, rate) = (
             published.clone(),
-            topic.clone(),
+            intake_latencies.clone(),
             args.orders,
             args.rate.max(1),
         );
         tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let url = format!("http://{intake_addr}/orders");
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
             for _ in 0..orders {
                 tick.tick().await;
-                publisher
-                    .publish(&topic, &OrderCreated::sample("orderflow/demo"))
-                    .await?;
+                let order = OrderCreated::sample("orderflow/demo").data;
+                let body = serde_json::json!({
+                    "customer_id": order.customer_id,
+                    "items": order.items,
+                    "shipping_address": order.shipping_address,
+                });
+                let key = uuid::Uuid::new_v4().to_string();
+                // A 503 asks to come back later; the same Idempotency-Key makes that safe.
+                let mut attempts = 0;
+                loop {
+                    let started = Instant::now();
+                    let response = client
+                        .post(&url)
+                        .header("Idempotency-Key", &key)
+                        .json(&body)
+                        .send()
+                        .await?;
+                    let status = response.status().as_u16();
+                    if status == 202 {
+                        latencies
+                            .lock()
+                            .expect("latencies")
+                            .push(started.elapsed().as_secs_f64() * 1000.0);
+                        break;
+                    }
+                    attempts += 1;
+                    if status != 503 || attempts == 5 {
+                        bail!(
+                            "the intake answered {status}: {}",
+                            response.text().await.unwrap_or_default()
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
                 published.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -139,6 +179,7 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
     }
     publishing.await??;
     simulator.abort();
+    intake_server.abort();
 
     let published = published.load(Ordering::Relaxed);
     println!(
@@ -169,6 +210,17 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         served.s400.load(Ordering::Relaxed),
         served.repeated.load(Ordering::Relaxed),
     );
+    let mut latencies = intake_latencies.lock().expect("latencies").clone();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    if !latencies.is_empty() {
+        let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+        println!(
+            "intake: {} orders accepted (202), response time p50 {:.1} ms, p99 {:.1} ms",
+            latencies.len(),
+            at(0.5),
+            at(0.99)
+        );
+    }
     let consumers = order_consumers.len() as u64;
     println!(
         "balance: published {published} x {consumers} consumers = {} ; succeeded {succeeded} + in DLQ {dead} = {}  {}",
