@@ -45,13 +45,10 @@ fn dead_letter_lines(text: &str) -> Vec<&str> {
 async fn list_show_replay_and_discard_dead_letters() {
     let downstream = Downstream::default();
     let addr = downstream.start().await;
-    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("payment.yaml"),
-        format!("name: payment\ngroup: payment\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/payments\n    emit: {{\"2xx\": payment.charged}}\nretry:\n  tiers: [1s]\n"),
-    )
-    .unwrap();
+    let dir = pipeline_files(&[(
+        "payment.yaml",
+        format!("name: payment\ngroup: payment\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/payments\n    emit: {{\"2xx\": payment.charged}}\nretry:\n  tiers: [1s]\n").as_str(),
+    )]);
     let prefix = prefix("dlq");
     let running = Running::start(&prefix, &dir).await;
     let (publisher, topic) = publisher(&prefix).await;

@@ -4,26 +4,17 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use orderflow::contracts::{Catalog, EventCodec, Naming, SubjectStrategy};
 use orderflow::intake::{self, Intake};
 use orderflow::kafka::Publisher;
 use rdkafka::message::Message;
 use serde_json::{json, Value};
 
 async fn start(prefix: &str, bootstrap: &str) -> (String, String) {
-    let naming = Naming {
-        topic_prefix: prefix.to_string(),
-        strategy: SubjectStrategy::Topic,
-    };
-    let catalog = Arc::new(Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/avro")).unwrap());
-    let codec =
-        Arc::new(EventCodec::with_naming(&registry_url(), catalog, naming.clone()).unwrap());
+    let (codec, topic) = codec(prefix);
     let publisher = Publisher::with_settings(bootstrap, codec, intake::PRODUCER_SETTINGS).unwrap();
-    let topic = naming.topic("order.created");
     orderflow::kafka::ensure_topics(&bootstrap_or_default(bootstrap), &[(&topic, 3)], 1)
         .await
         .ok();

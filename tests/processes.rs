@@ -246,13 +246,10 @@ async fn sigkill_and_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_copies_appear_once_through_kills() {
     let prefix = prefix("eos");
-    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("copy.yaml"),
+    let dir = pipeline_files(&[(
+        "copy.yaml",
         "name: copy\ngroup: copy\ninputs: [order.created]\nstep: {route: {to: [eos.a, eos.b]}}\ndelivery: exactly-once\n",
-    )
-    .unwrap();
+    )]);
     let log = dir.join("run.log");
     let orders = publish(&prefix, 600).await;
     let copies = |topic: &str| read_topic(&format!("{prefix}{topic}")).len();

@@ -224,13 +224,10 @@ async fn a_slow_downstream_does_not_delay_the_others() {
 async fn a_failing_dlq_write_holds_the_offset_until_it_succeeds() {
     let downstream = Downstream::default();
     let addr = downstream.start().await;
-    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("payment.yaml"),
-        format!("name: payment\ngroup: payment\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/payments\n    emit: {{\"2xx\": payment.charged}}\n"),
-    )
-    .unwrap();
+    let dir = pipeline_files(&[(
+        "payment.yaml",
+        format!("name: payment\ngroup: payment\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/payments\n    emit: {{\"2xx\": payment.charged}}\n").as_str(),
+    )]);
     let prefix = prefix("dlqfail");
     let (publisher, topic) = publisher(&prefix).await;
     // The input has one partition; its DLQ accepts no record of a realistic size.

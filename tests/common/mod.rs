@@ -170,37 +170,24 @@ async fn answer(
 
 /// The four order.created consumers, pointing at the scripted downstream, with short tiers.
 pub fn pipelines_dir(addr: SocketAddr) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
     let http = |name: &str, path: &str, emit: &str| {
         format!(
             "name: {name}\ngroup: {name}\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/{path}\n    timeout: 5s\n    emit: {{\"2xx\": {emit}}}\nretry:\n  tiers: [1s, 2s, 4s]\n  transient_attempts: 2\n"
         )
     };
-    std::fs::write(
-        dir.join("payment.yaml"),
-        http("payment", "payments", "payment.charged"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("inventory.yaml"),
-        http("inventory", "reservations", "inventory.reserved"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("notification.yaml"),
-        http("notification", "notifications", "notification.sent"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("analytics.yaml"),
-        "name: analytics\ngroup: analytics\ninputs: [order.created]\nstep: {route: {to: [analytics.orders]}}\nretry: {tiers: [1s]}\n",
-    )
-    .unwrap();
-    dir
+    pipeline_files(&[
+        ("payment.yaml", &http("payment", "payments", "payment.charged")),
+        ("inventory.yaml", &http("inventory", "reservations", "inventory.reserved")),
+        ("notification.yaml", &http("notification", "notifications", "notification.sent")),
+        (
+            "analytics.yaml",
+            "name: analytics\ngroup: analytics\ninputs: [order.created]\nstep: {route: {to: [analytics.orders]}}\nretry: {tiers: [1s]}\n",
+        ),
+    ])
 }
 
-pub async fn publisher(prefix: &str) -> (Publisher, String) {
+/// The repository's contracts with topics under `prefix`, and the order.created topic.
+pub fn codec(prefix: &str) -> (Arc<EventCodec>, String) {
     let naming = Naming {
         topic_prefix: prefix.to_string(),
         strategy: SubjectStrategy::Topic,
@@ -208,10 +195,22 @@ pub async fn publisher(prefix: &str) -> (Publisher, String) {
     let catalog = Arc::new(Catalog::load(concat!(env!("CARGO_MANIFEST_DIR"), "/avro")).unwrap());
     let codec =
         Arc::new(EventCodec::with_naming(&registry_url(), catalog, naming.clone()).unwrap());
-    (
-        Publisher::new(&bootstrap(), codec).unwrap(),
-        naming.topic("order.created"),
-    )
+    (codec, naming.topic("order.created"))
+}
+
+pub async fn publisher(prefix: &str) -> (Publisher, String) {
+    let (codec, topic) = codec(prefix);
+    (Publisher::new(&bootstrap(), codec).unwrap(), topic)
+}
+
+/// A fresh temporary folder holding the given pipeline files (name, YAML).
+pub fn pipeline_files(files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("it-pipelines-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, yaml) in files {
+        std::fs::write(dir.join(name), yaml).unwrap();
+    }
+    dir
 }
 
 /// Every committed record of a topic, from the beginning to the end as of now (empty when the
