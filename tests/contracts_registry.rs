@@ -3,6 +3,10 @@
 //! classified error for every kind of bad input, and decoding through a registry outage.
 //! Subjects and topics are random per test.
 
+mod common;
+
+use common::{bootstrap, registry_url};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -17,16 +21,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-
-fn bootstrap() -> String {
-    std::env::var("ORDERFLOW_BOOTSTRAP_SERVERS")
-        .expect("ORDERFLOW_BOOTSTRAP_SERVERS is not set: run the tests with scripts/test")
-}
-
-fn registry_url() -> String {
-    std::env::var("ORDERFLOW_REGISTRY_URL")
-        .expect("ORDERFLOW_REGISTRY_URL is not set: run the tests with scripts/test")
-}
 
 fn unique(prefix: &str) -> String {
     format!("it-{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -390,17 +384,7 @@ async fn every_bad_input_gets_its_own_classified_error() {
     trailing.extend_from_slice(b"\x02\x04junk");
     let mut unknown_id = good.clone();
     unknown_id[1..5].copy_from_slice(&2_000_000_000u32.to_be_bytes());
-    let payment = PaymentCharged {
-        envelope: Envelope::new::<PaymentCharged>("orderflow/test", uuid::Uuid::now_v7(), None),
-        data: PaymentChargedData {
-            order_id: uuid::Uuid::now_v7(),
-            payment_id: uuid::Uuid::now_v7(),
-            amount: Money {
-                amount_minor: 100,
-                currency: "EUR".into(),
-            },
-        },
-    };
+    let payment = payment_charged(100);
     let other_type = raw_payload(&unique("payments"), &payment, "payment.charged").await;
     let mut invalid = OrderCreated::sample("orderflow/test");
     invalid.data.items.clear();
@@ -465,6 +449,21 @@ async fn every_bad_input_gets_its_own_classified_error() {
     assert!(err.is_retryable(), "{err}");
 }
 
+/// A valid payment.charged event of `amount_minor` euro cents.
+fn payment_charged(amount_minor: i64) -> PaymentCharged {
+    PaymentCharged {
+        envelope: Envelope::new::<PaymentCharged>("orderflow/test", uuid::Uuid::now_v7(), None),
+        data: PaymentChargedData {
+            order_id: uuid::Uuid::now_v7(),
+            payment_id: uuid::Uuid::now_v7(),
+            amount: Money {
+                amount_minor,
+                currency: "EUR".into(),
+            },
+        },
+    }
+}
+
 /// A TCP proxy to the registry that the test can cut, connections and all.
 struct CuttableProxy {
     url: String,
@@ -514,17 +513,7 @@ async fn decoding_goes_on_from_the_cache_when_the_registry_goes_away() {
     let direct = EventCodec::new(&registry_url(), catalog.clone()).unwrap();
     let order = OrderCreated::sample("orderflow/test");
     let payload = direct.encode(&topic, &order).await.unwrap();
-    let payment = PaymentCharged {
-        envelope: Envelope::new::<PaymentCharged>("orderflow/test", uuid::Uuid::now_v7(), None),
-        data: PaymentChargedData {
-            order_id: uuid::Uuid::now_v7(),
-            payment_id: uuid::Uuid::now_v7(),
-            amount: Money {
-                amount_minor: 2500,
-                currency: "EUR".into(),
-            },
-        },
-    };
+    let payment = payment_charged(2500);
     let never_seen = direct
         .encode(&unique("outage-payments"), &payment)
         .await

@@ -2,6 +2,10 @@
 //! Apicurio, an `order.created` event published in Confluent wire format and decoded by id.
 //! Each test uses its own random topic and subject names.
 
+mod common;
+
+use common::{bootstrap, registry_url};
+
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +14,6 @@ use orderflow::contracts::{Catalog, EventCodec, OrderCreated, RegistryClient};
 use orderflow::kafka::{self, Publisher};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Headers, Message};
-
-fn bootstrap() -> String {
-    std::env::var("ORDERFLOW_BOOTSTRAP_SERVERS")
-        .expect("ORDERFLOW_BOOTSTRAP_SERVERS is not set: run the tests with scripts/test, or `eval \"$(scripts/stack up)\"` first")
-}
-
-fn registry_url() -> String {
-    std::env::var("ORDERFLOW_REGISTRY_URL")
-        .expect("ORDERFLOW_REGISTRY_URL is not set: run the tests with scripts/test, or `eval \"$(scripts/stack up)\"` first")
-}
 
 fn unique(prefix: &str) -> String {
     format!("it-{prefix}-{}", uuid::Uuid::new_v4().simple())
