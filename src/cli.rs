@@ -18,9 +18,12 @@ use crate::contracts::{
 use crate::kafka::{self, Publisher};
 use crate::pipeline::{self, Pipeline};
 use crate::runtime::dedup::DedupStore;
+use crate::saga::{self, Saga};
 use crate::simulate::{self, Behaviour};
+use crate::telemetry::saga::SagaTelemetry;
 use crate::telemetry::{self, Telemetry};
 use crate::{demo, dlq, runtime, steps};
+use futures::FutureExt;
 
 /// Kafka stream processing for order events: typed Avro contracts in a schema registry,
 /// fan-out processors, tiered retries and a dead-letter topic.
@@ -122,6 +125,9 @@ pub enum Command {
     /// Inspect, replay and discard dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Show what a saga did for one order.
+    #[command(subcommand)]
+    Saga(SagaCommand),
     /// Create the topics of the pipelines (for clusters without a topic operator).
     #[command(subcommand)]
     Topics(TopicsCommand),
@@ -152,6 +158,22 @@ pub enum PipelinesCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SagaCommand {
+    /// An order's saga, from its state topic: status, each step with its attempts, replies and
+    /// compensations, and the history.
+    Show {
+        /// The order id.
+        order_id: uuid::Uuid,
+        /// Saga name (default: the only saga of the folder).
+        #[arg(long)]
+        saga: Option<String>,
+        /// Print the stored state as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum TopicsCommand {
     /// Create every missing input, retry, dead-letter, audit and output topic of the
     /// pipelines; existing topics are left as they are. Prints each topic.
@@ -160,12 +182,13 @@ pub enum TopicsCommand {
         #[arg(long = "pipeline")]
         pipelines: Vec<String>,
     },
-    /// Print every topic the pipelines use, with its role; needs no broker.
+    /// Print every topic the pipelines and sagas use, with its role (a saga's `state` topic is
+    /// compacted); needs no broker.
     Plan {
         /// Pipelines (by name); default: all.
         #[arg(long = "pipeline")]
         pipelines: Vec<String>,
-        /// One JSON object per topic (pipeline, group, topic, role, input).
+        /// One JSON object per topic (kind, pipeline, group, topic, role, input).
         #[arg(long)]
         json: bool,
     },
@@ -291,10 +314,10 @@ pub struct PipelinesDir {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Pipelines to run, by name.
+    /// Pipelines and sagas (of <pipelines-dir>/sagas) to run, by name.
     #[arg(required_unless_present = "all")]
     pub pipelines: Vec<String>,
-    /// Run every pipeline of the folder.
+    /// Run every pipeline and saga of the folder.
     #[arg(long, conflicts_with = "pipelines")]
     pub all: bool,
     /// Run without the dedup store: a repeated event id is handled again.
@@ -326,6 +349,15 @@ pub struct Faults {
     /// Share of calls answered 400 (permanent: dead-letter topic).
     #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
     pub fail_400: f64,
+    /// Share of payments declined (402: the saga refunds nothing, releases stock, cancels).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub decline: f64,
+    /// Share of reservations refused for missing stock (409: the saga cancels the order).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub out_of_stock: f64,
+    /// Share of shipments that cannot be booked (422: the saga refunds, releases, cancels).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_rate)]
+    pub unshippable: f64,
 }
 
 impl Faults {
@@ -335,6 +367,9 @@ impl Faults {
             rate_503: self.fail_503,
             rate_500: self.fail_500,
             rate_400: self.fail_400,
+            rate_declined: self.decline,
+            rate_out_of_stock: self.out_of_stock,
+            rate_unshippable: self.unshippable,
         }
     }
 }
@@ -455,16 +490,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pipelines(cmd) => pipelines(&cli.connect, &cli.pipelines, cmd),
         Command::Run(args) => run_pipelines(&cli.connect, &cli.pipelines, args).await,
         Command::Dlq(cmd) => dead_letters(&cli.connect, &cli.pipelines, cmd).await,
+        Command::Saga(cmd) => saga_command(&cli.connect, &cli.pipelines, cmd).await,
         Command::Topics(TopicsCommand::Plan { pipelines, json }) => {
             let naming = cli.connect.naming();
-            for p in select_pipelines(&cli.pipelines, &pipelines)? {
-                for t in p.topics(&naming) {
-                    if json {
-                        let line = serde_json::json!({"pipeline": p.name, "group": p.group_id(&naming), "topic": t.topic, "role": t.role, "input": t.input});
-                        println!("{line}");
-                    } else {
-                        println!("{:<14} {:<10} {}", p.name, t.role, t.topic);
+            let (_, sagas) = load_pipelines_and_sagas(&cli.pipelines.pipelines_dir)?;
+            let saga_names: Vec<&String> = sagas.iter().map(|s| &s.name).collect();
+            let (saga_filter, pipeline_filter): (Vec<String>, Vec<String>) =
+                pipelines.into_iter().partition(|n| saga_names.contains(&n));
+            let print = |kind: &str,
+                         name: &str,
+                         group: &str,
+                         topic: &str,
+                         role: &str,
+                         input: Option<&str>| {
+                if json {
+                    let line = serde_json::json!({"kind": kind, "pipeline": name, "group": group, "topic": topic, "role": role, "input": input});
+                    println!("{line}");
+                } else {
+                    println!("{name:<18} {role:<10} {topic}");
+                }
+            };
+            if saga_filter.is_empty() || !pipeline_filter.is_empty() {
+                for p in select_pipelines(&cli.pipelines, &pipeline_filter)? {
+                    for t in p.topics(&naming) {
+                        print(
+                            "pipeline",
+                            &p.name,
+                            &p.group_id(&naming),
+                            &t.topic,
+                            t.role,
+                            t.input.as_deref(),
+                        );
                     }
+                }
+            }
+            for s in sagas.iter().filter(|s| {
+                (saga_filter.is_empty() && pipeline_filter.is_empty())
+                    || saga_filter.contains(&s.name)
+            }) {
+                let group = s.group_id(&naming);
+                let state = s.state_topic(&naming);
+                for (topic, source) in s.sources(&naming) {
+                    // Dead-letter topics are planned with the pipeline that writes them.
+                    if !matches!(source, saga::definition::Source::DeadLetters { .. }) {
+                        print("saga", &s.name, &group, &topic, "input", None);
+                    }
+                }
+                for topic in s.outputs(&naming) {
+                    let role = if topic == state { "state" } else { "output" };
+                    print("saga", &s.name, &group, &topic, role, None);
                 }
             }
             Ok(())
@@ -525,7 +599,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Simulate(args) => {
             let (addr, _, task) = simulate::serve(args.listen, args.faults.behaviour()).await?;
-            eprintln!("simulated services on http://{addr}: POST /payments, /reservations, /notifications");
+            eprintln!("simulated services on http://{addr}: POST /payments, /refunds, /reservations, /reservations/release, /shipments, /notifications");
             tokio::select! {
                 _ = runtime::shutdown_signal() => Ok(()),
                 _ = task => bail!("the simulated services stopped"),
@@ -539,14 +613,139 @@ fn load_pipelines(dir: &std::path::Path) -> anyhow::Result<Vec<Pipeline>> {
     Ok(pipeline::load_dir(dir, &steps::HANDLER_NAMES)?)
 }
 
+/// The pipelines of `dir` and the sagas of `dir/sagas`, every problem of both reported at once.
+pub fn load_pipelines_and_sagas(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Vec<Pipeline>, Vec<Saga>)> {
+    let pipelines = load_pipelines(dir)?;
+    let sagas = saga::load_dir(&dir.join("sagas"), &pipelines).map_err(pipeline::PipelineErrors)?;
+    for s in &sagas {
+        if pipelines.iter().any(|p| p.name == s.name) {
+            bail!(
+                "saga '{}' ({}) has the name of a pipeline; `orderflow run` could not tell them apart",
+                s.name,
+                s.file.display()
+            );
+        }
+    }
+    Ok((pipelines, sagas))
+}
+
+/// The codec for the connection's registry and the catalog of `avro/`.
+pub fn codec(connect: &Connect) -> anyhow::Result<Arc<EventCodec>> {
+    let catalog = Arc::new(load_catalog(connect)?);
+    Ok(Arc::new(EventCodec::with_naming(
+        &connect.registry_url,
+        catalog,
+        connect.naming(),
+    )?))
+}
+
+/// Orchestrators for `sagas`, their topics created.
+pub async fn orchestrators(
+    connect: &Connect,
+    sagas: Vec<Saga>,
+    codec: Arc<EventCodec>,
+) -> anyhow::Result<Vec<saga::Orchestrator>> {
+    let mut out = Vec::new();
+    for s in sagas {
+        let name = s.name.clone();
+        let o = saga::Orchestrator::new(
+            s,
+            connect.naming(),
+            &connect.bootstrap_servers,
+            codec.clone(),
+        )?;
+        o.ensure_topics(runtime::DEFAULT_PARTITIONS, connect.replication_factor)
+            .await
+            .with_context(|| format!("creating the topics of saga {name}"))?;
+        out.push(o);
+    }
+    Ok(out)
+}
+
+async fn saga_command(
+    connect: &Connect,
+    dir: &PipelinesDir,
+    cmd: SagaCommand,
+) -> anyhow::Result<()> {
+    let SagaCommand::Show {
+        order_id,
+        saga: name,
+        json,
+    } = cmd;
+    let (_, sagas) = load_pipelines_and_sagas(&dir.pipelines_dir)?;
+    let chosen = match name {
+        Some(name) => sagas.iter().find(|s| s.name == name).with_context(|| {
+            format!(
+                "no saga named '{name}' in {}/sagas",
+                dir.pipelines_dir.display()
+            )
+        })?,
+        None => match sagas.as_slice() {
+            [one] => one,
+            [] => bail!("no saga files in {}/sagas", dir.pipelines_dir.display()),
+            _ => bail!("several sagas: choose one with --saga"),
+        },
+    };
+    let topic = chosen.state_topic(&connect.naming());
+    let Some(state) = saga::find_state(&connect.bootstrap_servers, &topic, order_id).await? else {
+        bail!("no saga {} for order {order_id} in {topic}", chosen.name);
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+        return Ok(());
+    }
+    let time = |ms: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+        )
+        .to_string()
+    };
+    println!("saga {} for order {order_id}", state.saga);
+    println!("  status       {}", state.status.as_str());
+    if let Some(reason) = &state.reason {
+        println!("  reason       {reason}");
+    }
+    println!("  version      {}", state.version);
+    println!("  started      {}", time(state.started_at));
+    println!("  updated      {}", time(state.updated_at));
+    println!("  correlation  {}", state.correlation_id);
+    println!("steps:");
+    for step in &state.steps {
+        print!(
+            "  {:<20} {:<20} attempts {}",
+            step.name,
+            format!("{:?}", step.status).to_lowercase(),
+            step.attempts
+        );
+        if let Some(e) = &step.error {
+            print!("  ({e})");
+        }
+        println!();
+    }
+    println!("history:");
+    for h in &state.history {
+        println!(
+            "  {}  {:<20} {}",
+            time(h.at),
+            h.step.as_deref().unwrap_or("-"),
+            h.what
+        );
+    }
+    Ok(())
+}
+
 fn pipelines(connect: &Connect, dir: &PipelinesDir, cmd: PipelinesCommand) -> anyhow::Result<()> {
     let pipelines = load_pipelines(&dir.pipelines_dir)?;
     let naming = connect.naming();
     match cmd {
         PipelinesCommand::Validate => {
+            let (_, sagas) = load_pipelines_and_sagas(&dir.pipelines_dir)?;
             println!(
-                "{} pipeline(s) in {} are valid",
+                "{} pipeline(s) and {} saga(s) in {} are valid",
                 pipelines.len(),
+                sagas.len(),
                 dir.pipelines_dir.display()
             );
         }
@@ -578,6 +777,34 @@ fn pipelines(connect: &Connect, dir: &PipelinesDir, cmd: PipelinesCommand) -> an
                             naming.topic(&output)
                         }
                     );
+                }
+            }
+            let (_, sagas) = load_pipelines_and_sagas(&dir.pipelines_dir)?;
+            for s in &sagas {
+                println!("saga {}  ({})", s.name, s.file.display());
+                if !s.description.is_empty() {
+                    println!("  {}", s.description);
+                }
+                println!("  group     {}", s.group_id(&naming));
+                for step in &s.steps {
+                    let undo = step
+                        .compensation
+                        .as_ref()
+                        .map(|c| format!(", undone by {}", c.command))
+                        .unwrap_or_default();
+                    println!(
+                        "  step      {}: {} -> {} (timeout {}{undo})",
+                        step.name,
+                        step.command,
+                        step.succeeded,
+                        humantime::format_duration(step.timeout)
+                    );
+                }
+                for (topic, _) in s.sources(&naming) {
+                    println!("  reads     {topic}");
+                }
+                for topic in s.outputs(&naming) {
+                    println!("  writes    {topic}");
                 }
             }
         }
@@ -904,12 +1131,16 @@ pub async fn processors(
 }
 
 async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> anyhow::Result<()> {
-    let all = load_pipelines(&dir.pipelines_dir)?;
-    let known: Vec<String> = all.iter().map(|p| p.name.clone()).collect();
+    let (all, all_sagas) = load_pipelines_and_sagas(&dir.pipelines_dir)?;
+    let known: Vec<&str> = all
+        .iter()
+        .map(|p| p.name.as_str())
+        .chain(all_sagas.iter().map(|s| s.name.as_str()))
+        .collect();
     for name in &args.pipelines {
-        if !known.contains(name) {
+        if !known.contains(&name.as_str()) {
             bail!(
-                "no pipeline named '{name}' in {} (there are: {})",
+                "no pipeline or saga named '{name}' in {} (there are: {})",
                 dir.pipelines_dir.display(),
                 known.join(", ")
             );
@@ -919,7 +1150,22 @@ async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> 
         .into_iter()
         .filter(|p| args.all || args.pipelines.contains(&p.name))
         .collect();
-    let processors = processors(connect, chosen, !args.no_dedup).await?;
+    let sagas: Vec<Saga> = all_sagas
+        .into_iter()
+        .filter(|s| args.all || args.pipelines.contains(&s.name))
+        .collect();
+    let processors = if chosen.is_empty() {
+        Vec::new()
+    } else {
+        processors(connect, chosen, !args.no_dedup).await?
+    };
+    let orchestrators = if sagas.is_empty() {
+        Vec::new()
+    } else {
+        let bootstrap = connect.bootstrap_servers.clone();
+        tokio::task::spawn_blocking(move || kafka::check_connection(&bootstrap)).await??;
+        orchestrators(connect, sagas, codec(connect)?).await?
+    };
     let telemetry: Vec<(String, Telemetry)> = processors
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))
@@ -929,6 +1175,10 @@ async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> 
         .with_context(|| format!("serving metrics on {}", args.metrics_listen))?;
     eprintln!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
     if !args.report_every.is_zero() {
+        let sagas: Vec<(String, SagaTelemetry)> = orchestrators
+            .iter()
+            .map(|o| (o.saga().name.clone(), o.telemetry()))
+            .collect();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(args.report_every);
             tick.tick().await;
@@ -941,10 +1191,25 @@ async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> 
                         s.consumed, s.succeeded, &s.retried[..5], s.dead_lettered, s.produce_failures
                     );
                 }
+                for (name, t) in &sagas {
+                    eprintln!("[saga {name}] {}", t.summary());
+                }
             }
         });
     }
-    runtime::run_until_signal(processors).await
+    runtime::run_until_signal(move |stop| {
+        let mut tasks: Vec<runtime::Task> = Vec::new();
+        for p in processors {
+            let name = format!("pipeline {}", p.pipeline().name);
+            tasks.push((name, p.run(stop.clone()).boxed()));
+        }
+        for o in orchestrators {
+            let name = format!("saga {}", o.saga().name);
+            tasks.push((name, o.run(stop.clone()).boxed()));
+        }
+        tasks
+    })
+    .await
 }
 
 fn subject_width(subjects: &[String]) -> usize {

@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use tokio::sync::watch;
 
-use crate::cli::{processors, Connect, DemoArgs};
+use crate::cli::{load_pipelines_and_sagas, orchestrators, processors, Connect, DemoArgs};
 use crate::contracts::events::now_millis;
-use crate::contracts::{Catalog, EventCodec, OrderCreated};
+use crate::contracts::OrderCreated;
 use crate::intake;
 use crate::kafka::Publisher;
+use crate::simulate;
+use crate::telemetry::saga::SagaTelemetry;
 use crate::telemetry::{Snapshot, Telemetry};
-use crate::{pipeline, simulate, steps};
 
 pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
     // A fresh prefix per run: the counts below are this run's alone.
@@ -33,27 +34,34 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         simulate::serve("127.0.0.1:0".parse()?, args.faults.behaviour()).await?;
     for (var, path) in [
         ("ORDERFLOW_PAYMENT_URL", "payments"),
+        ("ORDERFLOW_REFUND_URL", "refunds"),
         ("ORDERFLOW_INVENTORY_URL", "reservations"),
+        ("ORDERFLOW_RELEASE_URL", "reservations/release"),
+        ("ORDERFLOW_SHIPPING_URL", "shipments"),
         ("ORDERFLOW_NOTIFICATION_URL", "notifications"),
     ] {
         std::env::set_var(var, format!("http://{addr}/{path}"));
     }
-    let pipelines = pipeline::load_dir(pipelines_dir, &steps::HANDLER_NAMES)?;
+    let (pipelines, sagas) = load_pipelines_and_sagas(pipelines_dir)?;
     let order_consumers: Vec<String> = pipelines
         .iter()
         .filter(|p| p.inputs.iter().any(|i| i == "order.created"))
         .map(|p| p.name.clone())
         .collect();
     eprintln!(
-        "demo {run_id}: {} orders at {}/s; pipelines {}; downstreams on http://{addr} (latency {}..{} ms, 503 {:.0}%, 500 {:.0}%, 400 {:.0}%)",
+        "demo {run_id}: {} orders at {}/s; pipelines {}; sagas {}; downstreams on http://{addr} (latency {}..{} ms, 503 {:.0}%, 500 {:.0}%, 400 {:.0}%, payment declined {:.0}%, out of stock {:.0}%, unshippable {:.0}%)",
         args.orders,
         args.rate,
         pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
+        sagas.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
         args.faults.latency.0,
         args.faults.latency.1,
         args.faults.fail_503 * 100.0,
         args.faults.fail_500 * 100.0,
         args.faults.fail_400 * 100.0,
+        args.faults.decline * 100.0,
+        args.faults.out_of_stock * 100.0,
+        args.faults.unshippable * 100.0,
     );
 
     let processors = processors(&connect, pipelines, !args.no_dedup).await?;
@@ -61,18 +69,20 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))
         .collect();
+    let codec = crate::cli::codec(&connect)?;
+    let orchestrators = orchestrators(&connect, sagas, codec.clone()).await?;
+    let saga_telemetry: Vec<(String, SagaTelemetry)> = orchestrators
+        .iter()
+        .map(|o| (o.saga().name.clone(), o.telemetry()))
+        .collect();
     let (stop, stopped) = watch::channel(false);
     let mut running = tokio::task::JoinSet::new();
     for processor in processors {
         running.spawn(processor.run(stopped.clone()));
     }
-
-    let catalog = Arc::new(Catalog::load(&connect.schemas_dir)?);
-    let codec = Arc::new(EventCodec::with_naming(
-        &connect.registry_url,
-        catalog,
-        naming.clone(),
-    )?);
+    for orchestrator in orchestrators {
+        running.spawn(orchestrator.run(stopped.clone()));
+    }
     // Orders come in through the intake API, as customers' would.
     let publisher =
         Publisher::with_settings(&connect.bootstrap_servers, codec, intake::PRODUCER_SETTINGS)?;
@@ -136,6 +146,16 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
     };
 
     let expected = u64::from(args.orders) * order_consumers.len() as u64;
+    let sagas_ended = || -> u64 {
+        saga_telemetry
+            .iter()
+            .map(|(_, t)| {
+                let c = t.counters();
+                c.confirmed.load(Ordering::Relaxed) + c.cancelled.load(Ordering::Relaxed)
+            })
+            .sum()
+    };
+    let expected_sagas = u64::from(args.orders) * saga_telemetry.len() as u64;
     let started = Instant::now();
     let tty = std::io::stderr().is_terminal();
     let mut last_consumed = (0u64, Instant::now());
@@ -163,7 +183,14 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         );
         // Finished when every order consumer accounted for every order and the chained
         // pipelines (e.g. confirmation) have been quiet for two seconds.
-        if done >= expected && last_consumed.1.elapsed() > Duration::from_secs(2) {
+        let stuck: u64 = saga_telemetry
+            .iter()
+            .map(|(_, t)| t.counters().stuck_now.load(Ordering::Relaxed))
+            .sum();
+        if done >= expected
+            && sagas_ended() + stuck >= expected_sagas
+            && last_consumed.1.elapsed() > Duration::from_secs(2)
+        {
             break true;
         }
         if started.elapsed() > args.timeout {
@@ -183,14 +210,14 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
 
     let published = published.load(Ordering::Relaxed);
     println!(
-        "\n{:<14} {:>9} {:>9} {:>9} {:>22} {:>9}",
+        "\n{:<18} {:>9} {:>9} {:>9} {:>22} {:>9}",
         "PIPELINE", "CONSUMED", "SUCCEEDED", "TRANSIENT", "RETRIED (tier 1..5)", "DLQ"
     );
     let (mut succeeded, mut dead) = (0, 0);
     for (name, t) in &telemetry {
         let s = t.snapshot();
         println!(
-            "{name:<14} {:>9} {:>9} {:>9} {:>22} {:>9}",
+            "{name:<18} {:>9} {:>9} {:>9} {:>22} {:>9}",
             s.consumed,
             s.succeeded,
             s.transient_retries,
@@ -220,6 +247,25 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
             at(0.5),
             at(0.99)
         );
+    }
+    for (name, t) in &saga_telemetry {
+        println!("saga {name}: {}", t.summary());
+        let c = t.counters();
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let stuck = n(&c.stuck_now);
+        let ended = n(&c.confirmed) + n(&c.cancelled) + stuck;
+        println!(
+            "saga {name} balance: published {published} = confirmed {} + cancelled {} + stuck {stuck} = {ended}  {}",
+            n(&c.confirmed),
+            n(&c.cancelled),
+            if ended == published { "OK" } else { "MISMATCH" }
+        );
+        if stuck > 0 {
+            println!("  stuck sagas need a person: `orderflow saga show <order-id>`, then replay the compensation's dead letters");
+        }
+        if ended != published {
+            bail!("saga {name} did not account for every order");
+        }
     }
     let consumers = order_consumers.len() as u64;
     println!(

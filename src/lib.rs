@@ -20,6 +20,7 @@ pub mod intake;
 pub mod kafka;
 pub mod pipeline;
 pub mod runtime;
+pub mod saga;
 pub mod simulate;
 pub mod steps;
 pub mod telemetry;

@@ -1,5 +1,5 @@
-//! Simulated downstream services for the demo: payment, inventory and notification, over HTTP on
-//! loopback, with latency and failure rates as settings. Like a real payment API they are
+//! Simulated downstream services for the demo: payment, inventory, shipping and notification,
+//! over HTTP on loopback, with latency, failure and decline rates as settings. Like a real payment API they are
 //! idempotent: a request repeating an `Idempotency-Key` gets the first answer again, and only a
 //! success is remembered (a failed attempt may be retried for real).
 
@@ -26,6 +26,11 @@ pub struct Behaviour {
     pub rate_500: f64,
     /// 400: permanent, straight to the dead-letter topic.
     pub rate_400: f64,
+    /// Business answers, not errors: a payment declined (402), stock missing (409), no carrier
+    /// for the address (422). The order saga compensates and cancels.
+    pub rate_declined: f64,
+    pub rate_out_of_stock: f64,
+    pub rate_unshippable: f64,
 }
 
 impl Default for Behaviour {
@@ -35,6 +40,9 @@ impl Default for Behaviour {
             rate_503: 0.0,
             rate_500: 0.0,
             rate_400: 0.0,
+            rate_declined: 0.0,
+            rate_out_of_stock: 0.0,
+            rate_unshippable: 0.0,
         }
     }
 }
@@ -71,6 +79,9 @@ pub async fn serve(
     let app = Router::new()
         .route("/payments", post(payments))
         .route("/reservations", post(reservations))
+        .route("/reservations/release", post(releases))
+        .route("/refunds", post(refunds))
+        .route("/shipments", post(shipments))
         .route("/notifications", post(notifications))
         .with_state(shared);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -141,45 +152,136 @@ fn order_id(order: &Value) -> Value {
     order["data"]["order_id"].clone()
 }
 
+/// `payment.charge-requested` -> `payment.charged`, or 402 with the data of `payment.failed`.
 async fn payments(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    Json(order): Json<Value>,
+    Json(command): Json<Value>,
 ) -> Answer {
+    let declined = fastrand::f64() < shared.behaviour.rate_declined;
     answer(&shared, "payments", &headers, || {
+        let data = &command["data"];
+        if declined {
+            return (
+                StatusCode::PAYMENT_REQUIRED,
+                json!({
+                    "order_id": order_id(&command),
+                    "amount": data["amount"],
+                    "reason": "card declined: insufficient funds",
+                }),
+            );
+        }
         (
             StatusCode::OK,
             json!({
-                "order_id": order_id(&order),
+                "order_id": order_id(&command),
                 "payment_id": uuid::Uuid::now_v7().to_string(),
-                "amount": order["data"]["total"],
+                "amount": data["amount"],
             }),
         )
     })
     .await
 }
 
-async fn reservations(
+/// `payment.refund-requested` -> `payment.refunded`.
+async fn refunds(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
-    Json(order): Json<Value>,
+    Json(command): Json<Value>,
 ) -> Answer {
-    answer(&shared, "reservations", &headers, || {
-        let lines: Vec<Value> = order["data"]["items"]
-            .as_array()
-            .map(|items| {
-                items
-                    .iter()
-                    .map(|i| json!({"sku": i["sku"], "quantity": i["quantity"]}))
-                    .collect()
-            })
-            .unwrap_or_default();
+    answer(&shared, "refunds", &headers, || {
+        let data = &command["data"];
         (
             StatusCode::OK,
             json!({
-                "order_id": order_id(&order),
+                "order_id": order_id(&command),
+                "payment_id": data["payment_id"],
+                "amount": data["amount"],
+            }),
+        )
+    })
+    .await
+}
+
+/// `inventory.reservation-requested` -> `inventory.reserved`, or 409 with the data of
+/// `inventory.reservation-failed`.
+async fn reservations(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(command): Json<Value>,
+) -> Answer {
+    let out_of_stock = fastrand::f64() < shared.behaviour.rate_out_of_stock;
+    answer(&shared, "reservations", &headers, || {
+        let lines = command["data"]["lines"].clone();
+        if out_of_stock {
+            return (
+                StatusCode::CONFLICT,
+                json!({
+                    "order_id": order_id(&command),
+                    "reason": "out of stock",
+                    "unavailable_skus": [lines[0]["sku"]],
+                }),
+            );
+        }
+        (
+            StatusCode::OK,
+            json!({
+                "order_id": order_id(&command),
                 "reservation_id": uuid::Uuid::now_v7().to_string(),
                 "lines": lines,
+            }),
+        )
+    })
+    .await
+}
+
+/// `inventory.release-requested` -> `inventory.released`.
+async fn releases(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(command): Json<Value>,
+) -> Answer {
+    answer(&shared, "releases", &headers, || {
+        let data = &command["data"];
+        (
+            StatusCode::OK,
+            json!({
+                "order_id": order_id(&command),
+                "reservation_id": data["reservation_id"],
+                "lines": data["lines"],
+            }),
+        )
+    })
+    .await
+}
+
+/// `shipment.scheduling-requested` -> `shipment.scheduled`, or 422 with the data of
+/// `shipment.scheduling-failed`.
+async fn shipments(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Json(command): Json<Value>,
+) -> Answer {
+    let unshippable = fastrand::f64() < shared.behaviour.rate_unshippable;
+    answer(&shared, "shipments", &headers, || {
+        if unshippable {
+            let postal = command["data"]["address"]["postal_code"]
+                .as_str()
+                .unwrap_or("?");
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({
+                    "order_id": order_id(&command),
+                    "reason": format!("no carrier serves postal code {postal}"),
+                }),
+            );
+        }
+        (
+            StatusCode::OK,
+            json!({
+                "order_id": order_id(&command),
+                "shipment_id": uuid::Uuid::now_v7().to_string(),
+                "carrier": "dhl",
             }),
         )
     })

@@ -119,6 +119,13 @@ fn every_rust_event_type_matches_its_avsc() {
     assert_matches_file::<InventoryReservationFailed>(&catalog);
     assert_matches_file::<InventoryReleased>(&catalog);
     assert_matches_file::<NotificationSent>(&catalog);
+    assert_matches_file::<InventoryReservationRequested>(&catalog);
+    assert_matches_file::<InventoryReleaseRequested>(&catalog);
+    assert_matches_file::<PaymentChargeRequested>(&catalog);
+    assert_matches_file::<PaymentRefundRequested>(&catalog);
+    assert_matches_file::<ShipmentSchedulingRequested>(&catalog);
+    assert_matches_file::<ShipmentScheduled>(&catalog);
+    assert_matches_file::<ShipmentSchedulingFailed>(&catalog);
 }
 
 #[test]
@@ -134,6 +141,13 @@ fn every_avsc_event_has_a_rust_type() {
         InventoryReservationFailed::EVENT_TYPE,
         InventoryReleased::EVENT_TYPE,
         NotificationSent::EVENT_TYPE,
+        InventoryReservationRequested::EVENT_TYPE,
+        InventoryReleaseRequested::EVENT_TYPE,
+        PaymentChargeRequested::EVENT_TYPE,
+        PaymentRefundRequested::EVENT_TYPE,
+        ShipmentSchedulingRequested::EVENT_TYPE,
+        ShipmentScheduled::EVENT_TYPE,
+        ShipmentSchedulingFailed::EVENT_TYPE,
     ];
     let catalog = catalog();
     let files: Vec<&str> = catalog

@@ -107,6 +107,13 @@ any_event!(
     InventoryReservationFailed(InventoryReservationFailedData),
     InventoryReleased(InventoryReleasedData),
     NotificationSent(NotificationSentData),
+    InventoryReservationRequested(InventoryReservationRequestedData),
+    InventoryReleaseRequested(InventoryReleaseRequestedData),
+    PaymentChargeRequested(PaymentChargeRequestedData),
+    PaymentRefundRequested(PaymentRefundRequestedData),
+    ShipmentSchedulingRequested(ShipmentSchedulingRequestedData),
+    ShipmentScheduled(ShipmentScheduledData),
+    ShipmentSchedulingFailed(ShipmentSchedulingFailedData),
 );
 
 /// Why a downstream's answer is not a valid event.

@@ -175,6 +175,35 @@ order_event!(
     NotificationSent, NotificationSentData, "notification.sent", version 1
 );
 
+order_event!(
+    /// `avro/inventory/inventory.reservation-requested.avsc` (a saga command)
+    InventoryReservationRequested, InventoryReservationRequestedData, "inventory.reservation-requested", version 1
+);
+order_event!(
+    /// `avro/inventory/inventory.release-requested.avsc` (a saga compensation)
+    InventoryReleaseRequested, InventoryReleaseRequestedData, "inventory.release-requested", version 1
+);
+order_event!(
+    /// `avro/payment/payment.charge-requested.avsc` (a saga command)
+    PaymentChargeRequested, PaymentChargeRequestedData, "payment.charge-requested", version 1
+);
+order_event!(
+    /// `avro/payment/payment.refund-requested.avsc` (a saga compensation)
+    PaymentRefundRequested, PaymentRefundRequestedData, "payment.refund-requested", version 1
+);
+order_event!(
+    /// `avro/shipment/shipment.scheduling-requested.avsc` (a saga command)
+    ShipmentSchedulingRequested, ShipmentSchedulingRequestedData, "shipment.scheduling-requested", version 1
+);
+order_event!(
+    /// `avro/shipment/shipment.scheduled.avsc`
+    ShipmentScheduled, ShipmentScheduledData, "shipment.scheduled", version 1
+);
+order_event!(
+    /// `avro/shipment/shipment.scheduling-failed.avsc`
+    ShipmentSchedulingFailed, ShipmentSchedulingFailedData, "shipment.scheduling-failed", version 1
+);
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OrderCreatedData {
     #[serde(with = "uuid_string")]
@@ -258,6 +287,63 @@ pub struct NotificationSentData {
     pub channel: String,
     pub recipient: String,
     pub template: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReservationRequestedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub lines: Vec<StockLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InventoryReleaseRequestedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub reservation_id: Uuid,
+    pub lines: Vec<StockLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentChargeRequestedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub customer_id: String,
+    pub amount: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRefundRequestedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub payment_id: Uuid,
+    pub amount: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentSchedulingRequestedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub address: Address,
+    pub lines: Vec<StockLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentScheduledData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    #[serde(with = "uuid_string")]
+    pub shipment_id: Uuid,
+    pub carrier: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShipmentSchedulingFailedData {
+    #[serde(with = "uuid_string")]
+    pub order_id: Uuid,
+    pub reason: String,
 }
 
 impl OrderCreated {

@@ -272,6 +272,62 @@ impl Check for NotificationSentData {
     }
 }
 
+impl Check for InventoryReservationRequestedData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.stock_lines("data.lines", &self.lines);
+    }
+}
+
+impl Check for InventoryReleaseRequestedData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.id("data.reservation_id", &self.reservation_id);
+        v.stock_lines("data.lines", &self.lines);
+    }
+}
+
+impl Check for PaymentChargeRequestedData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.text("data.customer_id", &self.customer_id);
+        v.money("data.amount", &self.amount);
+    }
+}
+
+impl Check for PaymentRefundRequestedData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.id("data.payment_id", &self.payment_id);
+        v.money("data.amount", &self.amount);
+    }
+}
+
+impl Check for ShipmentSchedulingRequestedData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.text("data.address.line1", &self.address.line1);
+        v.text("data.address.city", &self.address.city);
+        v.text("data.address.postal_code", &self.address.postal_code);
+        v.stock_lines("data.lines", &self.lines);
+    }
+}
+
+impl Check for ShipmentScheduledData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.id("data.shipment_id", &self.shipment_id);
+        v.text("data.carrier", &self.carrier);
+    }
+}
+
+impl Check for ShipmentSchedulingFailedData {
+    fn check(&self, v: &mut Violations) {
+        v.id("data.order_id", &self.order_id);
+        v.text("data.reason", &self.reason);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

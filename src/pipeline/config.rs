@@ -113,7 +113,7 @@ fn default_transient_attempts() -> u32 {
 }
 
 /// `2s`, `500ms`, `1m 30s`.
-fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     let text = String::deserialize(d)?;
     humantime::parse_duration(&text).map_err(|e| {
         serde::de::Error::custom(format!("'{text}' is not a duration like 2s or 500ms: {e}"))

@@ -53,7 +53,7 @@ use headers::FailureContext;
 /// Longest error message written to a header.
 const MAX_ERROR_MESSAGE: usize = 1000;
 /// Partitions of an input topic the runtime has to create itself.
-const DEFAULT_PARTITIONS: i32 = 3;
+pub const DEFAULT_PARTITIONS: i32 = 3;
 /// Inputs whose records may be awaiting acks at once (at-least-once mode). Offsets are still
 /// stored strictly in order, and only once every record of an input is acknowledged.
 const MAX_IN_FLIGHT: usize = 1000;
@@ -1043,13 +1043,21 @@ fn jittered_backoff(attempt: u32) -> Duration {
 
 /// Runs processors until SIGTERM or Ctrl-C, then stops them all and waits for each to flush
 /// and commit.
-pub async fn run_until_signal(processors: Vec<Processor>) -> anyhow::Result<()> {
+/// A long-running part of the process (a processor, a saga orchestrator), by name.
+pub type Task = (
+    String,
+    futures::future::BoxFuture<'static, anyhow::Result<()>>,
+);
+
+/// Runs the tasks `start` makes from the shutdown flag until SIGTERM or Ctrl-C, or until one
+/// fails (then the others are stopped too).
+pub async fn run_until_signal(
+    start: impl FnOnce(watch::Receiver<bool>) -> Vec<Task>,
+) -> anyhow::Result<()> {
     let (stop, stopped) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    for processor in processors {
-        let name = processor.pipeline().name.clone();
-        let stopped = stopped.clone();
-        tasks.spawn(async move { (name, processor.run(stopped).await) });
+    for (name, task) in start(stopped) {
+        tasks.spawn(async move { (name, task.await) });
     }
     let signal = shutdown_signal();
     tokio::pin!(signal);
@@ -1064,13 +1072,13 @@ pub async fn run_until_signal(processors: Vec<Processor>) -> anyhow::Result<()> 
                 None => break,
                 Some(Ok((_, Ok(())))) => {}
                 Some(Ok((name, Err(e)))) => {
-                    tracing::error!(pipeline = %name, "processor failed: {e:#}");
+                    tracing::error!(task = %name, "failed: {e:#}");
                     let _ = stop.send(true);
-                    result = Err(e.context(format!("pipeline {name}")));
+                    result = Err(e.context(name));
                 }
                 Some(Err(e)) => {
                     let _ = stop.send(true);
-                    result = Err(anyhow::anyhow!("a processor task panicked: {e}"));
+                    result = Err(anyhow::anyhow!("a task panicked: {e}"));
                 }
             }
         }

@@ -63,6 +63,34 @@ pub struct CacheLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaLabels {
+    pub saga: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaOutcomeLabels {
+    pub saga: String,
+    /// confirmed or cancelled
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaStepLabels {
+    pub saga: String,
+    /// A step name of the saga file.
+    pub step: String,
+    /// succeeded, failed, dead_lettered or timed_out
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaIgnoredLabels {
+    pub saga: String,
+    /// duplicate, late, unrelated or undecodable
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_buckets() -> Histogram {
@@ -94,6 +122,14 @@ pub struct Metrics {
     pub ready: Family<PipelineLabels, Gauge>,
     pub producer_queue_messages: Family<PipelineLabels, Gauge>,
     pub broker_rtt_seconds: Family<PipelineLabels, Gauge<f64, AtomicU64>>,
+    pub sagas_started: Family<SagaLabels, Counter>,
+    pub sagas_ended: Family<SagaOutcomeLabels, Counter>,
+    pub saga_compensations: Family<SagaLabels, Counter>,
+    pub sagas_stuck: Family<SagaLabels, Gauge>,
+    pub sagas_in_flight: Family<SagaLabels, Gauge>,
+    pub saga_step_seconds: HistogramFamily<SagaStepLabels>,
+    pub saga_inputs_ignored: Family<SagaIgnoredLabels, Counter>,
+    pub saga_stale_states: Family<SagaLabels, Counter>,
 }
 
 struct Exported {
@@ -123,6 +159,14 @@ fn exported() -> &'static Exported {
             ready: Family::default(),
             producer_queue_messages: Family::default(),
             broker_rtt_seconds: Family::default(),
+            sagas_started: Family::default(),
+            sagas_ended: Family::default(),
+            saga_compensations: Family::default(),
+            sagas_stuck: Family::default(),
+            sagas_in_flight: Family::default(),
+            saga_step_seconds: Family::new_with_constructor(latency_buckets),
+            saga_inputs_ignored: Family::default(),
+            saga_stale_states: Family::default(),
         };
         let mut r = Registry::with_prefix("orderflow");
         r.register(
@@ -210,6 +254,42 @@ fn exported() -> &'static Exported {
             "kafka_broker_rtt_seconds",
             "Average broker round-trip time seen by the producer",
             m.broker_rtt_seconds.clone(),
+        );
+        r.register("sagas_started", "Sagas started", m.sagas_started.clone());
+        r.register(
+            "sagas_ended",
+            "Sagas ended, by outcome (confirmed, cancelled)",
+            m.sagas_ended.clone(),
+        );
+        r.register(
+            "saga_compensations",
+            "Compensating commands sent",
+            m.saga_compensations.clone(),
+        );
+        r.register(
+            "sagas_stuck",
+            "Sagas whose compensation failed for good or went unanswered (owned by this instance)",
+            m.sagas_stuck.clone(),
+        );
+        r.register(
+            "sagas_in_flight",
+            "Sagas started and not yet confirmed or cancelled (owned by this instance)",
+            m.sagas_in_flight.clone(),
+        );
+        r.register(
+            "saga_step_duration_seconds",
+            "From a step's command to its answer (or timeout), by step and result",
+            m.saga_step_seconds.clone(),
+        );
+        r.register(
+            "saga_inputs_ignored",
+            "Replies and events the orchestrator ignored (duplicate, late, unrelated, undecodable)",
+            m.saga_inputs_ignored.clone(),
+        );
+        r.register(
+            "saga_stale_states",
+            "Stored saga states not newer than the one already known (stale updates)",
+            m.saga_stale_states.clone(),
         );
         Exported {
             metrics: m,

@@ -6,6 +6,7 @@
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
 pub mod metrics;
+pub mod saga;
 pub mod server;
 
 use std::sync::atomic::{AtomicU64, Ordering};

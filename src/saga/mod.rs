@@ -1,0 +1,29 @@
+//! Sagas: an order's steps across services (reserve stock, charge, ship), each committed by its
+//! own service, and the finished ones undone in reverse order when a later one fails for good.
+//!
+//! - [`definition`]: saga files (`pipelines/sagas/*.yaml`), validated against the pipelines
+//!   that carry out the commands.
+//! - [`commands`]: builders of the command events, from the order and earlier replies.
+//! - [`state`]: one saga's state and how each input moves it (pure, so every path is tested).
+//! - [`orchestrator`]: the Kafka side: inputs, state topic and commands in one transaction.
+//!
+//! Orchestrated, not choreographed: one place knows the order of steps and what undoes each.
+//! The steps themselves are ordinary pipelines (`http` steps with retry tiers and a DLQ): a
+//! command that lands in its pipeline's DLQ fails its step; a compensation that lands there
+//! makes the saga `stuck`, which is alerted on.
+//!
+//! State is kept in Kafka, not a database: a compacted topic keyed by order id, co-partitioned
+//! with the inputs and written in the same transaction as the commands and the input offsets.
+//! Limits: every topic the saga reads must have the same partition count (checked at start);
+//! a replica holds in memory the states of the partitions it owns, finished sagas included
+//! (about 2 KiB each) until compaction is complemented by a retention policy; a rebalance
+//! reloads each partition's states before its next input.
+
+pub mod commands;
+pub mod definition;
+pub mod orchestrator;
+pub mod state;
+
+pub use definition::{load_dir, Saga};
+pub use orchestrator::{find_state, Orchestrator};
+pub use state::{SagaState, SagaStatus};

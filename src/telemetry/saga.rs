@@ -1,0 +1,250 @@
+//! What happens in a saga orchestrator, emitted from one type ([`SagaEvent`]): log lines, the
+//! orchestrator's counters (read by the CLI and tests) and the Prometheus metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::metrics::{metrics, SagaIgnoredLabels, SagaLabels, SagaOutcomeLabels, SagaStepLabels};
+
+#[derive(Debug)]
+pub enum SagaEvent<'a> {
+    Started {
+        order_id: &'a str,
+    },
+    StepEnded {
+        order_id: &'a str,
+        step: &'a str,
+        /// succeeded, failed, dead_lettered or timed_out
+        result: &'static str,
+        seconds: f64,
+    },
+    CompensationSent {
+        order_id: &'a str,
+        step: &'a str,
+    },
+    Compensated {
+        order_id: &'a str,
+        step: &'a str,
+    },
+    Ended {
+        order_id: &'a str,
+        /// confirmed or cancelled
+        outcome: &'static str,
+        seconds: f64,
+    },
+    Stuck {
+        order_id: &'a str,
+        step: &'a str,
+    },
+    Ignored {
+        topic: &'a str,
+        reason: &'static str,
+    },
+    StaleState {
+        order_id: &'a str,
+        version: u64,
+        known: u64,
+    },
+    /// Counted over the sagas this instance owns, after each batch.
+    Gauges {
+        in_flight: u64,
+        stuck: u64,
+    },
+}
+
+/// Running totals of one orchestrator, for the CLI's summary and tests.
+#[derive(Debug, Default)]
+pub struct SagaCounters {
+    pub started: AtomicU64,
+    pub confirmed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub compensations: AtomicU64,
+    pub compensated: AtomicU64,
+    pub stuck: AtomicU64,
+    pub timed_out: AtomicU64,
+    pub ignored: AtomicU64,
+    pub stale: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// Stuck right now (the gauge), unlike `stuck`, which counts every time one got stuck.
+    pub stuck_now: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SagaTelemetry {
+    saga: String,
+    counters: Arc<SagaCounters>,
+}
+
+impl SagaTelemetry {
+    /// Creates the saga's series at zero, so they read 0 rather than being absent.
+    pub fn new(saga: &str, steps: &[&str]) -> SagaTelemetry {
+        let t = SagaTelemetry {
+            saga: saga.to_string(),
+            counters: Arc::default(),
+        };
+        let m = metrics();
+        let l = t.labels();
+        let _ = m.sagas_started.get_or_create(&l);
+        let _ = m.saga_compensations.get_or_create(&l);
+        let _ = m.sagas_stuck.get_or_create(&l);
+        let _ = m.sagas_in_flight.get_or_create(&l);
+        let _ = m.saga_stale_states.get_or_create(&l);
+        for outcome in ["confirmed", "cancelled"] {
+            let _ = m.sagas_ended.get_or_create(&SagaOutcomeLabels {
+                saga: t.saga.clone(),
+                outcome,
+            });
+        }
+        for reason in ["duplicate", "late", "unrelated", "undecodable"] {
+            let _ = m.saga_inputs_ignored.get_or_create(&SagaIgnoredLabels {
+                saga: t.saga.clone(),
+                reason,
+            });
+        }
+        for step in steps {
+            for result in ["succeeded", "failed", "dead_lettered", "timed_out"] {
+                let _ = m.saga_step_seconds.get_or_create(&SagaStepLabels {
+                    saga: t.saga.clone(),
+                    step: step.to_string(),
+                    result,
+                });
+            }
+        }
+        t
+    }
+
+    fn labels(&self) -> SagaLabels {
+        SagaLabels {
+            saga: self.saga.clone(),
+        }
+    }
+
+    pub fn counters(&self) -> &SagaCounters {
+        &self.counters
+    }
+
+    /// One line of the counters, for the CLI.
+    pub fn summary(&self) -> String {
+        let c = &self.counters;
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "started {} confirmed {} cancelled {} compensations {} timed-out {} stuck {} in-flight {} ignored {}",
+            n(&c.started),
+            n(&c.confirmed),
+            n(&c.cancelled),
+            n(&c.compensations),
+            n(&c.timed_out),
+            n(&c.stuck),
+            n(&c.in_flight),
+            n(&c.ignored)
+        )
+    }
+
+    pub fn emit(&self, event: SagaEvent<'_>) {
+        let c = &self.counters;
+        let m = metrics();
+        let saga = self.saga.as_str();
+        match event {
+            SagaEvent::Started { order_id } => {
+                c.started.fetch_add(1, Ordering::Relaxed);
+                m.sagas_started.get_or_create(&self.labels()).inc();
+                tracing::debug!(saga, order_id, "saga started");
+            }
+            SagaEvent::StepEnded {
+                order_id,
+                step,
+                result,
+                seconds,
+            } => {
+                if result == "timed_out" {
+                    c.timed_out.fetch_add(1, Ordering::Relaxed);
+                }
+                m.saga_step_seconds
+                    .get_or_create(&SagaStepLabels {
+                        saga: saga.to_string(),
+                        step: step.to_string(),
+                        result,
+                    })
+                    .observe(seconds);
+                if result == "succeeded" {
+                    tracing::debug!(saga, order_id, step, seconds, "step succeeded");
+                } else {
+                    tracing::info!(
+                        saga,
+                        order_id,
+                        step,
+                        result,
+                        seconds,
+                        "step failed for good"
+                    );
+                }
+            }
+            SagaEvent::CompensationSent { order_id, step } => {
+                c.compensations.fetch_add(1, Ordering::Relaxed);
+                m.saga_compensations.get_or_create(&self.labels()).inc();
+                tracing::info!(saga, order_id, step, "compensating");
+            }
+            SagaEvent::Compensated { order_id, step } => {
+                c.compensated.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(saga, order_id, step, "compensated");
+            }
+            SagaEvent::Ended {
+                order_id,
+                outcome,
+                seconds,
+            } => {
+                let counter = if outcome == "confirmed" {
+                    &c.confirmed
+                } else {
+                    &c.cancelled
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                m.sagas_ended
+                    .get_or_create(&SagaOutcomeLabels {
+                        saga: saga.to_string(),
+                        outcome,
+                    })
+                    .inc();
+                tracing::debug!(saga, order_id, outcome, seconds, "saga ended");
+            }
+            SagaEvent::Stuck { order_id, step } => {
+                c.stuck.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    saga,
+                    order_id,
+                    step,
+                    "saga stuck: compensation failed for good or went unanswered; see `orderflow saga show {order_id}`"
+                );
+            }
+            SagaEvent::Ignored { topic, reason } => {
+                c.ignored.fetch_add(1, Ordering::Relaxed);
+                m.saga_inputs_ignored
+                    .get_or_create(&SagaIgnoredLabels {
+                        saga: saga.to_string(),
+                        reason,
+                    })
+                    .inc();
+                tracing::debug!(saga, topic, reason, "input ignored");
+            }
+            SagaEvent::StaleState {
+                order_id,
+                version,
+                known,
+            } => {
+                c.stale.fetch_add(1, Ordering::Relaxed);
+                m.saga_stale_states.get_or_create(&self.labels()).inc();
+                tracing::warn!(saga, order_id, version, known, "stale saga state ignored");
+            }
+            SagaEvent::Gauges { in_flight, stuck } => {
+                c.in_flight.store(in_flight, Ordering::Relaxed);
+                c.stuck_now.store(stuck, Ordering::Relaxed);
+                m.sagas_in_flight
+                    .get_or_create(&self.labels())
+                    .set(in_flight as i64);
+                m.sagas_stuck
+                    .get_or_create(&self.labels())
+                    .set(stuck as i64);
+            }
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! The order saga against the real broker and registry, with the repository's saga and step
+//! pipelines pointed at the simulated services: confirmation, cancellation with compensation in
+//! reverse order, a step timing out, the orchestrator SIGKILLed at random points, and two
+//! replicas sharing the work across rebalances.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use orderflow::cli::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
+use orderflow::contracts::{AnyEvent, OrderCreated};
+use orderflow::saga::{find_state, SagaStatus};
+use orderflow::simulate::{self, Behaviour};
+use orderflow::telemetry::saga::SagaTelemetry;
+use rdkafka::Message;
+use tokio::sync::watch;
+
+/// The repository's pipelines and saga, their URLs pointing at `addr`; `edit` may change a
+/// file's text (by file name) before it is written.
+fn saga_dir(addr: SocketAddr, edit: impl Fn(&str, String) -> String) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let dir = pipeline_files(&[]);
+    std::fs::create_dir_all(dir.join("sagas")).unwrap();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&repo)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.push(repo.join("sagas/order.yaml"));
+    for file in files {
+        let relative = file.strip_prefix(&repo).unwrap();
+        let text: String = std::fs::read_to_string(&file)
+            .unwrap()
+            .lines()
+            .map(|line| match line.split_once("${") {
+                // url: ${ORDERFLOW_X_URL:-http://127.0.0.1:18090/path}
+                Some((head, rest)) if head.trim() == "url:" => {
+                    let path = rest.split_once("18090/").unwrap().1.trim_end_matches('}');
+                    format!("{head}http://{addr}/{path}\n")
+                }
+                _ => format!("{line}\n"),
+            })
+            .collect();
+        let text = edit(relative.to_str().unwrap(), text);
+        std::fs::write(dir.join(relative), text).unwrap();
+    }
+    dir
+}
+
+fn quiet(behaviour: Behaviour) -> Behaviour {
+    Behaviour {
+        latency_ms: 1..=5,
+        ..behaviour
+    }
+}
+
+/// The step pipelines and the saga in this process.
+struct SagaRun {
+    saga: SagaTelemetry,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
+impl SagaRun {
+    /// Runs every pipeline of `dir` but those in `skip`, and (unless `with_saga` is false) the
+    /// saga.
+    async fn start(prefix: &str, dir: &Path, skip: &[&str], with_saga: bool) -> SagaRun {
+        let connect = connect(prefix);
+        let (pipelines, sagas) = load_pipelines_and_sagas(dir).unwrap();
+        let pipelines = pipelines
+            .into_iter()
+            .filter(|p| !skip.contains(&p.name.as_str()))
+            .collect();
+        let processors = processors(&connect, pipelines, true).await.unwrap();
+        let codec = codec_for(&connect).unwrap();
+        let mut orchestrators = orchestrators(&connect, sagas, codec).await.unwrap();
+        let saga = orchestrators[0].telemetry();
+        if !with_saga {
+            orchestrators.clear();
+        }
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in processors {
+            tasks.spawn(p.run(stopped.clone()));
+        }
+        for o in orchestrators {
+            tasks.spawn(o.run(stopped.clone()));
+        }
+        SagaRun { saga, stop, tasks }
+    }
+
+    fn ended(&self) -> u64 {
+        let c = self.saga.counters();
+        c.confirmed.load(std::sync::atomic::Ordering::Relaxed)
+            + c.cancelled.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn wait_ended(&self, count: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.ended() < count {
+            assert!(
+                Instant::now() < deadline,
+                "sagas not ended within {within:?}: {}",
+                self.saga.summary()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        self.stop.send(true).unwrap();
+        while let Some(result) = self.tasks.join_next().await {
+            result.unwrap().unwrap();
+        }
+    }
+}
+
+async fn publish_orders(prefix: &str, count: usize, every: Duration) -> Vec<OrderCreated> {
+    let (publisher, topic) = publisher(prefix).await;
+    let mut orders = Vec::new();
+    for _ in 0..count {
+        let order = OrderCreated::sample("test");
+        publisher.publish(&topic, &order).await.unwrap();
+        orders.push(order);
+        tokio::time::sleep(every).await;
+    }
+    orders
+}
+
+/// Every event of `event_type` under `prefix`, decoded.
+async fn events(prefix: &str, event_type: &str) -> Vec<AnyEvent> {
+    let (codec, _) = codec(prefix);
+    let topic = format!("{prefix}{event_type}");
+    let records = tokio::task::spawn_blocking(move || read_topic(&topic))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for r in records {
+        out.push(
+            AnyEvent::decode(&codec, event_type, r.payload())
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// How many events of `event_type` each order has.
+async fn per_order(prefix: &str, event_type: &str) -> HashMap<String, usize> {
+    let mut out = HashMap::new();
+    for e in events(prefix, event_type).await {
+        *out.entry(e.key()).or_default() += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_step_succeeding_confirms_each_order() {
+    let prefix = prefix("saga-happy");
+    let (addr, _, _server) =
+        simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(Behaviour::default()))
+            .await
+            .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    let run = SagaRun::start(&prefix, &dir, &[], true).await;
+    let orders = publish_orders(&prefix, 10, Duration::ZERO).await;
+    run.wait_ended(10, Duration::from_secs(60)).await;
+    run.stop().await;
+
+    let confirmed = per_order(&prefix, "order.confirmed").await;
+    assert_eq!(confirmed.len(), 10);
+    assert!(confirmed.values().all(|n| *n == 1), "{confirmed:?}");
+    for t in [
+        "inventory.reservation-requested",
+        "payment.charge-requested",
+        "shipment.scheduling-requested",
+    ] {
+        let commands = per_order(&prefix, t).await;
+        assert_eq!(commands.len(), 10, "{t}");
+        assert!(commands.values().all(|n| *n == 1), "{t}: {commands:?}");
+    }
+    assert!(events(&prefix, "order.cancelled").await.is_empty());
+    assert!(events(&prefix, "payment.refund-requested").await.is_empty());
+    assert!(events(&prefix, "inventory.release-requested")
+        .await
+        .is_empty());
+
+    // The history, as `orderflow saga show` reads it.
+    let state = find_state(
+        &bootstrap(),
+        &format!("{prefix}saga.order.state"),
+        orders[0].data.order_id,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(state.status, SagaStatus::Confirmed);
+    assert_eq!(state.version, 4);
+    assert!(state.steps.iter().all(|s| s.attempts == 1));
+    let show = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["saga", "show", &orders[0].data.order_id.to_string()])
+        .env("ORDERFLOW_PIPELINES_DIR", &dir)
+        .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&show.stderr)
+    );
+    assert!(text.contains("status       confirmed"), "{text}");
+    assert!(text.contains("sent payment.charge-requested"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_declined_payment_releases_the_stock_and_cancels() {
+    let prefix = prefix("saga-declined");
+    let behaviour = Behaviour {
+        rate_declined: 1.0,
+        ..Behaviour::default()
+    };
+    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
+        .await
+        .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    let run = SagaRun::start(&prefix, &dir, &[], true).await;
+    publish_orders(&prefix, 5, Duration::ZERO).await;
+    run.wait_ended(5, Duration::from_secs(60)).await;
+    run.stop().await;
+
+    let cancelled = events(&prefix, "order.cancelled").await;
+    assert_eq!(cancelled.len(), 5);
+    for c in &cancelled {
+        let AnyEvent::OrderCancelled(c) = c else {
+            panic!()
+        };
+        assert_eq!(
+            c.data.reason,
+            "charge-payment: card declined: insufficient funds"
+        );
+    }
+    assert_eq!(per_order(&prefix, "inventory.released").await.len(), 5);
+    assert!(events(&prefix, "payment.refund-requested").await.is_empty());
+    assert!(events(&prefix, "shipment.scheduling-requested")
+        .await
+        .is_empty());
+    assert!(events(&prefix, "order.confirmed").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_shipment_refunds_then_releases() {
+    let prefix = prefix("saga-unshippable");
+    let behaviour = Behaviour {
+        rate_unshippable: 1.0,
+        ..Behaviour::default()
+    };
+    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
+        .await
+        .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    let run = SagaRun::start(&prefix, &dir, &[], true).await;
+    let orders = publish_orders(&prefix, 5, Duration::ZERO).await;
+    run.wait_ended(5, Duration::from_secs(60)).await;
+    run.stop().await;
+
+    assert_eq!(per_order(&prefix, "order.cancelled").await.len(), 5);
+    // Per order: the refund was asked for before the release, and both were done.
+    let refunds: HashMap<String, i64> = events(&prefix, "payment.refund-requested")
+        .await
+        .iter()
+        .map(|e| (e.key(), e.envelope().occurred_at))
+        .collect();
+    let releases: HashMap<String, i64> = events(&prefix, "inventory.release-requested")
+        .await
+        .iter()
+        .map(|e| (e.key(), e.envelope().occurred_at))
+        .collect();
+    assert_eq!((refunds.len(), releases.len()), (5, 5));
+    for order in &orders {
+        let id = order.data.order_id.to_string();
+        assert!(
+            refunds[&id] <= releases[&id],
+            "order {id}: released before refunded"
+        );
+        let state = find_state(
+            &bootstrap(),
+            &format!("{prefix}saga.order.state"),
+            order.data.order_id,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let compensated: Vec<&str> = state
+            .history
+            .iter()
+            .filter(|h| {
+                h.what.starts_with("sent")
+                    && h.what.contains("-requested")
+                    && (h.what.contains("refund") || h.what.contains("release"))
+            })
+            .map(|h| h.step.as_deref().unwrap())
+            .collect();
+        assert_eq!(compensated, ["charge-payment", "reserve-inventory"]);
+    }
+    assert_eq!(per_order(&prefix, "payment.refunded").await.len(), 5);
+    assert_eq!(per_order(&prefix, "inventory.released").await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_without_reply_times_out_and_its_late_reply_changes_nothing() {
+    let prefix = prefix("saga-timeout");
+    let (addr, _, _server) =
+        simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(Behaviour::default()))
+            .await
+            .unwrap();
+    // Shipping answers nothing for now (its pipeline is not running); its step times out in 3 s.
+    let dir = saga_dir(addr, |file, text| match file {
+        "shipping.yaml" => format!("{text}retry:\n  tiers: [1s]\n"),
+        "sagas/order.yaml" => {
+            let (head, shipping) = text.split_once("  - name: schedule-shipment").unwrap();
+            format!(
+                "{head}  - name: schedule-shipment{}",
+                shipping.replace("timeout: 60s", "timeout: 3s")
+            )
+        }
+        _ => text,
+    });
+    let run = SagaRun::start(&prefix, &dir, &["shipping"], true).await;
+    publish_orders(&prefix, 3, Duration::ZERO).await;
+    run.wait_ended(3, Duration::from_secs(60)).await;
+    assert_eq!(
+        run.saga
+            .counters()
+            .timed_out
+            .load(std::sync::atomic::Ordering::Relaxed),
+        3
+    );
+    run.stop().await;
+    let cancelled = events(&prefix, "order.cancelled").await;
+    assert_eq!(cancelled.len(), 3);
+    for c in &cancelled {
+        let AnyEvent::OrderCancelled(c) = c else {
+            panic!()
+        };
+        assert_eq!(c.data.reason, "schedule-shipment: no reply within 3s");
+    }
+    assert_eq!(per_order(&prefix, "payment.refunded").await.len(), 3);
+    assert_eq!(per_order(&prefix, "inventory.released").await.len(), 3);
+
+    // Shipping comes back and answers the old commands: noted, nothing else is sent.
+    let late = SagaRun::start(&prefix, &dir, &[], true).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while per_order(&prefix, "shipment.scheduled").await.len() < 3 {
+        assert!(Instant::now() < deadline, "shipping did not answer");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    late.stop().await;
+    assert_eq!(events(&prefix, "order.cancelled").await.len(), 3);
+    assert!(events(&prefix, "order.confirmed").await.is_empty());
+    assert_eq!(events(&prefix, "payment.refund-requested").await.len(), 3);
+}
+
+// ---- the orchestrator as a process -----------------------------------------------------------
+
+fn spawn_saga(prefix: &str, dir: &Path, instance: &str, metrics: &str, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["run", "order", "--report-every", "0s"])
+        .env("ORDERFLOW_PIPELINES_DIR", dir)
+        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
+        .env(
+            "ORDERFLOW_SCHEMAS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
+        )
+        .env("ORDERFLOW_INSTANCE_ID", instance)
+        .env("ORDERFLOW_LOG", "info")
+        .env("ORDERFLOW_METRICS_LISTEN", metrics)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+fn kill(child: &mut Child, signal: i32) {
+    // SAFETY: kill(2) on the pid of a child we own and have not waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    child.wait().unwrap();
+}
+
+/// Every order ended exactly once, no command was sent twice, and every finished step of a
+/// cancelled order was undone.
+async fn assert_consistent(prefix: &str, orders: &[OrderCreated]) -> (usize, usize) {
+    let confirmed = per_order(prefix, "order.confirmed").await;
+    let cancelled = per_order(prefix, "order.cancelled").await;
+    for order in orders {
+        let id = order.data.order_id.to_string();
+        let ends =
+            confirmed.get(&id).copied().unwrap_or(0) + cancelled.get(&id).copied().unwrap_or(0);
+        assert_eq!(ends, 1, "order {id} ended {ends} times");
+    }
+    for t in [
+        "inventory.reservation-requested",
+        "payment.charge-requested",
+        "shipment.scheduling-requested",
+        "inventory.release-requested",
+        "payment.refund-requested",
+    ] {
+        let commands = per_order(prefix, t).await;
+        assert!(
+            commands.values().all(|n| *n == 1),
+            "{t} sent twice: {commands:?}"
+        );
+    }
+    let charged = per_order(prefix, "payment.charged").await;
+    let reserved = per_order(prefix, "inventory.reserved").await;
+    let refunded = per_order(prefix, "payment.refunded").await;
+    let released = per_order(prefix, "inventory.released").await;
+    for id in cancelled.keys() {
+        assert_eq!(
+            charged.contains_key(id),
+            refunded.contains_key(id),
+            "order {id}: charge not refunded"
+        );
+        assert_eq!(
+            reserved.contains_key(id),
+            released.contains_key(id),
+            "order {id}: stock not released"
+        );
+    }
+    for id in confirmed.keys() {
+        assert!(
+            !refunded.contains_key(id) && !released.contains_key(id),
+            "order {id} confirmed but undone"
+        );
+    }
+    (confirmed.len(), cancelled.len())
+}
+
+async fn wait_all_ended(prefix: &str, count: usize, within: Duration, log: &Path) {
+    let deadline = Instant::now() + within;
+    loop {
+        let ended = per_order(prefix, "order.confirmed").await.len()
+            + per_order(prefix, "order.cancelled").await.len();
+        if ended >= count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ended} of {count} sagas ended within {within:?}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkilled_at_random_points_every_saga_still_ends_once() {
+    const ORDERS: usize = 150;
+    const KILLS: usize = 8;
+    let prefix = prefix("saga-kill");
+    let behaviour = Behaviour {
+        rate_declined: 0.3,
+        rate_unshippable: 0.1,
+        ..Behaviour::default()
+    };
+    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
+        .await
+        .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    // The step pipelines run here; their topics and the saga's are created first.
+    let steps = SagaRun::start(&prefix, &dir, &[], false).await;
+    let log = dir.join("saga.log");
+    let mut child = spawn_saga(&prefix, &dir, "kill-test", "127.0.0.1:0", &log);
+    let publishing = {
+        let prefix = prefix.clone();
+        tokio::spawn(
+            async move { publish_orders(&prefix, ORDERS, Duration::from_millis(20)).await },
+        )
+    };
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1500))).await;
+        kill(&mut child, libc::SIGKILL);
+        child = spawn_saga(&prefix, &dir, "kill-test", "127.0.0.1:0", &log);
+    }
+    let orders = publishing.await.unwrap();
+    wait_all_ended(&prefix, ORDERS, Duration::from_secs(120), &log).await;
+    kill(&mut child, libc::SIGTERM);
+    steps.stop().await;
+    let (confirmed, cancelled) = assert_consistent(&prefix, &orders).await;
+    eprintln!("{ORDERS} sagas, {KILLS} SIGKILLs: {confirmed} confirmed, {cancelled} cancelled");
+    assert!(cancelled > 0 && confirmed > 0);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn sagas_started(port: u16) -> f64 {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with("orderflow_sagas_started_total{saga=\"order\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_the_sagas_across_rebalances() {
+    const ORDERS: usize = 120;
+    let prefix = prefix("saga-replicas");
+    let behaviour = Behaviour {
+        rate_declined: 0.2,
+        ..Behaviour::default()
+    };
+    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
+        .await
+        .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    let steps = SagaRun::start(&prefix, &dir, &[], false).await;
+    let log = dir.join("saga.log");
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = spawn_saga(
+        &prefix,
+        &dir,
+        "replica-a",
+        &format!("127.0.0.1:{port_a}"),
+        &log,
+    );
+    let first = publish_orders(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
+    // A second replica joins: the partitions are split between the two.
+    let mut b = spawn_saga(
+        &prefix,
+        &dir,
+        "replica-b",
+        &format!("127.0.0.1:{port_b}"),
+        &log,
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let second = publish_orders(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
+    wait_all_ended(&prefix, ORDERS, Duration::from_secs(90), &log).await;
+    let (started_a, started_b) = (sagas_started(port_a).await, sagas_started(port_b).await);
+    assert!(
+        started_a > 0.0 && started_b > 0.0,
+        "a {started_a}, b {started_b}"
+    );
+    assert_eq!(started_a + started_b, ORDERS as f64);
+    // A leaves: b takes over everything, including sagas a had started.
+    kill(&mut a, libc::SIGTERM);
+    let third = publish_orders(&prefix, 20, Duration::from_millis(20)).await;
+    wait_all_ended(&prefix, ORDERS + 20, Duration::from_secs(90), &log).await;
+    kill(&mut b, libc::SIGTERM);
+    steps.stop().await;
+    let all: Vec<OrderCreated> = first.into_iter().chain(second).chain(third).collect();
+    assert_consistent(&prefix, &all).await;
+}
