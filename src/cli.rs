@@ -1115,6 +1115,9 @@ pub async fn processors(
             &connect.bootstrap_servers,
             codec.clone(),
             dedup.clone(),
+            &steps::HandlerContext {
+                database_url: connect.database_url.clone(),
+            },
         )?;
         processor
             .ensure_topics(connect.replication_factor)

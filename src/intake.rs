@@ -84,6 +84,7 @@ impl Intake {
             }
         });
         crate::runtime::dedup::create_table(&client, SCHEMA).await?;
+        crate::runtime::dedup::create_table(&client, crate::projection::SCHEMA).await?;
         Ok(Intake {
             publisher,
             topic,
@@ -333,7 +334,39 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
             json!({"error": format!("'{id}' is not an order id (a UUID)"), "field": "id"}),
         );
     };
+    let time = |ms: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+        )
+        .to_string()
+    };
     let db = intake.db.lock().await;
+    // The read model first; an order it has not seen yet but the intake accepted is `accepted`.
+    match crate::projection::find(&db, order_id).await {
+        Ok(Some(view)) => {
+            let steps: serde_json::Map<String, Value> = view
+                .sources
+                .iter()
+                .map(|(source, e)| (source.clone(), json!(e.event_type)))
+                .collect();
+            let now = crate::contracts::events::now_millis();
+            return problem(
+                StatusCode::OK,
+                json!({
+                    "order_id": order_id,
+                    "status": view.status,
+                    "version": view.version,
+                    "pending": view.pending(),
+                    "steps": steps,
+                    "last_event_time": time(view.last_event_at),
+                    "projected_at": time(view.projected_at),
+                    "staleness_seconds": (now - view.last_event_at).max(0) as f64 / 1000.0,
+                }),
+            );
+        }
+        Ok(None) => {}
+        Err(e) => return unavailable("the order-status read model", e),
+    }
     let row = db
         .query_opt(
             "SELECT state, extract(epoch from coalesce(accepted_at, received_at))::float8 FROM orderflow_intake WHERE order_id = $1",
@@ -355,8 +388,9 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
                     "order_id": order_id,
                     "status": status,
                     "version": 0,
-                    "pending": ["payment", "inventory", "notification"],
-                    "last_event_time": humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_secs_f64(at)).to_string(),
+                    "pending": crate::projection::STEPS,
+                    "steps": {},
+                    "last_event_time": time((at * 1000.0) as i64),
                 }),
             )
         }

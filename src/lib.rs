@@ -19,6 +19,7 @@ pub mod failure;
 pub mod intake;
 pub mod kafka;
 pub mod pipeline;
+pub mod projection;
 pub mod runtime;
 pub mod saga;
 pub mod simulate;

@@ -573,3 +573,224 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
     let all: Vec<OrderCreated> = first.into_iter().chain(second).chain(third).collect();
     assert_consistent(&prefix, &all).await;
 }
+
+// ---- the order-status read model -------------------------------------------------------------
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_order_placed_through_the_intake_converges_in_the_read_model() {
+    const ORDERS: usize = 30;
+    let prefix = prefix("read-model");
+    let behaviour = Behaviour {
+        rate_declined: 0.3,
+        ..Behaviour::default()
+    };
+    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
+        .await
+        .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    let run = SagaRun::start(&prefix, &dir, &[], true).await;
+    let (publisher, topic) = publisher(&prefix).await;
+    let intake = orderflow::intake::Intake::new(publisher, topic, &database_url())
+        .await
+        .unwrap();
+    let (intake_addr, _intake) = orderflow::intake::serve("127.0.0.1:0".parse().unwrap(), intake)
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let mut placed = Vec::new();
+    for _ in 0..ORDERS {
+        let order = OrderCreated::sample("test").data;
+        let body = serde_json::json!({
+            "customer_id": order.customer_id,
+            "items": order.items,
+            "shipping_address": order.shipping_address,
+        });
+        let response = client
+            .post(format!("http://{intake_addr}/orders"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        let accepted_at = Instant::now();
+        let body: serde_json::Value = response.json().await.unwrap();
+        // Read-your-writes: known at once, projected or not.
+        let status: serde_json::Value = client
+            .get(format!(
+                "http://{intake_addr}{}",
+                body["status_url"].as_str().unwrap()
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let first = status["status"].as_str().unwrap().to_string();
+        assert!(
+            ["accepted", "placed", "processing"].contains(&first.as_str()),
+            "{status}"
+        );
+        placed.push((body["order_id"].as_str().unwrap().to_string(), accepted_at));
+    }
+    // Poll each order until its status is final; the version only ever grows.
+    let mut to_final = Vec::new();
+    let mut finals: HashMap<String, String> = HashMap::new();
+    let mut versions: HashMap<String, i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while finals.len() < ORDERS {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {ORDERS} final: {}",
+            finals.len(),
+            run.saga.summary()
+        );
+        for (id, accepted_at) in &placed {
+            if finals.contains_key(id) {
+                continue;
+            }
+            let status: serde_json::Value = client
+                .get(format!("http://{intake_addr}/orders/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let version = status["version"].as_i64().unwrap();
+            let before = versions.insert(id.clone(), version).unwrap_or(0);
+            assert!(
+                version >= before,
+                "order {id} went from version {before} to {version}"
+            );
+            let s = status["status"].as_str().unwrap();
+            if s == "confirmed" || s == "cancelled" {
+                assert_eq!(status["pending"], serde_json::json!([]));
+                assert!(status["last_event_time"].is_string());
+                to_final.push(accepted_at.elapsed().as_secs_f64() * 1000.0);
+                finals.insert(id.clone(), s.to_string());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    run.stop().await;
+    // The read model agrees with the saga's end events.
+    let confirmed = per_order(&prefix, "order.confirmed").await;
+    let cancelled = per_order(&prefix, "order.cancelled").await;
+    for (id, status) in &finals {
+        let expected = if confirmed.contains_key(id) {
+            "confirmed"
+        } else {
+            assert!(cancelled.contains_key(id), "order {id} has no end event");
+            "cancelled"
+        };
+        assert_eq!(status, expected, "order {id}");
+    }
+    to_final.sort_by(f64::total_cmp);
+    eprintln!(
+        "202 -> final status in the read model: p50 {:.0} ms, p99 {:.0} ms ({ORDERS} orders, {} cancelled)",
+        percentile(&to_final, 0.5),
+        percentile(&to_final, 0.99),
+        cancelled.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
+    let prefix = prefix("read-model-order");
+    let (addr, _, _server) =
+        simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(Behaviour::default()))
+            .await
+            .unwrap();
+    let dir = saga_dir(addr, |_, t| t);
+    let producer: rdkafka::producer::FutureProducer =
+        orderflow::kafka::producer_config(&bootstrap())
+            .create()
+            .unwrap();
+    let order = OrderCreated::sample("test");
+    let id = order.data.order_id.to_string();
+    let created = AnyEvent::OrderCreated(order.clone());
+    let then = |t: &str, data: serde_json::Value| {
+        std::thread::sleep(Duration::from_millis(2));
+        AnyEvent::from_data(t, data, "test", created.envelope()).unwrap()
+    };
+    let reserved = then(
+        "inventory.reserved",
+        serde_json::json!({"order_id": id, "reservation_id": uuid::Uuid::now_v7().to_string(), "lines": [{"sku": "A", "quantity": 1}]}),
+    );
+    let charged = then(
+        "payment.charged",
+        serde_json::json!({"order_id": id, "payment_id": uuid::Uuid::now_v7().to_string(), "amount": order.data.total}),
+    );
+    let confirmed = then(
+        "order.confirmed",
+        serde_json::json!({"order_id": id, "total": order.data.total}),
+    );
+    // Published newest first, with repeats.
+    let (codec, _) = codec(&prefix);
+    for event in [
+        &confirmed, &charged, &charged, &reserved, &created, &confirmed,
+    ] {
+        let topic = format!("{prefix}{}", event.event_type());
+        orderflow::kafka::ensure_topics(&bootstrap(), &[(&topic, 3)], 1)
+            .await
+            .unwrap();
+        let payload = event.encode(&codec, &topic).await.unwrap();
+        let record = rdkafka::producer::FutureRecord::to(&topic)
+            .key(&id)
+            .payload(&payload);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let run = SagaRun::start(
+        &prefix,
+        &dir,
+        &[
+            "analytics",
+            "inventory",
+            "inventory-release",
+            "notification",
+            "payment",
+            "payment-refund",
+            "shipping",
+        ],
+        false,
+    )
+    .await;
+    let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        let view = orderflow::projection::find(&client, order.data.order_id)
+            .await
+            .ok()
+            .flatten();
+        if let Some(v) = view.filter(|v| v.sources.len() == 3) {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "not projected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    run.stop().await;
+    assert_eq!(view.status, "confirmed");
+    assert_eq!(view.sources["order"].event_type, "order.confirmed");
+    assert_eq!(view.sources["payment"].event_type, "payment.charged");
+    // confirmed, charged, reserved applied; the repeats (stopped by the dedup store before
+    // the handler) and the older order.created (a conflict in the read model) were not.
+    assert_eq!(view.version, 3);
+    let metrics = orderflow::telemetry::metrics::encode();
+    assert!(
+        metrics.lines().any(|l| l.starts_with(
+            "orderflow_read_model_conflicts_total{model=\"order-status\",reason=\"out_of_order\"}"
+        ) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+}

@@ -44,7 +44,7 @@ use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::failure::{ErrorClass, Failure};
 use crate::kafka;
 use crate::pipeline::{Delivery, Pipeline};
-use crate::steps::StepRunner;
+use crate::steps::{HandlerContext, StepRunner};
 use crate::telemetry::{ProcessorEvent, Telemetry};
 use context::MeteredContext;
 use dedup::DedupStore;
@@ -203,6 +203,7 @@ impl Processor {
         bootstrap_servers: &str,
         codec: Arc<EventCodec>,
         dedup: Option<Arc<DedupStore>>,
+        handlers: &HandlerContext,
     ) -> anyhow::Result<Processor> {
         let mut roles = HashMap::new();
         for event_type in &pipeline.inputs {
@@ -249,7 +250,7 @@ impl Processor {
         }
         Ok(Processor {
             group_id: pipeline.group_id(&naming),
-            step: StepRunner::for_pipeline(&pipeline),
+            step: StepRunner::for_pipeline(&pipeline, handlers),
             producer: producer_config
                 .create_with_context(context.clone())
                 .context("creating the producer")?,

@@ -5,18 +5,21 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 
-use super::Handler;
+use super::{Handler, HandlerContext};
 use crate::contracts::{AnyEvent, Envelope, OrderConfirmed, OrderConfirmedData};
 use crate::failure::Failure;
 
 /// Names a pipeline's `step.custom.handler` may use.
-pub const HANDLER_NAMES: [&str; 1] = ["confirm-order"];
+pub const HANDLER_NAMES: [&str; 2] = ["confirm-order", "order-status"];
 
-pub fn by_name(name: &str, pipeline: &str) -> Option<Arc<dyn Handler>> {
+pub fn by_name(name: &str, pipeline: &str, context: &HandlerContext) -> Option<Arc<dyn Handler>> {
     match name {
         "confirm-order" => Some(Arc::new(ConfirmOrder {
             source: format!("orderflow/{pipeline}"),
         })),
+        "order-status" => Some(Arc::new(crate::projection::OrderStatusHandler::new(
+            &context.database_url,
+        ))),
         _ => None,
     }
 }

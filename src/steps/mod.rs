@@ -31,6 +31,13 @@ pub trait Handler: Send + Sync {
     fn handle<'a>(&'a self, event: &'a AnyEvent) -> BoxFuture<'a, Result<Vec<AnyEvent>, Failure>>;
 }
 
+/// What handlers may need from the process: the stores it was configured with.
+#[derive(Debug, Clone, Default)]
+pub struct HandlerContext {
+    /// PostgreSQL, for handlers that keep state (the order-status read model).
+    pub database_url: String,
+}
+
 /// A pipeline's step, ready to run.
 #[derive(Clone)]
 pub enum StepRunner {
@@ -40,12 +47,12 @@ pub enum StepRunner {
 }
 
 impl StepRunner {
-    pub fn for_pipeline(pipeline: &Pipeline) -> StepRunner {
+    pub fn for_pipeline(pipeline: &Pipeline, context: &HandlerContext) -> StepRunner {
         match &pipeline.step {
             Step::Route { to } => StepRunner::Route(to.clone()),
             Step::Http(http) => StepRunner::Http(HttpCaller::new(http.clone(), &pipeline.name)),
             Step::Custom { handler } => StepRunner::Custom(
-                handlers::by_name(handler, &pipeline.name)
+                handlers::by_name(handler, &pipeline.name, context)
                     .expect("pipeline validation accepts registered handler names only"),
             ),
         }

@@ -91,6 +91,18 @@ pub struct SagaIgnoredLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReadModelConflictLabels {
+    pub model: String,
+    /// duplicate or out_of_order
+    pub reason: &'static str,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_buckets() -> Histogram {
@@ -130,6 +142,8 @@ pub struct Metrics {
     pub saga_step_seconds: HistogramFamily<SagaStepLabels>,
     pub saga_inputs_ignored: Family<SagaIgnoredLabels, Counter>,
     pub saga_stale_states: Family<SagaLabels, Counter>,
+    pub read_model_conflicts: Family<ReadModelConflictLabels, Counter>,
+    pub read_model_lag_seconds: HistogramFamily<ReadModelLabels>,
 }
 
 struct Exported {
@@ -167,6 +181,8 @@ fn exported() -> &'static Exported {
             saga_step_seconds: Family::new_with_constructor(latency_buckets),
             saga_inputs_ignored: Family::default(),
             saga_stale_states: Family::default(),
+            read_model_conflicts: Family::default(),
+            read_model_lag_seconds: Family::new_with_constructor(latency_buckets),
         };
         let mut r = Registry::with_prefix("orderflow");
         r.register(
@@ -290,6 +306,16 @@ fn exported() -> &'static Exported {
             "saga_stale_states",
             "Stored saga states not newer than the one already known (stale updates)",
             m.saga_stale_states.clone(),
+        );
+        r.register(
+            "read_model_conflicts",
+            "Events not applied to a read model: duplicates, or older than what it shows",
+            m.read_model_conflicts.clone(),
+        );
+        r.register(
+            "read_model_lag_seconds",
+            "From an event's occurred_at to its change being in the read model",
+            m.read_model_lag_seconds.clone(),
         );
         Exported {
             metrics: m,

@@ -6,6 +6,7 @@
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 
 pub mod metrics;
+pub mod projection;
 pub mod saga;
 pub mod server;
 

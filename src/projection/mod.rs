@@ -1,0 +1,417 @@
+//! The order-status read model: per order, where it stands (status, the latest event of each
+//! source, what is pending) and a version, in PostgreSQL (`orderflow_order_status`), kept by the
+//! `order-status` pipeline and read by `GET /orders/{id}`.
+//!
+//! Updates never move an order backwards: each source (order, inventory, payment, shipment,
+//! notification) keeps only its newest event, compared by (lifecycle rank, occurred_at, event
+//! id), so a duplicate or an out-of-order event changes nothing and is counted as a conflict.
+//! The rank puts e.g. `payment.refunded` after `payment.charged` even if clocks disagree.
+//!
+//! Why PostgreSQL: one row per order read by id, a compare-and-set update under a row lock
+//! (`SELECT ... FOR UPDATE`) so replicas of the pipeline cannot overwrite each other, and it is
+//! already the store of the dedup marks and the intake's idempotency keys.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+use crate::contracts::events::now_millis;
+use crate::contracts::AnyEvent;
+use crate::failure::Failure;
+use crate::steps::Handler;
+use crate::telemetry::projection::{ProjectionEvent, ProjectionTelemetry};
+
+pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orderflow_order_status (
+    order_id uuid PRIMARY KEY,
+    status text NOT NULL,
+    version bigint NOT NULL,
+    sources text NOT NULL,
+    last_event_at bigint NOT NULL,
+    projected_at bigint NOT NULL
+)";
+
+/// The steps an order goes through before it is confirmed.
+pub const STEPS: [&str; 3] = ["inventory", "payment", "shipment"];
+
+/// The newest event of one source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceEvent {
+    pub event_type: String,
+    pub event_id: Uuid,
+    pub occurred_at: i64,
+}
+
+/// One order as the read model holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderView {
+    pub order_id: Uuid,
+    pub status: &'static str,
+    pub version: i64,
+    /// By source: order, inventory, payment, shipment, notification.
+    pub sources: BTreeMap<String, SourceEvent>,
+    pub last_event_at: i64,
+    pub projected_at: i64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Merge {
+    Applied(OrderView),
+    /// The same event again.
+    Duplicate,
+    /// Older than what its source already shows.
+    Stale,
+}
+
+/// Where an event stands in its source's lifecycle: a compensation comes after what it undoes,
+/// an end after the start, whatever the clocks say.
+fn rank(event_type: &str) -> u8 {
+    match event_type {
+        "order.confirmed" | "order.cancelled" => 2,
+        "inventory.released" | "payment.refunded" => 1,
+        _ => 0,
+    }
+}
+
+fn source_of(event_type: &str) -> &str {
+    event_type.split('.').next().unwrap_or(event_type)
+}
+
+/// Applies `event` to `current` (the stored view, if any).
+pub fn merge(current: Option<&OrderView>, event: &AnyEvent, now: i64) -> Merge {
+    let envelope = event.envelope();
+    let event_type = event.event_type();
+    let order_id = Uuid::parse_str(&event.key()).unwrap_or_default();
+    let mut view = current.cloned().unwrap_or(OrderView {
+        order_id,
+        status: "placed",
+        version: 0,
+        sources: BTreeMap::new(),
+        last_event_at: 0,
+        projected_at: now,
+    });
+    let source = source_of(event_type).to_string();
+    let incoming = SourceEvent {
+        event_type: event_type.to_string(),
+        event_id: envelope.event_id,
+        occurred_at: envelope.occurred_at,
+    };
+    if let Some(known) = view.sources.get(&source) {
+        if known.event_id == incoming.event_id {
+            return Merge::Duplicate;
+        }
+        let key = |e: &SourceEvent| (rank(&e.event_type), e.occurred_at, e.event_id);
+        if key(&incoming) < key(known) {
+            return Merge::Stale;
+        }
+    }
+    view.sources.insert(source, incoming);
+    view.version += 1;
+    view.last_event_at = view.last_event_at.max(envelope.occurred_at);
+    view.projected_at = now;
+    view.status = status_of(&view.sources);
+    Merge::Applied(view)
+}
+
+fn status_of(sources: &BTreeMap<String, SourceEvent>) -> &'static str {
+    let latest = |s: &str| sources.get(s).map(|e| e.event_type.as_str());
+    match latest("order") {
+        Some("order.confirmed") => return "confirmed",
+        Some("order.cancelled") => return "cancelled",
+        _ => {}
+    }
+    let failed = sources.values().any(|e| {
+        matches!(
+            e.event_type.as_str(),
+            "inventory.reservation-failed"
+                | "payment.failed"
+                | "shipment.scheduling-failed"
+                | "inventory.released"
+                | "payment.refunded"
+        )
+    });
+    if failed {
+        "cancelling"
+    } else if STEPS.iter().any(|s| sources.contains_key(*s)) {
+        "processing"
+    } else {
+        "placed"
+    }
+}
+
+impl OrderView {
+    /// The steps not done yet (none once the order is confirmed or cancelled).
+    pub fn pending(&self) -> Vec<&'static str> {
+        match self.status {
+            "confirmed" | "cancelled" => Vec::new(),
+            "cancelling" => vec!["cancellation"],
+            _ => STEPS
+                .into_iter()
+                .filter(|s| !self.sources.contains_key(*s))
+                .collect(),
+        }
+    }
+}
+
+/// The read model's table.
+pub struct OrderStatusStore {
+    url: String,
+    client: Mutex<Option<Client>>,
+}
+
+impl OrderStatusStore {
+    pub fn new(url: &str) -> OrderStatusStore {
+        OrderStatusStore {
+            url: url.to_string(),
+            client: Mutex::new(None),
+        }
+    }
+
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, String> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_postgres::connect(&self.url, NoTls),
+            )
+            .await
+            .map_err(|_| "the read model's database did not answer within 5 s".to_string())?
+            .map_err(|e| format!("cannot reach the read model's database: {e}"))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!("read model connection ended: {e}");
+                }
+            });
+            crate::runtime::dedup::create_table(&client, SCHEMA)
+                .await
+                .map_err(|e| format!("creating orderflow_order_status: {e}"))?;
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
+
+    /// Applies one event under the row's lock; returns how it went.
+    pub async fn apply(&self, event: &AnyEvent) -> Result<Merge, String> {
+        let mut guard = self.client().await?;
+        let client = guard.as_mut().expect("client() connects");
+        let order_id = Uuid::parse_str(&event.key()).map_err(|e| e.to_string())?;
+        let tx = client.transaction().await.map_err(|e| e.to_string())?;
+        let row = tx
+            .query_opt(
+                "SELECT status, version, sources, last_event_at, projected_at FROM orderflow_order_status WHERE order_id = $1 FOR UPDATE",
+                &[&order_id],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let current = row.map(|r| view_of(order_id, &r)).transpose()?;
+        let merged = merge(current.as_ref(), event, now_millis());
+        if let Merge::Applied(view) = &merged {
+            let sources = serde_json::to_string(&view.sources).expect("sources serialize");
+            tx.execute(
+                "INSERT INTO orderflow_order_status (order_id, status, version, sources, last_event_at, projected_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO UPDATE SET \
+                 status = $2, version = $3, sources = $4, last_event_at = $5, projected_at = $6",
+                &[&order_id, &view.status, &view.version, &sources, &view.last_event_at, &view.projected_at],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        }
+        tx.commit().await.map_err(|e| e.to_string())?;
+        Ok(merged)
+    }
+}
+
+fn view_of(order_id: Uuid, row: &tokio_postgres::Row) -> Result<OrderView, String> {
+    let status: String = row.get(0);
+    let sources: String = row.get(2);
+    Ok(OrderView {
+        order_id,
+        status: match status.as_str() {
+            "confirmed" => "confirmed",
+            "cancelled" => "cancelled",
+            "cancelling" => "cancelling",
+            "processing" => "processing",
+            _ => "placed",
+        },
+        version: row.get(1),
+        sources: serde_json::from_str(&sources)
+            .map_err(|e| format!("stored sources of {order_id} are unreadable: {e}"))?,
+        last_event_at: row.get(3),
+        projected_at: row.get(4),
+    })
+}
+
+/// Reads one order's view with `client` (the intake's connection); `None` when not projected.
+pub async fn find(client: &Client, order_id: Uuid) -> Result<Option<OrderView>, String> {
+    let row = client
+        .query_opt(
+            "SELECT status, version, sources, last_event_at, projected_at FROM orderflow_order_status WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    row.map(|r| view_of(order_id, &r)).transpose()
+}
+
+/// The `order-status` custom handler: projects each event, publishes nothing.
+pub struct OrderStatusHandler {
+    store: Arc<OrderStatusStore>,
+    telemetry: ProjectionTelemetry,
+}
+
+impl OrderStatusHandler {
+    pub fn new(database_url: &str) -> OrderStatusHandler {
+        OrderStatusHandler {
+            store: Arc::new(OrderStatusStore::new(database_url)),
+            telemetry: ProjectionTelemetry::new("order-status"),
+        }
+    }
+}
+
+impl Handler for OrderStatusHandler {
+    fn handle<'a>(&'a self, event: &'a AnyEvent) -> BoxFuture<'a, Result<Vec<AnyEvent>, Failure>> {
+        async move {
+            match self.store.apply(event).await.map_err(Failure::Dependency)? {
+                Merge::Applied(view) => self.telemetry.emit(ProjectionEvent::Applied {
+                    status: view.status,
+                    lag_ms: view.projected_at - event.envelope().occurred_at,
+                }),
+                Merge::Duplicate => self.telemetry.emit(ProjectionEvent::Conflict {
+                    reason: "duplicate",
+                    event_type: event.event_type(),
+                }),
+                Merge::Stale => self.telemetry.emit(ProjectionEvent::Conflict {
+                    reason: "out_of_order",
+                    event_type: event.event_type(),
+                }),
+            }
+            Ok(Vec::new())
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contracts::OrderCreated;
+
+    fn after(cause: &AnyEvent, event_type: &str, data: serde_json::Value) -> AnyEvent {
+        AnyEvent::from_data(event_type, data, "test", cause.envelope()).unwrap()
+    }
+
+    /// order.created and the events of a confirmed order, in the order they happen.
+    fn confirmed_flow() -> Vec<AnyEvent> {
+        let order = AnyEvent::OrderCreated(OrderCreated::sample("test"));
+        let AnyEvent::OrderCreated(o) = &order else {
+            unreachable!()
+        };
+        let id = o.data.order_id.to_string();
+        let mut events = vec![order.clone()];
+        let mut next = |t: &str, data: serde_json::Value| {
+            std::thread::sleep(Duration::from_millis(2));
+            let e = after(&order, t, data);
+            events.push(e);
+        };
+        next(
+            "inventory.reserved",
+            serde_json::json!({"order_id": id, "reservation_id": Uuid::now_v7().to_string(), "lines": [{"sku": "A", "quantity": 1}]}),
+        );
+        next(
+            "payment.charged",
+            serde_json::json!({"order_id": id, "payment_id": Uuid::now_v7().to_string(), "amount": o.data.total}),
+        );
+        next(
+            "shipment.scheduled",
+            serde_json::json!({"order_id": id, "shipment_id": Uuid::now_v7().to_string(), "carrier": "dhl"}),
+        );
+        next(
+            "order.confirmed",
+            serde_json::json!({"order_id": id, "total": o.data.total}),
+        );
+        events
+    }
+
+    fn project(events: &[&AnyEvent]) -> (OrderView, usize) {
+        let mut view: Option<OrderView> = None;
+        let mut conflicts = 0;
+        for e in events {
+            match merge(view.as_ref(), e, now_millis()) {
+                Merge::Applied(v) => view = Some(v),
+                Merge::Duplicate | Merge::Stale => conflicts += 1,
+            }
+        }
+        (view.unwrap(), conflicts)
+    }
+
+    #[test]
+    fn in_order_the_status_follows_the_events() {
+        let flow = confirmed_flow();
+        let mut view = None;
+        let mut statuses = Vec::new();
+        for e in &flow {
+            let Merge::Applied(v) = merge(view.as_ref(), e, now_millis()) else {
+                panic!()
+            };
+            statuses.push(v.status);
+            view = Some(v);
+        }
+        assert_eq!(
+            statuses,
+            [
+                "placed",
+                "processing",
+                "processing",
+                "processing",
+                "confirmed"
+            ]
+        );
+        let view = view.unwrap();
+        assert_eq!(view.version, 5);
+        assert!(view.pending().is_empty());
+    }
+
+    #[test]
+    fn duplicates_and_out_of_order_events_cannot_move_an_order_backwards() {
+        let flow = confirmed_flow();
+        // Every permutation-ish shuffle with duplicates ends confirmed with the same sources.
+        let (expected, _) = project(&flow.iter().collect::<Vec<_>>());
+        for _ in 0..200 {
+            let mut shuffled: Vec<&AnyEvent> = flow.iter().chain(flow.iter().take(3)).collect();
+            fastrand::shuffle(&mut shuffled);
+            let (view, conflicts) = project(&shuffled);
+            assert_eq!(view.status, "confirmed");
+            assert_eq!(view.sources, expected.sources);
+            assert!(conflicts >= 3, "the three repeats at least");
+        }
+        // The confirmation first, then an older order.created: still confirmed.
+        let (view, conflicts) = project(&[&flow[4], &flow[0]]);
+        assert_eq!((view.status, conflicts), ("confirmed", 1));
+    }
+
+    #[test]
+    fn a_compensation_wins_over_what_it_undoes_whatever_the_clocks() {
+        let flow = confirmed_flow();
+        let AnyEvent::InventoryReserved(r) = &flow[1] else {
+            panic!()
+        };
+        let mut released = after(
+            &flow[0],
+            "inventory.released",
+            serde_json::to_value(&r.data).unwrap(),
+        );
+        if let AnyEvent::InventoryReleased(e) = &mut released {
+            e.envelope.occurred_at = flow[1].envelope().occurred_at - 60_000; // a slow clock
+        }
+        let (view, conflicts) = project(&[&flow[0], &released, &flow[1]]);
+        assert_eq!(view.sources["inventory"].event_type, "inventory.released");
+        assert_eq!((view.status, conflicts), ("cancelling", 1));
+        assert_eq!(view.pending(), ["cancellation"]);
+    }
+}
