@@ -360,6 +360,8 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
                     "steps": steps,
                     "last_event_time": time(view.last_event_at),
                     "projected_at": time(view.projected_at),
+                    "status_since": time(view.status_since),
+                    "status_since_ms": view.status_since,
                     "staleness_seconds": (now - view.last_event_at).max(0) as f64 / 1000.0,
                 }),
             );

@@ -35,7 +35,8 @@ pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orderflow_order_status (
     sources text NOT NULL,
     last_event_at bigint NOT NULL,
     projected_at bigint NOT NULL
-)";
+);
+ALTER TABLE orderflow_order_status ADD COLUMN IF NOT EXISTS status_since bigint NOT NULL DEFAULT 0";
 
 /// The steps an order goes through before it is confirmed.
 pub const STEPS: [&str; 3] = ["inventory", "payment", "shipment"];
@@ -58,6 +59,8 @@ pub struct OrderView {
     pub sources: BTreeMap<String, SourceEvent>,
     pub last_event_at: i64,
     pub projected_at: i64,
+    /// When the status last changed (projection time, ms): e.g. when it became final.
+    pub status_since: i64,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -95,6 +98,7 @@ pub fn merge(current: Option<&OrderView>, event: &AnyEvent, now: i64) -> Merge {
         sources: BTreeMap::new(),
         last_event_at: 0,
         projected_at: now,
+        status_since: now,
     });
     let source = source_of(event_type).to_string();
     let incoming = SourceEvent {
@@ -115,7 +119,11 @@ pub fn merge(current: Option<&OrderView>, event: &AnyEvent, now: i64) -> Merge {
     view.version += 1;
     view.last_event_at = view.last_event_at.max(envelope.occurred_at);
     view.projected_at = now;
-    view.status = status_of(&view.sources);
+    let status = status_of(&view.sources);
+    if status != view.status {
+        view.status = status;
+        view.status_since = now;
+    }
     Merge::Applied(view)
 }
 
@@ -204,7 +212,7 @@ impl OrderStatusStore {
         let tx = client.transaction().await.map_err(|e| e.to_string())?;
         let row = tx
             .query_opt(
-                "SELECT status, version, sources, last_event_at, projected_at FROM orderflow_order_status WHERE order_id = $1 FOR UPDATE",
+                "SELECT status, version, sources, last_event_at, projected_at, status_since FROM orderflow_order_status WHERE order_id = $1 FOR UPDATE",
                 &[&order_id],
             )
             .await
@@ -214,10 +222,10 @@ impl OrderStatusStore {
         if let Merge::Applied(view) = &merged {
             let sources = serde_json::to_string(&view.sources).expect("sources serialize");
             tx.execute(
-                "INSERT INTO orderflow_order_status (order_id, status, version, sources, last_event_at, projected_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (order_id) DO UPDATE SET \
-                 status = $2, version = $3, sources = $4, last_event_at = $5, projected_at = $6",
-                &[&order_id, &view.status, &view.version, &sources, &view.last_event_at, &view.projected_at],
+                "INSERT INTO orderflow_order_status (order_id, status, version, sources, last_event_at, projected_at, status_since) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO UPDATE SET \
+                 status = $2, version = $3, sources = $4, last_event_at = $5, projected_at = $6, status_since = $7",
+                &[&order_id, &view.status, &view.version, &sources, &view.last_event_at, &view.projected_at, &view.status_since],
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -244,6 +252,7 @@ fn view_of(order_id: Uuid, row: &tokio_postgres::Row) -> Result<OrderView, Strin
             .map_err(|e| format!("stored sources of {order_id} are unreadable: {e}"))?,
         last_event_at: row.get(3),
         projected_at: row.get(4),
+        status_since: row.get(5),
     })
 }
 
@@ -251,7 +260,7 @@ fn view_of(order_id: Uuid, row: &tokio_postgres::Row) -> Result<OrderView, Strin
 pub async fn find(client: &Client, order_id: Uuid) -> Result<Option<OrderView>, String> {
     let row = client
         .query_opt(
-            "SELECT status, version, sources, last_event_at, projected_at FROM orderflow_order_status WHERE order_id = $1",
+            "SELECT status, version, sources, last_event_at, projected_at, status_since FROM orderflow_order_status WHERE order_id = $1",
             &[&order_id],
         )
         .await

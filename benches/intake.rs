@@ -1,0 +1,209 @@
+//! Immediate response, eventual consistency, measured side by side: `orderflow serve`,
+//! `orderflow run --all` (pipelines, saga, read model) and `orderflow simulate` run as their
+//! own processes; this process offers POST /orders at a fixed rate (open loop: a slow answer
+//! does not delay the next request) and then polls GET /orders/{id} until each order is
+//! confirmed or cancelled.
+//!
+//!     eval "$(scripts/stack up)" && cargo build && cargo bench --bench intake
+//!
+//! ORDERFLOW_BENCH_RATE (requests/s, default 20), ORDERFLOW_BENCH_SECONDS (default 15).
+//! Reported: intake response time p50/p99 (202), and p50/p99 from the 202 to the final status
+//! in the read model.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use orderflow::contracts::OrderCreated;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn(args: &[&str], prefix: &str, log: &Path) -> Child {
+    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/orderflow");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build` first",
+        binary.display()
+    );
+    Command::new(binary)
+        .args(args)
+        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
+        .env(
+            "ORDERFLOW_PIPELINES_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"),
+        )
+        .env(
+            "ORDERFLOW_SCHEMAS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
+        )
+        .env("ORDERFLOW_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Milliseconds to the 202, and from the 202 to the final status (if it came).
+type Timing = (f64, Option<f64>);
+
+fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let at = |q: f64| values[((values.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.99))
+}
+
+#[tokio::main]
+async fn main() {
+    let rate = env_or("ORDERFLOW_BENCH_RATE", 20);
+    let seconds = env_or("ORDERFLOW_BENCH_SECONDS", 15);
+    let prefix = format!(
+        "bench-intake-{}.",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let logs = std::env::temp_dir();
+    let (sim_port, intake_port) = (free_port(), free_port());
+    let mut children = vec![spawn(
+        &[
+            "simulate",
+            "--listen",
+            &format!("127.0.0.1:{sim_port}"),
+            "--decline",
+            "0.1",
+        ],
+        &prefix,
+        &logs.join("bench-intake-simulate.log"),
+    )];
+    let base = format!("http://127.0.0.1:{sim_port}");
+    for (var, path) in [
+        ("ORDERFLOW_PAYMENT_URL", "payments"),
+        ("ORDERFLOW_REFUND_URL", "refunds"),
+        ("ORDERFLOW_INVENTORY_URL", "reservations"),
+        ("ORDERFLOW_RELEASE_URL", "reservations/release"),
+        ("ORDERFLOW_SHIPPING_URL", "shipments"),
+        ("ORDERFLOW_NOTIFICATION_URL", "notifications"),
+    ] {
+        std::env::set_var(var, format!("{base}/{path}"));
+    }
+    children.push(spawn(
+        &[
+            "run",
+            "--all",
+            "--report-every",
+            "0s",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &prefix,
+        &logs.join("bench-intake-run.log"),
+    ));
+    children.push(spawn(
+        &["serve", "--listen", &format!("127.0.0.1:{intake_port}")],
+        &prefix,
+        &logs.join("bench-intake-serve.log"),
+    ));
+    let url = format!("http://127.0.0.1:{intake_port}");
+    let client = reqwest::Client::new();
+    let ready = Instant::now();
+    while client.get(format!("{url}/healthz")).send().await.is_err() {
+        assert!(
+            ready.elapsed() < Duration::from_secs(60),
+            "the intake did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the processors join their groups before the clock starts.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    let total = (rate * seconds) as usize;
+    // Per order: the POST's response time, and from its 202 to the final status in the read
+    // model.
+    let results: Arc<Mutex<Vec<Timing>>> = Arc::default();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
+    let mut orders = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        tick.tick().await;
+        let (client, url, results) = (client.clone(), url.clone(), results.clone());
+        orders.spawn(async move {
+            let order = OrderCreated::sample("bench").data;
+            let body = serde_json::json!({
+                "customer_id": order.customer_id,
+                "items": order.items,
+                "shipping_address": order.shipping_address,
+            });
+            let started = Instant::now();
+            let response = client
+                .post(format!("{url}/orders"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            assert_eq!(
+                response.status(),
+                202,
+                "{}",
+                response.text().await.unwrap_or_default()
+            );
+            let body: serde_json::Value = response.json().await.unwrap();
+            let status_url = format!("{url}{}", body["status_url"].as_str().unwrap());
+            let accepted_ms = orderflow::contracts::events::now_millis();
+            // Polled lazily (every 500 ms, not to load the intake); the read model says when the
+            // status became final.
+            let mut final_ms = None;
+            let until = Instant::now() + Duration::from_secs(120);
+            while Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let status: serde_json::Value = client
+                    .get(&status_url)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if matches!(status["status"].as_str(), Some("confirmed" | "cancelled")) {
+                    let since = status["status_since_ms"].as_i64().unwrap();
+                    final_ms = Some((since - accepted_ms) as f64);
+                    break;
+                }
+            }
+            results.lock().unwrap().push((ms, final_ms));
+        });
+    }
+    while orders.join_next().await.is_some() {}
+    let results = results.lock().unwrap().clone();
+    let (p50, p99) = percentiles(results.iter().map(|r| r.0).collect());
+    let to_final: Vec<f64> = results.iter().filter_map(|r| r.1).collect();
+    for mut child in children {
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    let (f50, f99) = percentiles(to_final.clone());
+    println!("intake at {rate} req/s for {seconds} s ({} orders; load from this process, the services in three others):", results.len());
+    println!("  POST /orders -> 202            p50 {p50:>8.1} ms   p99 {p99:>8.1} ms");
+    println!(
+        "  202 -> final status (GET)      p50 {f50:>8.1} ms   p99 {f99:>8.1} ms   ({} of {} final; time from the read model's status_since)",
+        to_final.len(),
+        results.len(),
+    );
+    assert_eq!(
+        to_final.len(),
+        results.len(),
+        "not every order reached a final status"
+    );
+}
