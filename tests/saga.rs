@@ -62,6 +62,7 @@ fn quiet(behaviour: Behaviour) -> Behaviour {
 /// The step pipelines and the saga in this process.
 struct SagaRun {
     saga: SagaTelemetry,
+    pipelines: HashMap<String, orderflow::telemetry::Telemetry>,
     stop: watch::Sender<bool>,
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
 }
@@ -77,6 +78,10 @@ impl SagaRun {
             .filter(|p| !skip.contains(&p.name.as_str()))
             .collect();
         let processors = processors(&connect, pipelines, true).await.unwrap();
+        let telemetry = processors
+            .iter()
+            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+            .collect();
         let codec = codec_for(&connect).unwrap();
         let mut orchestrators = orchestrators(&connect, sagas, codec).await.unwrap();
         let saga = orchestrators[0].telemetry();
@@ -91,7 +96,12 @@ impl SagaRun {
         for o in orchestrators {
             tasks.spawn(o.run(stopped.clone()));
         }
-        SagaRun { saga, stop, tasks }
+        SagaRun {
+            saga,
+            pipelines: telemetry,
+            stop,
+            tasks,
+        }
     }
 
     fn ended(&self) -> u64 {
@@ -707,7 +717,7 @@ async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
             .await
             .unwrap();
     let dir = saga_dir(addr, |_, t| t);
-    let producer: rdkafka::producer::FutureProducer =
+    let producer: rdkafka::producer::FutureProducer<_> =
         orderflow::kafka::producer_config(&bootstrap())
             .create()
             .unwrap();
@@ -730,23 +740,29 @@ async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
         "order.confirmed",
         serde_json::json!({"order_id": id, "total": order.data.total}),
     );
-    // Published newest first, with repeats.
+    // The newest events first, then (once they are projected) a repeat and the older
+    // order.created: neither may change the view.
     let (codec, _) = codec(&prefix);
-    for event in [
-        &confirmed, &charged, &charged, &reserved, &created, &confirmed,
-    ] {
-        let topic = format!("{prefix}{}", event.event_type());
-        orderflow::kafka::ensure_topics(&bootstrap(), &[(&topic, 3)], 1)
-            .await
-            .unwrap();
-        let payload = event.encode(&codec, &topic).await.unwrap();
-        let record = rdkafka::producer::FutureRecord::to(&topic)
-            .key(&id)
-            .payload(&payload);
-        producer
-            .send(record, Duration::from_secs(10))
-            .await
-            .unwrap();
+    let send = |event: &AnyEvent| {
+        let (codec, producer, id) = (codec.clone(), producer.clone(), id.clone());
+        let (prefix, event) = (prefix.clone(), event.clone());
+        async move {
+            let topic = format!("{prefix}{}", event.event_type());
+            orderflow::kafka::ensure_topics(&bootstrap(), &[(&topic, 3)], 1)
+                .await
+                .unwrap();
+            let payload = event.encode(&codec, &topic).await.unwrap();
+            let record = rdkafka::producer::FutureRecord::to(&topic)
+                .key(&id)
+                .payload(&payload);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    };
+    for event in [&confirmed, &charged, &charged, &reserved] {
+        send(event).await;
     }
     let run = SagaRun::start(
         &prefix,
@@ -767,25 +783,43 @@ async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
         .await
         .unwrap();
     tokio::spawn(connection);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let view = loop {
-        let view = orderflow::projection::find(&client, order.data.order_id)
-            .await
-            .ok()
-            .flatten();
-        if let Some(v) = view.filter(|v| v.sources.len() == 3) {
-            break v;
+    let projected = |sources: usize| {
+        let client = &client;
+        let order_id = order.data.order_id;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let view = orderflow::projection::find(client, order_id)
+                    .await
+                    .ok()
+                    .flatten();
+                if let Some(v) = view.filter(|v| v.sources.len() == sources) {
+                    return v;
+                }
+                assert!(Instant::now() < deadline, "not projected");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
-        assert!(Instant::now() < deadline, "not projected");
-        tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    let before = projected(3).await;
+    assert_eq!((before.status, before.version), ("confirmed", 3));
+    let consumed = run.pipelines["order-status"].snapshot().consumed;
+    send(&created).await;
+    send(&confirmed).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run.pipelines["order-status"].snapshot().consumed < consumed + 2 {
+        assert!(Instant::now() < deadline, "the late events were not read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let view = projected(3).await;
     run.stop().await;
     assert_eq!(view.status, "confirmed");
     assert_eq!(view.sources["order"].event_type, "order.confirmed");
     assert_eq!(view.sources["payment"].event_type, "payment.charged");
-    // confirmed, charged, reserved applied; the repeats (stopped by the dedup store before
-    // the handler) and the older order.created (a conflict in the read model) were not.
-    assert_eq!(view.version, 3);
+    // The repeats (stopped by the dedup store before the handler) and the older order.created
+    // (a conflict in the read model) changed nothing.
+    assert_eq!(view, before);
     let metrics = orderflow::telemetry::metrics::encode();
     assert!(
         metrics.lines().any(|l| l.starts_with(
