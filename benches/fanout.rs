@@ -17,7 +17,8 @@
 //!
 //! ORDERFLOW_BENCH_EVENTS (default 20000), ORDERFLOW_BENCH_RUNS (3), ORDERFLOW_BENCH_RATE
 //! (offered load, events/s, 1000), ORDERFLOW_BENCH_SECONDS (10), ORDERFLOW_BENCH_RETRY_EVENTS
-//! (300), ORDERFLOW_BENCH_JVM (1; 0 skips the JVM peer and the perf tools).
+//! (300), ORDERFLOW_BENCH_JVM (1; 0 skips the JVM peer and the perf tools),
+//! ORDERFLOW_BENCH_THROUGHPUT_ONLY (0; 1 stops after the throughput runs, for profiling).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -564,6 +565,19 @@ fn main() {
         let ratio = |a: &dyn Fn(&Run) -> f64, b: &dyn Fn(&Run) -> f64| {
             median(all.iter().filter(|r| b(r) > 0.0).map(|r| a(r) / b(r)).collect())
         };
+        if env_or("ORDERFLOW_BENCH_THROUGHPUT_ONLY", 0) == 1 {
+            for r in &all {
+                println!(
+                    "raw {:.0}/s, orderflow {:.0}/s ({:.1} CPU s/M), with dedup {:.0}/s ({:.1} CPU s/M)",
+                    r.raw.events_per_second,
+                    r.orderflow.events_per_second,
+                    r.orderflow.cpu_per_million,
+                    r.orderflow_dedup.events_per_second,
+                    r.orderflow_dedup.cpu_per_million
+                );
+            }
+            return;
+        }
         let (p50, p99, p999) = latency_at(rate, seconds).await;
         let (main_p99_clean, _) = retries(retry_events, 0).await;
         let (main_p99_retried, lateness) = retries(retry_events, 10).await;

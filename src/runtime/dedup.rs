@@ -22,7 +22,14 @@ pub struct DedupError {
 
 pub struct DedupStore {
     url: String,
-    client: Mutex<Option<Client>>,
+    client: Mutex<Option<Connection>>,
+}
+
+/// A connection and its prepared statements: one round trip per query instead of two.
+struct Connection {
+    client: Client,
+    seen: tokio_postgres::Statement,
+    mark: tokio_postgres::Statement,
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orderflow_processed (
@@ -44,7 +51,7 @@ impl DedupStore {
         create_table(&client, SCHEMA)
             .await
             .map_err(|e| store.error(e))?;
-        *store.client.lock().await = Some(client);
+        *store.client.lock().await = Some(store.prepare(client).await?);
         Ok(store)
     }
 
@@ -80,11 +87,29 @@ impl DedupStore {
         }
     }
 
+    async fn prepare(&self, client: Client) -> Result<Connection, DedupError> {
+        let seen = client
+            .prepare(
+                "SELECT 1 FROM orderflow_processed WHERE consumer_group = $1 AND event_id = $2",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let mark = client
+            .prepare(
+                "INSERT INTO orderflow_processed (consumer_group, event_id) \
+                 SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING",
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        Ok(Connection { client, seen, mark })
+    }
+
     /// A connected client, reconnecting when the previous connection broke.
-    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, DedupError> {
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Connection>>, DedupError> {
         let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.open(&self.url).await?);
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            let client = self.open(&self.url).await?;
+            *guard = Some(self.prepare(client).await?);
         }
         Ok(guard)
     }
@@ -92,12 +117,10 @@ impl DedupStore {
     /// True when `group` has already handled `event_id`.
     pub async fn seen(&self, group: &str, event_id: Uuid) -> Result<bool, DedupError> {
         let guard = self.client().await?;
-        let client = guard.as_ref().expect("client() connects");
-        let row = client
-            .query_opt(
-                "SELECT 1 FROM orderflow_processed WHERE consumer_group = $1 AND event_id = $2",
-                &[&group, &event_id],
-            )
+        let c = guard.as_ref().expect("client() connects");
+        let row = c
+            .client
+            .query_opt(&c.seen, &[&group, &event_id])
             .await
             .map_err(|e| self.error(e))?;
         Ok(row.is_some())
@@ -105,14 +128,18 @@ impl DedupStore {
 
     /// Records that `group` has handled `event_id` (a repeat is a no-op).
     pub async fn mark(&self, group: &str, event_id: Uuid) -> Result<(), DedupError> {
+        self.mark_many(group, &[event_id]).await
+    }
+
+    /// Records several handled event ids in one statement.
+    pub async fn mark_many(&self, group: &str, event_ids: &[Uuid]) -> Result<(), DedupError> {
+        if event_ids.is_empty() {
+            return Ok(());
+        }
         let guard = self.client().await?;
-        let client = guard.as_ref().expect("client() connects");
-        client
-            .execute(
-                "INSERT INTO orderflow_processed (consumer_group, event_id) VALUES ($1, $2) \
-                 ON CONFLICT DO NOTHING",
-                &[&group, &event_id],
-            )
+        let c = guard.as_ref().expect("client() connects");
+        c.client
+            .execute(&c.mark, &[&group, &event_ids])
             .await
             .map_err(|e| self.error(e))?;
         Ok(())

@@ -540,15 +540,22 @@ impl Processor {
         Ok(())
     }
 
-    /// Telemetry (and the dedup mark) for an input whose records are all acknowledged.
+    /// The dedup mark and telemetry for an input whose records are all acknowledged.
     async fn end(&self, topic: &str, ending: Ending) {
+        if let Ending::Succeeded { event_id, .. } = &ending {
+            self.mark_handled(&[*event_id]).await;
+        }
+        self.tell(topic, ending);
+    }
+
+    /// Telemetry for an input that is finished.
+    fn tell(&self, topic: &str, ending: Ending) {
         match ending {
             Ending::Succeeded {
                 outputs,
-                event_id,
+                event_id: _,
                 occurred_at_ms,
             } => {
-                self.mark_handled(event_id).await;
                 self.telemetry.emit(ProcessorEvent::Succeeded {
                     topic,
                     outputs: &outputs,
@@ -631,8 +638,45 @@ impl Processor {
         acks: Acks,
     ) {
         let head = in_flight.front_mut().expect("acks come from the head");
+        if !self.all_acknowledged(head, acks).await {
+            return;
+        }
+        let mut done = vec![in_flight.pop_front().expect("head exists")];
+        // Under load the next inputs' acks are often in already: finish them together, so
+        // their dedup marks reach the store in one statement.
+        while let Some(next) = in_flight.front_mut() {
+            let Some(acks) = next.acks.as_mut().now_or_never() else {
+                break;
+            };
+            if !self.all_acknowledged(next, acks).await {
+                break;
+            }
+            done.push(in_flight.pop_front().expect("next exists"));
+        }
+        let succeeded: Vec<uuid::Uuid> = done
+            .iter()
+            .filter_map(|f| match &f.ending {
+                Ending::Succeeded { event_id, .. } => Some(*event_id),
+                _ => None,
+            })
+            .collect();
+        self.mark_handled(&succeeded).await;
+        for finished in done {
+            self.tell(&finished.topic, finished.ending);
+            if let Err(e) =
+                consumer.store_offset(&finished.topic, finished.partition, finished.offset)
+            {
+                // The partition was revoked meanwhile: its new owner reads this record again.
+                tracing::warn!(topic = %finished.topic, partition = finished.partition, offset = finished.offset, "offset not stored: {e}");
+            }
+        }
+    }
+
+    /// True when every record of `input` is acknowledged; otherwise reports the failures and
+    /// writes the refused records again (after a growing pause).
+    async fn all_acknowledged(&self, input: &mut InFlight, acks: Acks) -> bool {
         let mut failed = Vec::new();
-        for (record, ack) in std::mem::take(&mut head.pending).into_iter().zip(acks) {
+        for (record, ack) in std::mem::take(&mut input.pending).into_iter().zip(acks) {
             let error = match ack {
                 Ok(Ok(())) => continue,
                 Ok(Err(error)) => error,
@@ -641,26 +685,21 @@ impl Processor {
             self.telemetry.emit(ProcessorEvent::ProduceFailed {
                 topic: &record.topic,
                 error: &error,
-                attempt: head.failed_rounds + 1,
+                attempt: input.failed_rounds + 1,
             });
             failed.push(record);
         }
         if failed.is_empty() {
-            let head = in_flight.pop_front().expect("head exists");
-            self.end(&head.topic, head.ending).await;
-            if let Err(e) = consumer.store_offset(&head.topic, head.partition, head.offset) {
-                // The partition was revoked meanwhile: its new owner reads this record again.
-                tracing::warn!(topic = %head.topic, partition = head.partition, offset = head.offset, "offset not stored: {e}");
-            }
-            return;
+            return true;
         }
-        head.failed_rounds += 1;
+        input.failed_rounds += 1;
         tokio::time::sleep(Duration::from_millis(
-            200 * u64::from(head.failed_rounds.min(50)),
+            200 * u64::from(input.failed_rounds.min(50)),
         ))
         .await;
-        head.acks = self.send_all(&failed);
-        head.pending = failed;
+        input.acks = self.send_all(&failed);
+        input.pending = failed;
+        false
     }
 
     /// Decode, run the step (with in-process retries of transient failures), encode outputs.
@@ -747,11 +786,14 @@ impl Processor {
 
     /// Records a handled event, after its outputs are acknowledged. A failure here cannot
     /// undo the outputs; it is retried briefly, then reported (a redelivery would repeat it).
-    async fn mark_handled(&self, event_id: uuid::Uuid) {
+    async fn mark_handled(&self, event_ids: &[uuid::Uuid]) {
         let Some(dedup) = &self.dedup else { return };
+        if event_ids.is_empty() {
+            return;
+        }
         let mut last_error = None;
         for attempt in 0..3 {
-            match dedup.mark(&self.group_id, event_id).await {
+            match dedup.mark_many(&self.group_id, event_ids).await {
                 Ok(()) => return,
                 Err(e) => {
                     last_error = Some(e.to_string());
@@ -759,10 +801,12 @@ impl Processor {
                 }
             }
         }
-        self.telemetry.emit(ProcessorEvent::DedupMarkFailed {
-            event_id: &event_id.to_string(),
-            error: last_error.as_deref().unwrap_or_default(),
-        });
+        for event_id in event_ids {
+            self.telemetry.emit(ProcessorEvent::DedupMarkFailed {
+                event_id: &event_id.to_string(),
+                error: last_error.as_deref().unwrap_or_default(),
+            });
+        }
     }
 
     /// The record for the next retry tier, or for the dead-letter topic.
