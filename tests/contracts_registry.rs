@@ -5,22 +5,21 @@
 
 mod common;
 
-use common::{bootstrap, registry_url};
+use common::{
+    bootstrap, edited_avro, raw_payload, registry_url, with_gift_message, OrderCreatedV2,
+    SwitchProxy,
+};
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
 use apache_avro::Schema;
-use orderflow::contracts::validate::Violations;
 use orderflow::contracts::*;
 use orderflow::kafka::{self, PublishError, Publisher};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
 
 fn unique(prefix: &str) -> String {
     format!("it-{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -30,36 +29,6 @@ const AVRO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/avro");
 
 fn catalog_at(dir: &Path) -> Arc<Catalog> {
     Arc::new(Catalog::load(dir).unwrap())
-}
-
-/// A copy of `avro/` in a temporary folder, with `edit` applied to order.created's data fields.
-fn edited_avro(edit: impl FnOnce(&mut Vec<Value>)) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique("avro"));
-    copy_dir(Path::new(AVRO), &dir);
-    let file = dir.join("order/order.created.avsc");
-    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    let data = schema["fields"]
-        .as_array_mut()
-        .unwrap()
-        .iter_mut()
-        .find(|f| f["name"] == "data")
-        .unwrap();
-    edit(data["type"]["fields"].as_array_mut().unwrap());
-    std::fs::write(&file, serde_json::to_string_pretty(&schema).unwrap()).unwrap();
-    dir
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let path = entry.unwrap().path();
-        let target = to.join(path.file_name().unwrap());
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).unwrap();
-        }
-    }
 }
 
 fn orderflow(schemas_dir: &Path, prefix: &str, args: &[&str]) -> Output {
@@ -78,59 +47,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-/// order.created as a consumer built against a newer contract sees it: one optional field more.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct OrderCreatedV2 {
-    envelope: Envelope,
-    data: OrderCreatedDataV2,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct OrderCreatedDataV2 {
-    order_id: String,
-    customer_id: String,
-    items: Vec<OrderItem>,
-    total: Money,
-    shipping_address: Address,
-    gift_message: Option<String>,
-}
-
-impl Event for OrderCreatedV2 {
-    const EVENT_TYPE: &'static str = "order.created";
-    const SCHEMA_VERSION: i32 = 2;
-    fn envelope(&self) -> &Envelope {
-        &self.envelope
-    }
-    fn key(&self) -> String {
-        self.data.order_id.clone()
-    }
-    fn check_data(&self, _: &mut Violations) {}
-}
-
-impl OrderCreatedV2 {
-    fn from_v1(order: &OrderCreated, gift_message: Option<&str>) -> Self {
-        let d = &order.data;
-        OrderCreatedV2 {
-            envelope: Envelope {
-                schema_version: 2,
-                ..order.envelope.clone()
-            },
-            data: OrderCreatedDataV2 {
-                order_id: d.order_id.to_string(),
-                customer_id: d.customer_id.clone(),
-                items: d.items.clone(),
-                total: d.total.clone(),
-                shipping_address: d.shipping_address.clone(),
-                gift_message: gift_message.map(str::to_string),
-            },
-        }
-    }
-}
-
-fn with_gift_message(fields: &mut Vec<Value>) {
-    fields.push(json!({"name": "gift_message", "type": ["null", "string"], "default": null}));
 }
 
 #[tokio::test]
@@ -348,30 +264,6 @@ fn a_removed_required_field_is_refused_where_old_readers_must_keep_working() {
     assert!(!register.status.success(), "{}", text(&register));
 }
 
-/// Frames an Avro value the way a producer that skipped our validation would.
-async fn raw_payload(topic: &str, value: &impl Serialize, event_type: &str) -> Vec<u8> {
-    let catalog = catalog_at(Path::new(AVRO));
-    let schema = catalog.event(event_type).unwrap();
-    let registered = RegistryClient::new(&registry_url())
-        .register(&format!("{topic}-value"), &schema.expanded)
-        .await
-        .unwrap();
-    let value = apache_avro::to_value(value)
-        .unwrap()
-        .resolve(&schema.schema)
-        .unwrap();
-    let mut payload = vec![0];
-    payload.extend_from_slice(&registered.id.to_be_bytes());
-    payload.extend(
-        apache_avro::writer::datum::GenericDatumWriter::builder(&schema.schema)
-            .build()
-            .unwrap()
-            .write_value_to_vec(value)
-            .unwrap(),
-    );
-    payload
-}
-
 #[tokio::test]
 async fn every_bad_input_gets_its_own_classified_error() {
     let topic = unique("bad");
@@ -467,48 +359,6 @@ fn payment_charged(amount_minor: i64) -> PaymentCharged {
     }
 }
 
-/// A TCP proxy to the registry that the test can cut, connections and all.
-struct CuttableProxy {
-    url: String,
-    tasks: JoinSet<()>,
-}
-
-impl CuttableProxy {
-    async fn start(target_url: &str) -> CuttableProxy {
-        let target = target_url
-            .trim_start_matches("http://")
-            .split('/')
-            .next()
-            .unwrap()
-            .to_string();
-        let path = target_url
-            .trim_start_matches("http://")
-            .trim_start_matches(&target)
-            .to_string();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}{path}", listener.local_addr().unwrap());
-        let mut tasks = JoinSet::new();
-        tasks.spawn(async move {
-            let mut connections = JoinSet::new();
-            loop {
-                let (mut inbound, _) = listener.accept().await.unwrap();
-                let target = target.clone();
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        });
-        CuttableProxy { url, tasks }
-    }
-
-    async fn cut(&mut self) {
-        self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
-    }
-}
-
 #[tokio::test]
 async fn decoding_goes_on_from_the_cache_when_the_registry_goes_away() {
     let topic = unique("outage");
@@ -522,7 +372,7 @@ async fn decoding_goes_on_from_the_cache_when_the_registry_goes_away() {
         .await
         .unwrap();
 
-    let mut proxy = CuttableProxy::start(&registry_url()).await;
+    let proxy = SwitchProxy::start(&registry_url()).await;
     let through_proxy = EventCodec::new(&proxy.url, catalog).unwrap();
     assert_eq!(
         through_proxy
@@ -531,7 +381,7 @@ async fn decoding_goes_on_from_the_cache_when_the_registry_goes_away() {
             .unwrap(),
         order
     );
-    proxy.cut().await;
+    proxy.down();
 
     // Warm: the writer schema is cached by id.
     for _ in 0..3 {

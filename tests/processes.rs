@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -17,58 +16,6 @@ const OUTPUTS: [&str; 4] = [
     "notification.sent",
     "analytics.orders",
 ];
-
-fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(["run", "--all", "--report-every", "0s"])
-        .env("ORDERFLOW_PIPELINES_DIR", dir)
-        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
-        .env(
-            "ORDERFLOW_SCHEMAS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
-        )
-        .env("ORDERFLOW_LOG", "info")
-        // Several runs at once: each serves its metrics on a free port.
-        .env("ORDERFLOW_METRICS_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-/// Fails the test at once, with the log, when the child has already exited.
-fn still_running(child: &mut Child, log: &Path) {
-    if let Some(status) = child.try_wait().unwrap() {
-        panic!(
-            "orderflow run exited with {status}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-    }
-}
-
-fn signal(child: &Child, signal: i32) {
-    // SAFETY: kill(2) on the pid of a child we own and have not waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "orderflow run did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// Records per output topic (all, and distinct keys).
 fn outputs(prefix: &str) -> Vec<(String, usize, usize)> {

@@ -234,6 +234,30 @@ impl EventCodec {
             .map_err(|e| encode_error(e, E::EVENT_TYPE))
     }
 
+    /// Puts a writer schema in the cache under `id`, as if fetched from the registry: for
+    /// tools and tests that decode without a registry.
+    pub fn preload_writer_schema(&self, id: u32, schema: &str) -> Result<(), DecodeError> {
+        let schema = Schema::parse_str(schema).map_err(|e| DecodeError::UnusableSchema {
+            id,
+            detail: e.to_string(),
+        })?;
+        self.cache_writer(id, schema);
+        Ok(())
+    }
+
+    fn cache_writer(&self, id: u32, schema: Schema) -> Arc<WriterSchema> {
+        let writer = Arc::new(WriterSchema {
+            name: record_name(&schema),
+            canonical: schema.canonical_form(),
+            schema,
+        });
+        self.writers
+            .write()
+            .expect("cache lock")
+            .insert(id, writer.clone());
+        writer
+    }
+
     async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
         if let Some(found) = self.writers.read().expect("cache lock").get(&id) {
             self.cache_hits.fetch_add(1, Ordering::Relaxed);
@@ -264,16 +288,7 @@ impl EventCodec {
             id,
             detail: e.to_string(),
         })?;
-        let writer = Arc::new(WriterSchema {
-            name: record_name(&schema),
-            canonical: schema.canonical_form(),
-            schema,
-        });
-        self.writers
-            .write()
-            .expect("cache lock")
-            .insert(id, writer.clone());
-        Ok(writer)
+        Ok(self.cache_writer(id, schema))
     }
 
     /// Decodes a payload into the typed event `E`: wire header, writer schema by id (cached),

@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,11 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
 use orderflow::cli::{processors, Connect};
-use orderflow::contracts::{Catalog, EventCodec, Naming, OrderCreated, SubjectStrategy};
+use orderflow::contracts::validate::Violations;
+use orderflow::contracts::{
+    Address, Catalog, Envelope, Event, EventCodec, Money, Naming, OrderCreated, OrderItem,
+    SubjectStrategy,
+};
 use orderflow::kafka::Publisher;
 use orderflow::pipeline;
 use orderflow::telemetry::Telemetry;
@@ -21,6 +26,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -344,22 +350,7 @@ pub struct Running {
 
 impl Running {
     pub async fn start(prefix: &str, dir: &Path) -> Running {
-        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
-        let processors = processors(&connect(prefix), pipelines, true).await.unwrap();
-        let telemetry = processors
-            .iter()
-            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
-            .collect();
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in processors {
-            tasks.spawn(p.run(stopped.clone()));
-        }
-        Running {
-            telemetry,
-            stop,
-            tasks,
-        }
+        Running::start_with(connect(prefix), dir).await
     }
 
     pub fn done(&self, pipeline: &str) -> u64 {
@@ -411,4 +402,248 @@ impl Running {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+// ---- `orderflow run` as a process ------------------------------------------------------------
+
+/// `orderflow run --all` over the pipelines of `dir`, topics under `prefix`, stderr to `log`.
+pub fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(["run", "--all", "--report-every", "0s"])
+        .env("ORDERFLOW_PIPELINES_DIR", dir)
+        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
+        .env(
+            "ORDERFLOW_SCHEMAS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
+        )
+        .env("ORDERFLOW_LOG", "info")
+        // Several runs at once: each serves its metrics on a free port.
+        .env("ORDERFLOW_METRICS_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+/// Fails the test at once, with the log, when the child has already exited.
+pub fn still_running(child: &mut Child, log: &Path) {
+    if let Some(status) = child.try_wait().unwrap() {
+        panic!(
+            "orderflow run exited with {status}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+    }
+}
+
+pub fn signal(child: &Child, signal: i32) {
+    // SAFETY: kill(2) on the pid of a child we own and have not waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+}
+
+pub fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "orderflow run did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ---- a TCP proxy that can be switched off -----------------------------------------------------
+
+/// A TCP proxy to an HTTP service (the registry) that a test can switch off, open connections
+/// included, and on again.
+pub struct SwitchProxy {
+    /// The target URL with the proxy's address instead of the target's.
+    pub url: String,
+    up: Arc<std::sync::atomic::AtomicBool>,
+    live: Arc<Mutex<tokio::task::JoinSet<()>>>,
+}
+
+impl SwitchProxy {
+    pub async fn start(target_url: &str) -> SwitchProxy {
+        let target = target_url
+            .trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        let path = target_url
+            .trim_start_matches("http://")
+            .trim_start_matches(&target)
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}{path}", listener.local_addr().unwrap());
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let live: Arc<Mutex<tokio::task::JoinSet<()>>> = Arc::default();
+        let (accepting, connections) = (up.clone(), live.clone());
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = listener.accept().await.unwrap();
+                if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let target = target.clone();
+                connections.lock().unwrap().spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        SwitchProxy { url, up, live }
+    }
+
+    pub fn down(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.live.lock().unwrap().abort_all();
+    }
+
+    pub fn up(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Running {
+    /// Like [`Running::start`], with a connection of the caller's (e.g. through a proxy).
+    pub async fn start_with(connect: Connect, dir: &Path) -> Running {
+        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
+        let processors = processors(&connect, pipelines, true).await.unwrap();
+        let telemetry = processors
+            .iter()
+            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+            .collect();
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in processors {
+            tasks.spawn(p.run(stopped.clone()));
+        }
+        Running {
+            telemetry,
+            stop,
+            tasks,
+        }
+    }
+}
+
+// ---- an evolved contract -----------------------------------------------------------------------
+
+/// A copy of `avro/` in a temporary folder, with `edit` applied to order.created's data fields.
+pub fn edited_avro(edit: impl FnOnce(&mut Vec<Value>)) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("it-avro-{}", uuid::Uuid::new_v4().simple()));
+    copy_dir(
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/avro")),
+        &dir,
+    );
+    let file = dir.join("order/order.created.avsc");
+    let mut schema: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let data = schema["fields"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|f| f["name"] == "data")
+        .unwrap();
+    edit(data["type"]["fields"].as_array_mut().unwrap());
+    std::fs::write(&file, serde_json::to_string_pretty(&schema).unwrap()).unwrap();
+    dir
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+/// order.created as a consumer built against a newer contract sees it: one optional field more.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderCreatedV2 {
+    pub envelope: Envelope,
+    pub data: OrderCreatedDataV2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrderCreatedDataV2 {
+    pub order_id: String,
+    pub customer_id: String,
+    pub items: Vec<OrderItem>,
+    pub total: Money,
+    pub shipping_address: Address,
+    pub gift_message: Option<String>,
+}
+
+impl Event for OrderCreatedV2 {
+    const EVENT_TYPE: &'static str = "order.created";
+    const SCHEMA_VERSION: i32 = 2;
+    fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+    fn key(&self) -> String {
+        self.data.order_id.clone()
+    }
+    fn check_data(&self, _: &mut Violations) {}
+}
+
+impl OrderCreatedV2 {
+    pub fn from_v1(order: &OrderCreated, gift_message: Option<&str>) -> Self {
+        let d = &order.data;
+        OrderCreatedV2 {
+            envelope: Envelope {
+                schema_version: 2,
+                ..order.envelope.clone()
+            },
+            data: OrderCreatedDataV2 {
+                order_id: d.order_id.to_string(),
+                customer_id: d.customer_id.clone(),
+                items: d.items.clone(),
+                total: d.total.clone(),
+                shipping_address: d.shipping_address.clone(),
+                gift_message: gift_message.map(str::to_string),
+            },
+        }
+    }
+}
+
+pub fn with_gift_message(fields: &mut Vec<Value>) {
+    fields.push(json!({"name": "gift_message", "type": ["null", "string"], "default": null}));
+}
+
+/// Frames an Avro value the way a producer that skipped our validation would.
+pub async fn raw_payload(topic: &str, value: &impl serde::Serialize, event_type: &str) -> Vec<u8> {
+    let catalog = Catalog::load(Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/avro"))).unwrap();
+    let schema = catalog.event(event_type).unwrap();
+    let registered = orderflow::contracts::RegistryClient::new(&registry_url())
+        .register(&format!("{topic}-value"), &schema.expanded)
+        .await
+        .unwrap();
+    let value = apache_avro::to_value(value)
+        .unwrap()
+        .resolve(&schema.schema)
+        .unwrap();
+    let mut payload = vec![0];
+    payload.extend_from_slice(&registered.id.to_be_bytes());
+    payload.extend(
+        apache_avro::writer::datum::GenericDatumWriter::builder(&schema.schema)
+            .build()
+            .unwrap()
+            .write_value_to_vec(value)
+            .unwrap(),
+    );
+    payload
 }
