@@ -5,7 +5,8 @@
 //!
 //! Runs in CI at reduced size; `ORDERFLOW_FAULTS_SCALE=10 cargo test --test faults -- --nocapture`
 //! runs it larger. Each scenario prints a line of the table in the closing note.
-//! The three-broker scenario is not here yet (one broker per test run).
+//! The three-broker scenario runs against `scripts/kafka-cluster` (ORDERFLOW_CLUSTER_BOOTSTRAP),
+//! which `scripts/test` starts beside the stack.
 
 mod common;
 
@@ -37,8 +38,20 @@ struct Tally {
 
 /// Every id of `ids` in `output` or the group's dead-letter topic of `input`?
 fn reconcile(prefix: &str, ids: &HashSet<String>, input: &str, group: &str, output: &str) -> Tally {
-    let out = keys(&read_topic(&format!("{prefix}{output}")));
-    let dlq = keys(&read_topic(&format!("{prefix}{input}.{group}.dlq")));
+    reconcile_at(&bootstrap(), prefix, ids, input, group, output)
+}
+
+fn reconcile_at(
+    cluster: &str,
+    prefix: &str,
+    ids: &HashSet<String>,
+    input: &str,
+    group: &str,
+    output: &str,
+) -> Tally {
+    let read = |topic: String| keys(&read_topic_at(cluster, &topic, "read_committed"));
+    let out = read(format!("{prefix}{output}"));
+    let dlq = read(format!("{prefix}{input}.{group}.dlq"));
     let out_set: HashSet<&String> = out.iter().collect();
     let dlq_set: HashSet<&String> = dlq.iter().collect();
     Tally {
@@ -63,13 +76,19 @@ const CONSUMERS: [(&str, &str); 4] = [
 ];
 
 fn all_reconciled(prefix: &str, ids: &HashSet<String>) -> Vec<(&'static str, Tally)> {
+    all_reconciled_at(&bootstrap(), prefix, ids)
+}
+
+fn all_reconciled_at(
+    cluster: &str,
+    prefix: &str,
+    ids: &HashSet<String>,
+) -> Vec<(&'static str, Tally)> {
     CONSUMERS
         .iter()
         .map(|(group, output)| {
-            (
-                *group,
-                reconcile(prefix, ids, "order.created", group, output),
-            )
+            let t = reconcile_at(cluster, prefix, ids, "order.created", group, output);
+            (*group, t)
         })
         .collect()
 }
@@ -627,6 +646,91 @@ async fn processors_joining_and_leaving_lose_nothing() {
         "rebalances",
         events,
         "3 processors joining and leaving",
+        &tallies,
+        0,
+    );
+    for (consumer, t) in &tallies {
+        assert_eq!((t.lost, t.in_dlq), (0, 0), "{consumer}");
+    }
+    for service in ["payments", "reservations", "notifications"] {
+        assert_eq!(downstream.keys_and_calls(service).0, events, "{service}");
+    }
+}
+
+fn cluster(args: &[&str]) -> String {
+    let out = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/scripts/kafka-cluster"
+    ))
+    .args(args)
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "kafka-cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_and_the_controller_leader_killed_mid_run_lose_nothing() {
+    let cluster_bootstrap = std::env::var("ORDERFLOW_CLUSTER_BOOTSTRAP")
+        .expect("ORDERFLOW_CLUSTER_BOOTSTRAP is not set: run the tests with scripts/test");
+    let events = 200 * scale();
+    let downstream = Downstream::default();
+    let addr = downstream.start().await;
+    let dir = pipelines_dir(addr);
+    let prefix = prefix("faults-cluster");
+    let connect = orderflow::cli::Connect {
+        bootstrap_servers: cluster_bootstrap.clone(),
+        replication_factor: 3,
+        ..connect(&prefix)
+    };
+    let running = Running::start_with(connect, &dir).await;
+    let publishing = {
+        let (prefix, cluster_bootstrap) = (prefix.clone(), cluster_bootstrap.clone());
+        let every = Duration::from_millis((10_000 / events as u64).max(1));
+        tokio::spawn(async move {
+            let (codec, topic) = codec(&prefix);
+            let publisher = orderflow::kafka::Publisher::new(&cluster_bootstrap, codec).unwrap();
+            let mut orders = Vec::new();
+            for _ in 0..events {
+                let order = OrderCreated::sample("faults");
+                publisher.publish(&topic, &order).await.unwrap();
+                orders.push(order);
+                tokio::time::sleep(every).await;
+            }
+            orders
+        })
+    };
+    // A broker that is not the controller leader dies and comes back; then the leader dies.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let leader = cluster(&["leader"]);
+    let broker = ["1", "2", "3"].into_iter().find(|n| *n != leader).unwrap();
+    cluster(&["kill", broker]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster(&["start", broker]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let leader = cluster(&["leader"]);
+    cluster(&["kill", &leader]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster(&["start", &leader]);
+    let orders = publishing.await.unwrap();
+    let ids = ids_of(&orders);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let tallies = loop {
+        let tallies = all_reconciled_at(&cluster_bootstrap, &prefix, &ids);
+        if tallies.iter().all(|(_, t)| t.lost == 0) || Instant::now() > deadline {
+            break tallies;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    running.stop().await;
+    report(
+        "broker and controller leader killed (3 brokers, RF 3, min ISR 2)",
+        events,
+        "SIGKILL a broker, then the controller leader",
         &tallies,
         0,
     );
