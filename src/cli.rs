@@ -1173,7 +1173,19 @@ async fn run_pipelines(connect: &Connect, dir: &PipelinesDir, args: RunArgs) -> 
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))
         .collect();
-    let (addr, _server) = telemetry::server::serve(args.metrics_listen, telemetry.clone())
+    let mut checks: telemetry::server::ReadinessChecks = telemetry
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                Arc::new(t.clone()) as Arc<dyn telemetry::server::Readiness>,
+            )
+        })
+        .collect();
+    for o in &orchestrators {
+        checks.push((format!("saga {}", o.saga().name), Arc::new(o.telemetry())));
+    }
+    let (addr, _server) = telemetry::server::serve(args.metrics_listen, checks)
         .await
         .with_context(|| format!("serving metrics on {}", args.metrics_listen))?;
     eprintln!("metrics on http://{addr}/metrics, health on /healthz and /readyz");

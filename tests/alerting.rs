@@ -123,10 +123,14 @@ async fn dlq_alert_fires_dashboards_have_data_and_replay_empties_the_dlq() {
     .unwrap();
     let prefix = prefix("alert");
     let running = Running::start(&prefix, &dir).await;
-    let processors: Vec<(String, orderflow::telemetry::Telemetry)> = running
+    let processors: telemetry::server::ReadinessChecks = running
         .telemetry
         .iter()
-        .map(|(n, t)| (n.clone(), t.clone()))
+        .map(|(n, t)| {
+            let check: std::sync::Arc<dyn telemetry::server::Readiness> =
+                std::sync::Arc::new(t.clone());
+            (n.clone(), check)
+        })
         .collect();
     let (metrics_addr, _server) =
         telemetry::server::serve("127.0.0.1:0".parse().unwrap(), processors)

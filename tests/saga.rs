@@ -568,6 +568,13 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let second = publish_orders(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
     wait_all_ended(&prefix, ORDERS, Duration::from_secs(90), &log).await;
+    // A process running only the saga is ready once it holds partitions.
+    for port in [port_a, port_b] {
+        let ready = reqwest::get(format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .unwrap();
+        assert_eq!(ready.status(), 200, "{}", ready.text().await.unwrap());
+    }
     let (started_a, started_b) = (sagas_started(port_a).await, sagas_started(port_b).await);
     assert!(
         started_a > 0.0 && started_b > 0.0,

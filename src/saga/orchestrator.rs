@@ -103,7 +103,7 @@ impl Orchestrator {
     ) -> anyhow::Result<Orchestrator> {
         let group_id = saga.group_id(&naming);
         let steps: Vec<&str> = saga.steps.iter().map(|s| s.name.as_str()).collect();
-        let telemetry = SagaTelemetry::new(&saga.name, &steps);
+        let telemetry = SagaTelemetry::new(&saga.name, &group_id, &steps);
         let mut producer_config = kafka::producer_config(bootstrap_servers);
         producer_config
             // One id per instance: a restarted instance fences its predecessor and aborts what it
@@ -222,12 +222,16 @@ impl Orchestrator {
             if context.rebalanced.swap(false, Ordering::SeqCst) {
                 loaded.clear();
             }
+            self.telemetry.emit(SagaEvent::Ready {
+                ready: context.in_group.load(Ordering::SeqCst),
+            });
             if batch.is_empty() && !context.in_group.load(Ordering::SeqCst) {
                 continue;
             }
             self.handle_batch(&consumer, &context, &mut loaded, batch)
                 .await?;
         }
+        self.telemetry.emit(SagaEvent::Ready { ready: false });
         tracing::info!(saga = %self.saga.name, "saga orchestrator stopping");
         Ok(())
     }

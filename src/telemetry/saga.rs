@@ -4,7 +4,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::metrics::{metrics, SagaIgnoredLabels, SagaLabels, SagaOutcomeLabels, SagaStepLabels};
+use super::metrics::{
+    metrics, PipelineLabels, SagaIgnoredLabels, SagaLabels, SagaOutcomeLabels, SagaStepLabels,
+};
 
 #[derive(Debug)]
 pub enum SagaEvent<'a> {
@@ -45,6 +47,10 @@ pub enum SagaEvent<'a> {
         version: u64,
         known: u64,
     },
+    /// In its group (partitions assigned) or not.
+    Ready {
+        ready: bool,
+    },
     /// Counted over the sagas this instance owns, after each batch.
     Gauges {
         in_flight: u64,
@@ -72,16 +78,23 @@ pub struct SagaCounters {
 #[derive(Debug, Clone)]
 pub struct SagaTelemetry {
     saga: String,
+    /// For `orderflow_ready`, shared with the processors: `saga-<name>` and the group.
+    ready_labels: PipelineLabels,
     counters: Arc<SagaCounters>,
 }
 
 impl SagaTelemetry {
     /// Creates the saga's series at zero, so they read 0 rather than being absent.
-    pub fn new(saga: &str, steps: &[&str]) -> SagaTelemetry {
+    pub fn new(saga: &str, group: &str, steps: &[&str]) -> SagaTelemetry {
         let t = SagaTelemetry {
             saga: saga.to_string(),
+            ready_labels: PipelineLabels {
+                pipeline: format!("saga-{saga}"),
+                group: group.to_string(),
+            },
             counters: Arc::default(),
         };
+        let _ = metrics().ready.get_or_create(&t.ready_labels);
         let m = metrics();
         let l = t.labels();
         let _ = m.sagas_started.get_or_create(&l);
@@ -117,6 +130,11 @@ impl SagaTelemetry {
         SagaLabels {
             saga: self.saga.clone(),
         }
+    }
+
+    /// True once the orchestrator has its partitions (and until it loses them).
+    pub fn is_ready(&self) -> bool {
+        metrics().ready.get_or_create(&self.ready_labels).get() == 1
     }
 
     pub fn counters(&self) -> &SagaCounters {
@@ -234,6 +252,13 @@ impl SagaTelemetry {
                 c.stale.fetch_add(1, Ordering::Relaxed);
                 m.saga_stale_states.get_or_create(&self.labels()).inc();
                 tracing::warn!(saga, order_id, version, known, "stale saga state ignored");
+            }
+            SagaEvent::Ready { ready } => {
+                let gauge = metrics().ready.get_or_create(&self.ready_labels);
+                if (gauge.get() == 1) != ready {
+                    tracing::info!(saga, ready, "saga orchestrator readiness changed");
+                }
+                gauge.set(i64::from(ready));
             }
             SagaEvent::Gauges { in_flight, stuck } => {
                 c.in_flight.store(in_flight, Ordering::Relaxed);

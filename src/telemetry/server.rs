@@ -1,5 +1,5 @@
 //! `/metrics` (Prometheus text format), `/healthz` (the process is serving) and `/readyz` (every
-//! processor is in its group and its broker and registry answer).
+//! processor and saga orchestrator is in its group, and a processor's broker and registry answer).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +12,30 @@ use axum::Router;
 
 use super::Telemetry;
 
+/// Something `/readyz` asks.
+pub trait Readiness: Send + Sync {
+    fn is_ready(&self) -> bool;
+}
+
+impl Readiness for Telemetry {
+    fn is_ready(&self) -> bool {
+        Telemetry::is_ready(self)
+    }
+}
+
+impl Readiness for super::saga::SagaTelemetry {
+    fn is_ready(&self) -> bool {
+        super::saga::SagaTelemetry::is_ready(self)
+    }
+}
+
+/// What `/readyz` checks, by name.
+pub type ReadinessChecks = Vec<(String, Arc<dyn Readiness>)>;
+
 /// Serves until the returned task is aborted. Returns the bound address.
 pub async fn serve(
     listen: SocketAddr,
-    processors: Vec<(String, Telemetry)>,
+    processors: ReadinessChecks,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let app = Router::new()
         .route("/metrics", get(metrics))
@@ -42,7 +62,7 @@ async fn metrics() -> impl IntoResponse {
     )
 }
 
-async fn ready(State(processors): State<Arc<Vec<(String, Telemetry)>>>) -> impl IntoResponse {
+async fn ready(State(processors): State<Arc<ReadinessChecks>>) -> impl IntoResponse {
     let not_ready: Vec<&str> = processors
         .iter()
         .filter(|(_, t)| !t.is_ready())
