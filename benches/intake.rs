@@ -88,15 +88,8 @@ async fn main() {
         &logs.join("bench-intake-simulate.log"),
     )];
     let base = format!("http://127.0.0.1:{sim_port}");
-    for (var, path) in [
-        ("ORDERFLOW_PAYMENT_URL", "payments"),
-        ("ORDERFLOW_REFUND_URL", "refunds"),
-        ("ORDERFLOW_INVENTORY_URL", "reservations"),
-        ("ORDERFLOW_RELEASE_URL", "reservations/release"),
-        ("ORDERFLOW_SHIPPING_URL", "shipments"),
-        ("ORDERFLOW_NOTIFICATION_URL", "notifications"),
-    ] {
-        std::env::set_var(var, format!("{base}/{path}"));
+    for (var, url) in orderflow::simulate::pipeline_url_env(&base) {
+        std::env::set_var(var, url);
     }
     children.push(spawn(
         &[

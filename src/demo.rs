@@ -32,15 +32,8 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
 
     let (addr, served, simulator) =
         simulate::serve("127.0.0.1:0".parse()?, args.faults.behaviour()).await?;
-    for (var, path) in [
-        ("ORDERFLOW_PAYMENT_URL", "payments"),
-        ("ORDERFLOW_REFUND_URL", "refunds"),
-        ("ORDERFLOW_INVENTORY_URL", "reservations"),
-        ("ORDERFLOW_RELEASE_URL", "reservations/release"),
-        ("ORDERFLOW_SHIPPING_URL", "shipments"),
-        ("ORDERFLOW_NOTIFICATION_URL", "notifications"),
-    ] {
-        std::env::set_var(var, format!("http://{addr}/{path}"));
+    for (var, url) in simulate::pipeline_url_env(&format!("http://{addr}")) {
+        std::env::set_var(var, url);
     }
     let (pipelines, sagas) = load_pipelines_and_sagas(pipelines_dir)?;
     let order_consumers: Vec<String> = pipelines

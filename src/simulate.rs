@@ -65,6 +65,22 @@ struct Shared {
 
 type Answer = (StatusCode, Json<Value>);
 
+/// The environment variables the shipped pipeline files read their URLs from, each pointing at
+/// the simulated service under `base` (e.g. `http://127.0.0.1:18090`).
+pub fn pipeline_url_env(base: &str) -> Vec<(&'static str, String)> {
+    [
+        ("ORDERFLOW_PAYMENT_URL", "payments"),
+        ("ORDERFLOW_REFUND_URL", "refunds"),
+        ("ORDERFLOW_INVENTORY_URL", "reservations"),
+        ("ORDERFLOW_RELEASE_URL", "reservations/release"),
+        ("ORDERFLOW_SHIPPING_URL", "shipments"),
+        ("ORDERFLOW_NOTIFICATION_URL", "notifications"),
+    ]
+    .into_iter()
+    .map(|(var, path)| (var, format!("{base}/{path}")))
+    .collect()
+}
+
 /// Serves until the returned handle's task is aborted. Returns the bound address.
 pub async fn serve(
     listen: SocketAddr,

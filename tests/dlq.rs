@@ -4,36 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::*;
 use orderflow::contracts::OrderCreated;
 use rdkafka::message::Message;
-
-fn cli(prefix: &str, dir: &Path, args: &[&str]) -> String {
-    let output: Output = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(args)
-        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
-        .env("ORDERFLOW_PIPELINES_DIR", dir)
-        .env(
-            "ORDERFLOW_SCHEMAS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
-        )
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        output.status.success(),
-        "orderflow {args:?} failed:\n{text}"
-    );
-    text
-}
 
 fn dead_letter_lines(text: &str) -> Vec<&str> {
     text.lines()

@@ -124,18 +124,6 @@ async fn wait_reconciled(
     }
 }
 
-async fn publish_at(prefix: &str, count: usize, every: Duration) -> Vec<OrderCreated> {
-    let (publisher, topic) = publisher(prefix).await;
-    let mut orders = Vec::new();
-    for _ in 0..count {
-        let order = OrderCreated::sample("faults");
-        publisher.publish(&topic, &order).await.unwrap();
-        orders.push(order);
-        tokio::time::sleep(every).await;
-    }
-    orders
-}
-
 fn ids_of(orders: &[OrderCreated]) -> HashSet<String> {
     orders.iter().map(|o| o.data.order_id.to_string()).collect()
 }
@@ -153,7 +141,7 @@ async fn sigkilled_twenty_times_nothing_is_lost() {
     let publishing = {
         let prefix = prefix.clone();
         let every = Duration::from_millis((6000 / events as u64).max(1));
-        tokio::spawn(async move { publish_at(&prefix, events, every).await })
+        tokio::spawn(async move { publish_paced(&prefix, events, every).await })
     };
     let mut run = spawn_run(&prefix, &dir, &log);
     for _ in 0..KILLS {
@@ -193,14 +181,14 @@ async fn registry_outage_new_schema_ids_wait_in_retry_and_recover() {
     };
     let running = Running::start_with(connect, &dir).await;
     let warm = 20 * scale();
-    let mut orders = publish_at(&prefix, warm, Duration::ZERO).await;
+    let mut orders = publish_paced(&prefix, warm, Duration::ZERO).await;
     running
         .wait_done(&["analytics"], warm as u64, Duration::from_secs(30))
         .await;
 
     proxy.down();
     // Known schema id: decoded from the cache while the registry is away.
-    orders.extend(publish_at(&prefix, warm, Duration::ZERO).await);
+    orders.extend(publish_paced(&prefix, warm, Duration::ZERO).await);
     running
         .wait_done(&["analytics"], 2 * warm as u64, Duration::from_secs(30))
         .await;
@@ -278,26 +266,6 @@ async fn registry_outage_new_schema_ids_wait_in_retry_and_recover() {
     assert_eq!(t, Tally::default(), "every event once, none in the DLQ");
     assert_eq!(s.dead_lettered, 0);
     std::fs::remove_dir_all(v2_dir).unwrap();
-}
-
-fn cli(prefix: &str, dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(args)
-        .env("ORDERFLOW_PIPELINES_DIR", dir)
-        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
-        .env(
-            "ORDERFLOW_SCHEMAS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
-        )
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{args:?}: {text}");
-    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -627,7 +595,7 @@ async fn processors_joining_and_leaving_lose_nothing() {
     let publishing = {
         let prefix = prefix.clone();
         let every = Duration::from_millis((8000 / events as u64).max(1));
-        tokio::spawn(async move { publish_at(&prefix, events, every).await })
+        tokio::spawn(async move { publish_paced(&prefix, events, every).await })
     };
     let a = Running::start(&prefix, &dir).await;
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use orderflow::contracts::OrderCreated;
 
 const OUTPUTS: [&str; 4] = [
     "payment.charged",
@@ -53,17 +52,6 @@ fn wait_complete(
     }
 }
 
-async fn publish(prefix: &str, count: usize) -> Vec<OrderCreated> {
-    let (publisher, topic) = publisher(prefix).await;
-    let mut orders = Vec::new();
-    for _ in 0..count {
-        let order = OrderCreated::sample("test");
-        publisher.publish(&topic, &order).await.unwrap();
-        orders.push(order);
-    }
-    orders
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_stream_loses_and_repeats_nothing() {
     let downstream = Downstream::default();
@@ -72,7 +60,7 @@ async fn sigterm_mid_stream_loses_and_repeats_nothing() {
     let dir = pipelines_dir(addr);
     let prefix = prefix("sigterm");
     let log = dir.join("run.log");
-    let orders = publish(&prefix, 60).await;
+    let orders = publish_paced(&prefix, 60, Duration::ZERO).await;
 
     let mut run = spawn_run(&prefix, &dir, &log);
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -127,7 +115,7 @@ async fn sigkill_and_restart_loses_nothing() {
     let dir = pipelines_dir(addr);
     let prefix = prefix("sigkill");
     let log = dir.join("run.log");
-    let orders = publish(&prefix, 60).await;
+    let orders = publish_paced(&prefix, 60, Duration::ZERO).await;
 
     let kills = 3;
     let mut run = spawn_run(&prefix, &dir, &log);
@@ -198,7 +186,7 @@ async fn exactly_once_copies_appear_once_through_kills() {
         "name: copy\ngroup: copy\ninputs: [order.created]\nstep: {route: {to: [eos.a, eos.b]}}\ndelivery: exactly-once\n",
     )]);
     let log = dir.join("run.log");
-    let orders = publish(&prefix, 600).await;
+    let orders = publish_paced(&prefix, 600, Duration::ZERO).await;
     let copies = |topic: &str| read_topic(&format!("{prefix}{topic}")).len();
 
     let kills = 3;

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -52,11 +52,20 @@ fn saga_dir(addr: SocketAddr, edit: impl Fn(&str, String) -> String) -> PathBuf 
     dir
 }
 
-fn quiet(behaviour: Behaviour) -> Behaviour {
-    Behaviour {
+/// The simulated services (1-5 ms per call) with `behaviour`, and the repository's pipelines
+/// and saga pointed at them (see [`saga_dir`] for `edit`).
+async fn simulated(
+    behaviour: Behaviour,
+    edit: impl Fn(&str, String) -> String,
+) -> (PathBuf, tokio::task::JoinHandle<()>) {
+    let behaviour = Behaviour {
         latency_ms: 1..=5,
         ..behaviour
-    }
+    };
+    let (addr, _, server) = simulate::serve("127.0.0.1:0".parse().unwrap(), behaviour)
+        .await
+        .unwrap();
+    (saga_dir(addr, edit), server)
 }
 
 /// The step pipelines and the saga in this process.
@@ -130,18 +139,6 @@ impl SagaRun {
     }
 }
 
-async fn publish_orders(prefix: &str, count: usize, every: Duration) -> Vec<OrderCreated> {
-    let (publisher, topic) = publisher(prefix).await;
-    let mut orders = Vec::new();
-    for _ in 0..count {
-        let order = OrderCreated::sample("test");
-        publisher.publish(&topic, &order).await.unwrap();
-        orders.push(order);
-        tokio::time::sleep(every).await;
-    }
-    orders
-}
-
 /// Every event of `event_type` under `prefix`, decoded.
 async fn events(prefix: &str, event_type: &str) -> Vec<AnyEvent> {
     let (codec, _) = codec(prefix);
@@ -172,13 +169,9 @@ async fn per_order(prefix: &str, event_type: &str) -> HashMap<String, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_step_succeeding_confirms_each_order() {
     let prefix = prefix("saga-happy");
-    let (addr, _, _server) =
-        simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(Behaviour::default()))
-            .await
-            .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(Behaviour::default(), |_, t| t).await;
     let run = SagaRun::start(&prefix, &dir, &[], true).await;
-    let orders = publish_orders(&prefix, 10, Duration::ZERO).await;
+    let orders = publish_paced(&prefix, 10, Duration::ZERO).await;
     run.wait_ended(10, Duration::from_secs(60)).await;
     run.stop().await;
 
@@ -235,12 +228,9 @@ async fn a_declined_payment_releases_the_stock_and_cancels() {
         rate_declined: 1.0,
         ..Behaviour::default()
     };
-    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
-        .await
-        .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(behaviour, |_, t| t).await;
     let run = SagaRun::start(&prefix, &dir, &[], true).await;
-    publish_orders(&prefix, 5, Duration::ZERO).await;
+    publish_paced(&prefix, 5, Duration::ZERO).await;
     run.wait_ended(5, Duration::from_secs(60)).await;
     run.stop().await;
 
@@ -270,12 +260,9 @@ async fn a_failed_shipment_refunds_then_releases() {
         rate_unshippable: 1.0,
         ..Behaviour::default()
     };
-    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
-        .await
-        .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(behaviour, |_, t| t).await;
     let run = SagaRun::start(&prefix, &dir, &[], true).await;
-    let orders = publish_orders(&prefix, 5, Duration::ZERO).await;
+    let orders = publish_paced(&prefix, 5, Duration::ZERO).await;
     run.wait_ended(5, Duration::from_secs(60)).await;
     run.stop().await;
 
@@ -325,12 +312,8 @@ async fn a_failed_shipment_refunds_then_releases() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_step_without_reply_times_out_and_its_late_reply_changes_nothing() {
     let prefix = prefix("saga-timeout");
-    let (addr, _, _server) =
-        simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(Behaviour::default()))
-            .await
-            .unwrap();
     // Shipping answers nothing for now (its pipeline is not running); its step times out in 3 s.
-    let dir = saga_dir(addr, |file, text| match file {
+    let (dir, _server) = simulated(Behaviour::default(), |file, text| match file {
         "shipping.yaml" => format!("{text}retry:\n  tiers: [1s]\n"),
         "sagas/order.yaml" => {
             let (head, shipping) = text.split_once("  - name: schedule-shipment").unwrap();
@@ -340,9 +323,10 @@ async fn a_step_without_reply_times_out_and_its_late_reply_changes_nothing() {
             )
         }
         _ => text,
-    });
+    })
+    .await;
     let run = SagaRun::start(&prefix, &dir, &["shipping"], true).await;
-    publish_orders(&prefix, 3, Duration::ZERO).await;
+    publish_paced(&prefix, 3, Duration::ZERO).await;
     run.wait_ended(3, Duration::from_secs(60)).await;
     assert_eq!(
         run.saga
@@ -380,31 +364,20 @@ async fn a_step_without_reply_times_out_and_its_late_reply_changes_nothing() {
 // ---- the orchestrator as a process -----------------------------------------------------------
 
 fn spawn_saga(prefix: &str, dir: &Path, instance: &str, metrics: &str, log: &Path) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(["run", "order", "--report-every", "0s"])
-        .env("ORDERFLOW_PIPELINES_DIR", dir)
-        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
-        .env(
-            "ORDERFLOW_SCHEMAS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
-        )
-        .env("ORDERFLOW_INSTANCE_ID", instance)
-        .env("ORDERFLOW_LOG", "info")
-        .env("ORDERFLOW_METRICS_LISTEN", metrics)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+    spawn_orderflow(
+        &["run", "order", "--report-every", "0s"],
+        prefix,
+        dir,
+        log,
+        &[
+            ("ORDERFLOW_INSTANCE_ID", instance),
+            ("ORDERFLOW_METRICS_LISTEN", metrics),
+        ],
+    )
 }
 
-fn kill(child: &mut Child, signal: i32) {
-    // SAFETY: kill(2) on the pid of a child we own and have not waited for.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+fn kill(child: &mut Child, how: i32) {
+    signal(child, how);
     child.wait().unwrap();
 }
 
@@ -484,19 +457,14 @@ async fn sigkilled_at_random_points_every_saga_still_ends_once() {
         rate_unshippable: 0.1,
         ..Behaviour::default()
     };
-    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
-        .await
-        .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(behaviour, |_, t| t).await;
     // The step pipelines run here; their topics and the saga's are created first.
     let steps = SagaRun::start(&prefix, &dir, &[], false).await;
     let log = dir.join("saga.log");
     let mut child = spawn_saga(&prefix, &dir, "kill-test", "127.0.0.1:0", &log);
     let publishing = {
         let prefix = prefix.clone();
-        tokio::spawn(
-            async move { publish_orders(&prefix, ORDERS, Duration::from_millis(20)).await },
-        )
+        tokio::spawn(async move { publish_paced(&prefix, ORDERS, Duration::from_millis(20)).await })
     };
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1500))).await;
@@ -542,10 +510,7 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
         rate_declined: 0.2,
         ..Behaviour::default()
     };
-    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
-        .await
-        .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(behaviour, |_, t| t).await;
     let steps = SagaRun::start(&prefix, &dir, &[], false).await;
     let log = dir.join("saga.log");
     let (port_a, port_b) = (free_port(), free_port());
@@ -556,7 +521,7 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
         &format!("127.0.0.1:{port_a}"),
         &log,
     );
-    let first = publish_orders(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
+    let first = publish_paced(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
     // A second replica joins: the partitions are split between the two.
     let mut b = spawn_saga(
         &prefix,
@@ -566,7 +531,7 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
         &log,
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let second = publish_orders(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
+    let second = publish_paced(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
     wait_all_ended(&prefix, ORDERS, Duration::from_secs(90), &log).await;
     // A process running only the saga is ready once it holds partitions.
     for port in [port_a, port_b] {
@@ -583,7 +548,7 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
     assert_eq!(started_a + started_b, ORDERS as f64);
     // A leaves: b takes over everything, including sagas a had started.
     kill(&mut a, libc::SIGTERM);
-    let third = publish_orders(&prefix, 20, Duration::from_millis(20)).await;
+    let third = publish_paced(&prefix, 20, Duration::from_millis(20)).await;
     wait_all_ended(&prefix, ORDERS + 20, Duration::from_secs(90), &log).await;
     kill(&mut b, libc::SIGTERM);
     steps.stop().await;
@@ -605,10 +570,7 @@ async fn every_order_placed_through_the_intake_converges_in_the_read_model() {
         rate_declined: 0.3,
         ..Behaviour::default()
     };
-    let (addr, _, _server) = simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(behaviour))
-        .await
-        .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(behaviour, |_, t| t).await;
     let run = SagaRun::start(&prefix, &dir, &[], true).await;
     let (publisher, topic) = publisher(&prefix).await;
     let intake = orderflow::intake::Intake::new(publisher, topic, &database_url())
@@ -719,11 +681,7 @@ async fn every_order_placed_through_the_intake_converges_in_the_read_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
     let prefix = prefix("read-model-order");
-    let (addr, _, _server) =
-        simulate::serve("127.0.0.1:0".parse().unwrap(), quiet(Behaviour::default()))
-            .await
-            .unwrap();
-    let dir = saga_dir(addr, |_, t| t);
+    let (dir, _server) = simulated(Behaviour::default(), |_, t| t).await;
     let producer: rdkafka::producer::FutureProducer<_> =
         orderflow::kafka::producer_config(&bootstrap())
             .create()

@@ -415,13 +415,32 @@ impl Running {
 
 /// `orderflow run --all` over the pipelines of `dir`, topics under `prefix`, stderr to `log`.
 pub fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
+    spawn_orderflow(
+        &["run", "--all", "--report-every", "0s"],
+        prefix,
+        dir,
+        log,
+        &[],
+    )
+}
+
+/// `orderflow <args>` as a process over the pipelines of `dir`, topics under `prefix`, stderr
+/// appended to `log`, with `env` set besides.
+pub fn spawn_orderflow(
+    args: &[&str],
+    prefix: &str,
+    dir: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(["run", "--all", "--report-every", "0s"])
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+    command
+        .args(args)
         .env("ORDERFLOW_PIPELINES_DIR", dir)
         .env("ORDERFLOW_TOPIC_PREFIX", prefix)
         .env(
@@ -429,12 +448,49 @@ pub fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
             concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
         )
         .env("ORDERFLOW_LOG", "info")
-        // Several runs at once: each serves its metrics on a free port.
-        .env("ORDERFLOW_METRICS_LISTEN", "127.0.0.1:0")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
+        // Several runs at once: each serves its metrics on a free port unless told otherwise.
+        .env("ORDERFLOW_METRICS_LISTEN", "127.0.0.1:0");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+}
+
+/// Runs an `orderflow` command to its end; fails the test when it fails. Returns its output.
+pub fn cli(prefix: &str, dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_orderflow"))
+        .args(args)
+        .env("ORDERFLOW_TOPIC_PREFIX", prefix)
+        .env("ORDERFLOW_PIPELINES_DIR", dir)
+        .env(
+            "ORDERFLOW_SCHEMAS_DIR",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
+        )
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "orderflow {args:?} failed:\n{text}"
+    );
+    text
+}
+
+/// Publishes `count` sample orders, pausing `every` between them.
+pub async fn publish_paced(prefix: &str, count: usize, every: Duration) -> Vec<OrderCreated> {
+    let (publisher, topic) = publisher(prefix).await;
+    let mut orders = Vec::new();
+    for _ in 0..count {
+        let order = OrderCreated::sample("test");
+        publisher.publish(&topic, &order).await.unwrap();
+        orders.push(order);
+        tokio::time::sleep(every).await;
+    }
+    orders
 }
 
 /// Fails the test at once, with the log, when the child has already exited.
