@@ -102,6 +102,48 @@ fn report(scenario: &str, events: usize, faults: &str, tallies: &[(&str, Tally)]
     }
 }
 
+/// Where the missing events are: their input partition and offset, each group's committed
+/// offsets against the partitions' ends, and what waits in the retry topics.
+fn diagnose(prefix: &str, ids: &HashSet<String>) -> String {
+    let input = format!("{prefix}order.created");
+    let records = read_topic(&input);
+    let mut out = String::new();
+    for (group, output) in CONSUMERS {
+        let t = reconcile(prefix, ids, "order.created", group, output);
+        if t.lost == 0 {
+            continue;
+        }
+        let seen: HashSet<String> = keys(&read_topic(&format!("{prefix}{output}")))
+            .into_iter()
+            .chain(keys(&read_topic(&format!("{input}.{group}.dlq"))))
+            .collect();
+        for m in &records {
+            let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+            if ids.contains(&key) && !seen.contains(&key) {
+                out += &format!(
+                    "{group}: missing {key} at {}/{}\n",
+                    m.partition(),
+                    m.offset()
+                );
+            }
+        }
+        out += &format!(
+            "{group}: committed {} of {} input records\n",
+            committed_inputs(&format!("{prefix}{group}"), &input),
+            records.len()
+        );
+        for tier in 1..=3 {
+            let retry = format!("{input}.{group}.retry.{tier}");
+            out += &format!(
+                "{group}: {retry} holds {} record(s), committed {}\n",
+                read_topic(&retry).len(),
+                committed_inputs(&format!("{prefix}{group}"), &retry)
+            );
+        }
+    }
+    out
+}
+
 async fn wait_reconciled(
     prefix: &str,
     ids: &HashSet<String>,
@@ -116,7 +158,8 @@ async fn wait_reconciled(
         }
         assert!(
             Instant::now() < deadline,
-            "not every event reached every consumer within {within:?}: {tallies:?}\n{}",
+            "not every event reached every consumer within {within:?}: {tallies:?}\n{}\n{}",
+            diagnose(prefix, ids),
             log.map(|l| std::fs::read_to_string(l).unwrap_or_default())
                 .unwrap_or_default()
         );

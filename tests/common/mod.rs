@@ -53,11 +53,69 @@ pub fn connect(prefix: &str) -> Connect {
     }
 }
 
+/// A fresh topic prefix for one test. Its topics are deleted when the test binary exits: one
+/// broker serves a whole run, and thousands of leftover partitions would exhaust its open files.
 pub fn prefix(name: &str) -> String {
-    format!(
+    let prefix = format!(
         "it-{name}-{}.",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
+    );
+    let mut prefixes = PREFIXES.lock().unwrap();
+    if prefixes.is_empty() {
+        // SAFETY: registers a plain extern "C" function, run once at normal process exit.
+        unsafe { libc::atexit(drop_test_topics) };
+    }
+    prefixes.push(prefix.clone());
+    prefix
+}
+
+static PREFIXES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+extern "C" fn drop_test_topics() {
+    let prefixes = std::mem::take(&mut *PREFIXES.lock().unwrap_or_else(|e| e.into_inner()));
+    let Ok(bootstrap) = std::env::var("ORDERFLOW_BOOTSTRAP_SERVERS") else {
+        return;
+    };
+    let cluster = std::env::var("ORDERFLOW_CLUSTER_BOOTSTRAP").ok();
+    // A thread of its own: the test harness's runtime is gone by now.
+    let _ = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for servers in std::iter::once(bootstrap).chain(cluster) {
+            runtime.block_on(delete_topics_with(&servers, &prefixes));
+        }
+    })
+    .join();
+}
+
+async fn delete_topics_with(bootstrap: &str, prefixes: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let Ok(admin) = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create::<AdminClient<DefaultClientContext>>()
+    else {
+        return;
+    };
+    let Ok(metadata) = admin.inner().fetch_metadata(None, Duration::from_secs(10)) else {
+        return;
+    };
+    let names: Vec<String> = metadata
+        .topics()
+        .iter()
+        .map(|t| t.name().to_string())
+        .filter(|n| prefixes.iter().any(|p| n.starts_with(p.as_str())))
+        .collect();
+    for chunk in names.chunks(100) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+        if let Err(e) = admin.delete_topics(&refs, &options).await {
+            eprintln!("deleting the test topics on {bootstrap}: {e}");
+        }
+    }
+    eprintln!("deleted {} test topic(s) on {bootstrap}", names.len());
 }
 
 // ---- a scripted downstream -------------------------------------------------------------------
