@@ -136,6 +136,48 @@ struct InFlight {
     failed_rounds: u32,
 }
 
+/// Inputs written and awaiting their acks, in order, with the event ids of those that
+/// succeeded: a repeat of one of them counts as handled. The set is kept as inputs come and go
+/// (building it for every record cost more CPU than decoding it, with 1000 in flight).
+#[derive(Default)]
+struct InFlightQueue {
+    queue: VecDeque<InFlight>,
+    succeeded: HashSet<uuid::Uuid>,
+}
+
+impl InFlightQueue {
+    fn push_back(&mut self, input: InFlight) {
+        if let Ending::Succeeded { event_id, .. } = &input.ending {
+            self.succeeded.insert(*event_id);
+        }
+        self.queue.push_back(input);
+    }
+
+    fn pop_front(&mut self) -> Option<InFlight> {
+        let input = self.queue.pop_front()?;
+        if let Ending::Succeeded { event_id, .. } = &input.ending {
+            self.succeeded.remove(event_id);
+        }
+        Some(input)
+    }
+
+    fn front(&self) -> Option<&InFlight> {
+        self.queue.front()
+    }
+
+    fn front_mut(&mut self) -> Option<&mut InFlight> {
+        self.queue.front_mut()
+    }
+
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
 /// Why a transaction did not commit.
 #[derive(Debug, thiserror::Error)]
 enum TransactionError {
@@ -318,7 +360,7 @@ impl Processor {
         tracing::info!(pipeline = %self.pipeline.name, group = %self.group_id, ?topics, "processor started");
         let (resume_tx, mut resume_rx) = mpsc::unbounded_channel::<(String, i32)>();
         let mut paused: HashMap<(String, i32), Paused> = HashMap::new();
-        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
+        let mut in_flight = InFlightQueue::default();
         while !*shutdown.borrow() {
             let head_failing = in_flight.front().is_some_and(|h| h.failed_rounds > 0);
             let room = in_flight.len() < MAX_IN_FLIGHT && !head_failing;
@@ -396,7 +438,7 @@ impl Processor {
         message: &BorrowedMessage<'_>,
         paused: &mut HashMap<(String, i32), Paused>,
         resume_tx: &mpsc::UnboundedSender<(String, i32)>,
-        in_flight: &mut VecDeque<InFlight>,
+        in_flight: &mut InFlightQueue,
     ) -> anyhow::Result<()> {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let key = (topic.to_string(), partition);
@@ -465,15 +507,10 @@ impl Processor {
             ));
             self.failure_records(message, input_topic, None, ErrorClass::Permanent, &failure)
         } else {
-            let busy: HashSet<uuid::Uuid> = in_flight
-                .iter()
-                .filter_map(|f| match &f.ending {
-                    Ending::Succeeded { event_id, .. } => Some(*event_id),
-                    _ => None,
-                })
-                .collect();
             let started = std::time::Instant::now();
-            let processed = self.process(event_type, message, &busy).await;
+            let processed = self
+                .process(event_type, message, &in_flight.succeeded)
+                .await;
             self.telemetry.emit(ProcessorEvent::Handled {
                 seconds: started.elapsed().as_secs_f64(),
             });
@@ -634,7 +671,7 @@ impl Processor {
     async fn finish_head(
         &self,
         consumer: &StreamConsumer<MeteredContext>,
-        in_flight: &mut VecDeque<InFlight>,
+        in_flight: &mut InFlightQueue,
         acks: Acks,
     ) {
         let head = in_flight.front_mut().expect("acks come from the head");
@@ -1002,7 +1039,7 @@ pub async fn ensure_topics(
 }
 
 /// The head's acks; never resolves while nothing is in flight.
-async fn head_acks(in_flight: &mut VecDeque<InFlight>) -> Acks {
+async fn head_acks(in_flight: &mut InFlightQueue) -> Acks {
     match in_flight.front_mut() {
         Some(head) => head.acks.as_mut().await,
         None => std::future::pending().await,
