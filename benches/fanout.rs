@@ -32,7 +32,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use futures::future::join_all;
 use orderflow::cli::{processors, Connect};
-use orderflow::contracts::{Catalog, EventCodec, OrderCreated, SubjectStrategy};
+use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
 use orderflow::kafka::Publisher;
 use orderflow::pipeline;
 use orderflow::telemetry::Telemetry;
@@ -50,23 +50,7 @@ fn env_or(name: &str, default: usize) -> usize {
 }
 
 fn connect(prefix: &str) -> Connect {
-    let var =
-        |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
-    Connect {
-        bootstrap_servers: var("ORDERFLOW_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
-        registry_url: var(
-            "ORDERFLOW_REGISTRY_URL",
-            "http://127.0.0.1:18081/apis/ccompat/v7",
-        ),
-        database_url: var(
-            "ORDERFLOW_DATABASE_URL",
-            "postgres://orderflow@127.0.0.1:15432/orderflow",
-        ),
-        schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
-        topic_prefix: prefix.to_string(),
-        subject_strategy: SubjectStrategy::Topic,
-        replication_factor: 1,
-    }
+    Connect::local(prefix)
 }
 
 fn fresh_prefix() -> String {

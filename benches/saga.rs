@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use orderflow::cli::{codec, load_pipelines_and_sagas, orchestrators, processors, Connect};
-use orderflow::contracts::{OrderCreated, SubjectStrategy};
+use orderflow::contracts::OrderCreated;
 use orderflow::simulate::{self, Behaviour};
 use tokio::sync::watch;
 
@@ -20,26 +20,11 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
-    let var = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.into());
     let prefix = format!(
         "bench-saga-{}.",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
-    let connect = Connect {
-        bootstrap_servers: var("ORDERFLOW_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
-        registry_url: var(
-            "ORDERFLOW_REGISTRY_URL",
-            "http://127.0.0.1:18081/apis/ccompat/v7",
-        ),
-        database_url: var(
-            "ORDERFLOW_DATABASE_URL",
-            "postgres://orderflow@127.0.0.1:15432/orderflow",
-        ),
-        schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
-        topic_prefix: prefix.clone(),
-        subject_strategy: SubjectStrategy::Topic,
-        replication_factor: 1,
-    };
+    let connect = Connect::local(&prefix);
     let behaviour = Behaviour {
         latency_ms: 0..=1,
         rate_declined: 0.1,

@@ -101,6 +101,28 @@ pub struct Connect {
 }
 
 impl Connect {
+    /// The connection the `ORDERFLOW_*` variables describe, else the local stack's defaults
+    /// (`scripts/stack env`), with the repository's `avro/` and `topic_prefix`: for benchmarks.
+    pub fn local(topic_prefix: &str) -> Connect {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+        Connect {
+            bootstrap_servers: var("ORDERFLOW_BOOTSTRAP_SERVERS", "127.0.0.1:19092"),
+            registry_url: var(
+                "ORDERFLOW_REGISTRY_URL",
+                "http://127.0.0.1:18081/apis/ccompat/v7",
+            ),
+            database_url: var(
+                "ORDERFLOW_DATABASE_URL",
+                "postgres://orderflow@127.0.0.1:15432/orderflow",
+            ),
+            schemas_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/avro").into(),
+            topic_prefix: topic_prefix.to_string(),
+            subject_strategy: SubjectStrategy::Topic,
+            replication_factor: 1,
+        }
+    }
+
     pub fn naming(&self) -> Naming {
         Naming {
             topic_prefix: self.topic_prefix.clone(),
