@@ -52,7 +52,7 @@ impl StepRunner {
             Step::Route { to } => StepRunner::Route(to.clone()),
             Step::Http(http) => StepRunner::Http(HttpCaller::new(http.clone(), &pipeline.name)),
             Step::Custom { handler } => StepRunner::Custom(
-                handlers::by_name(handler, &pipeline.name, context)
+                handlers::by_name(handler, context)
                     .expect("pipeline validation accepts registered handler names only"),
             ),
         }
