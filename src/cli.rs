@@ -596,12 +596,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let connect = &cli.connect;
             let bootstrap = connect.bootstrap_servers.clone();
             tokio::task::spawn_blocking(move || kafka::check_connection(&bootstrap)).await??;
-            let catalog = Arc::new(load_catalog(connect)?);
-            let codec = Arc::new(EventCodec::with_naming(
-                &connect.registry_url,
-                catalog,
-                connect.naming(),
-            )?);
+            let codec = codec(connect)?;
             let publisher = Publisher::with_settings(
                 &connect.bootstrap_servers,
                 codec,
@@ -982,8 +977,7 @@ async fn dead_letters(
                     );
                 }
             }
-            let catalog = Arc::new(load_catalog(connect)?);
-            let codec = EventCodec::with_naming(&connect.registry_url, catalog, naming.clone())?;
+            let codec = codec(connect)?;
             match codec.decode_value(letter.record.payload()).await {
                 Ok((name, value)) => {
                     let json: serde_json::Value =
@@ -1123,12 +1117,7 @@ pub async fn processors(
         tracing::warn!("deduplication is off: a repeated event id is handled again");
         None
     };
-    let catalog = Arc::new(load_catalog(connect)?);
-    let codec = Arc::new(EventCodec::with_naming(
-        &connect.registry_url,
-        catalog,
-        connect.naming(),
-    )?);
+    let codec = codec(connect)?;
     let mut processors = Vec::new();
     for p in pipelines {
         let processor = runtime::Processor::new(
@@ -1385,12 +1374,7 @@ async fn schemas(connect: &Connect, cmd: SchemasCommand) -> anyhow::Result<()> {
 }
 
 async fn orders(connect: &Connect, cmd: OrdersCommand) -> anyhow::Result<()> {
-    let catalog = Arc::new(load_catalog(connect)?);
-    let codec = Arc::new(EventCodec::with_naming(
-        &connect.registry_url,
-        catalog,
-        connect.naming(),
-    )?);
+    let codec = codec(connect)?;
     match cmd {
         OrdersCommand::Publish { count, topic } => {
             let topic = topic.unwrap_or_else(|| connect.naming().topic("order.created"));
