@@ -88,6 +88,9 @@ pub enum Failure {
     /// A store the runtime itself depends on (the dedup store) is unavailable.
     #[error("{0}")]
     Dependency(String),
+    /// A retry record whose failure headers are missing, malformed or out of range.
+    #[error("untrusted retry headers: {0}")]
+    BadRetryHeaders(String),
     /// A custom handler that knows best how its failure should be handled.
     #[error("{message}")]
     Handler { class: ErrorClass, message: String },
@@ -106,6 +109,7 @@ impl Failure {
             Failure::BusinessRule(_) => "business_rule",
             Failure::Backpressure(_) => "backpressure",
             Failure::Dependency(_) => "dependency_unavailable",
+            Failure::BadRetryHeaders(_) => "bad_retry_headers",
             Failure::Handler { .. } => "handler",
         }
     }
@@ -136,9 +140,48 @@ impl Classifier {
             Failure::Decode(_)
             | Failure::Encode(_)
             | Failure::BadAnswer(_)
-            | Failure::BusinessRule(_) => ErrorClass::Permanent,
+            | Failure::BusinessRule(_)
+            | Failure::BadRetryHeaders(_) => ErrorClass::Permanent,
             Failure::Handler { class, .. } => *class,
         }
+    }
+}
+
+/// Where a failed record goes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Run the step again now, in its lane (a transient failure with attempts left).
+    RetryNow,
+    /// To retry tier n (1-based).
+    Tier(usize),
+    /// To the dead-letter topic.
+    DeadLetter,
+}
+
+/// Decides the route of a failure of `class` after `attempts` in-process attempts (of
+/// `transient_attempts` allowed) of a record in retry tier `tier` (0 = not retried yet) of a
+/// pipeline with `tiers` tiers. A transient failure that outlasts its attempts is a service
+/// failure (see [`promoted`]).
+pub fn route(
+    class: ErrorClass,
+    attempts: u32,
+    transient_attempts: u32,
+    tier: usize,
+    tiers: usize,
+) -> Route {
+    match class {
+        ErrorClass::Transient if attempts < transient_attempts => Route::RetryNow,
+        ErrorClass::Transient | ErrorClass::Service if tier < tiers => Route::Tier(tier + 1),
+        _ => Route::DeadLetter,
+    }
+}
+
+/// The class a failure is reported with once it leaves the process: a transient failure that
+/// outlasted its attempts counts as a service failure.
+pub fn promoted(class: ErrorClass) -> ErrorClass {
+    match class {
+        ErrorClass::Transient => ErrorClass::Service,
+        other => other,
     }
 }
 
@@ -200,6 +243,21 @@ mod tests {
             c.classify(&Failure::BusinessRule("no".into())),
             ErrorClass::Permanent
         );
+    }
+
+    #[test]
+    fn routes_follow_class_attempts_and_tiers() {
+        use ErrorClass::*;
+        assert_eq!(route(Transient, 0, 3, 0, 5), Route::RetryNow);
+        assert_eq!(route(Transient, 3, 3, 0, 5), Route::Tier(1));
+        assert_eq!(route(Service, 0, 3, 0, 5), Route::Tier(1));
+        assert_eq!(route(Service, 0, 3, 4, 5), Route::Tier(5));
+        assert_eq!(route(Service, 0, 3, 5, 5), Route::DeadLetter);
+        assert_eq!(route(Transient, 3, 3, 5, 5), Route::DeadLetter);
+        assert_eq!(route(Permanent, 0, 3, 0, 5), Route::DeadLetter);
+        assert_eq!(route(Service, 0, 3, 0, 0), Route::DeadLetter, "no tiers");
+        assert_eq!(promoted(Transient), Service);
+        assert_eq!(promoted(Permanent), Permanent);
     }
 
     #[test]

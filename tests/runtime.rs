@@ -266,10 +266,11 @@ async fn a_failing_dlq_write_holds_the_offset_until_it_succeeds() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Stuck on the refused record: nothing after it is handled, and no offset is committed.
+    // Stuck on the refused record: it is not dead-lettered and no offset is committed. The
+    // record behind it (another key) may finish meanwhile, but its offset waits too.
     let s = running.telemetry["payment"].snapshot();
-    assert_eq!((s.succeeded, s.dead_lettered), (0, 0), "{s:?}");
-    // Records behind it may already be written, but none ends or is committed before it.
+    assert_eq!(s.dead_lettered, 0, "{s:?}");
+    assert!(s.succeeded <= 1, "{s:?}");
     let committed = |group: String| {
         let c: BaseConsumer = kafka::consumer_config(&bootstrap(), &group)
             .create()

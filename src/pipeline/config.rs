@@ -33,7 +33,19 @@ pub struct PipelineConfig {
     /// offset are committed in one Kafka transaction).
     #[serde(default)]
     pub delivery: Delivery,
+    /// Records handled at once by one process, across its partitions (1 to 1024, default 64).
+    /// Records with the same key are always handled one after another, in order; records with
+    /// different keys run side by side up to this bound. `1` handles one record at a time.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
 }
+
+pub fn default_concurrency() -> usize {
+    64
+}
+
+/// The most records one process may handle at once for one pipeline.
+pub const MAX_CONCURRENCY: usize = 1024;
 
 /// The delivery guarantee of a pipeline's outputs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

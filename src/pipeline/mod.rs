@@ -36,6 +36,8 @@ pub struct Pipeline {
     pub retry: RetryConfig,
     pub classifier: Classifier,
     pub delivery: Delivery,
+    /// Records handled at once by one process (see [`PipelineConfig::concurrency`]).
+    pub concurrency: usize,
 }
 
 /// What a pipeline does with each event, validated.
@@ -446,6 +448,26 @@ pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec
                 .into(),
         );
     }
+    if config.retry.tiers.len() > crate::telemetry::MAX_TIERS {
+        report(
+            "retry.tiers",
+            format!(
+                "{} tiers; at most {} are allowed",
+                config.retry.tiers.len(),
+                crate::telemetry::MAX_TIERS
+            ),
+        );
+    }
+    if !(1..=config::MAX_CONCURRENCY).contains(&config.concurrency) {
+        report(
+            "concurrency",
+            format!(
+                "{} must be from 1 to {}",
+                config.concurrency,
+                config::MAX_CONCURRENCY
+            ),
+        );
+    }
     if config.retry.transient_attempts > 10 {
         report(
             "retry.transient_attempts",
@@ -482,6 +504,7 @@ pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec
             retry: config.retry,
             classifier: Classifier::new(overrides),
             delivery: config.delivery,
+            concurrency: config.concurrency,
         })
     } else {
         Err(problems)

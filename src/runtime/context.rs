@@ -1,4 +1,5 @@
-//! A librdkafka client context that reports statistics and rebalances to telemetry.
+//! A librdkafka client context that reports statistics to telemetry and rebalances to the
+//! engine.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -6,17 +7,27 @@ use std::sync::Arc;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
+use rdkafka::TopicPartitionList;
+use tokio::sync::mpsc;
 
 use crate::telemetry::{ProcessorEvent, Telemetry};
 
 /// librdkafka emits statistics this often (`statistics.interval.ms`).
 pub const STATISTICS_INTERVAL_MS: &str = "5000";
 
+/// Partitions taken from or given to this consumer, for the engine.
+#[derive(Debug)]
+pub enum RebalanceEvent {
+    Revoked(Vec<(String, i32)>),
+    Assigned(Vec<(String, i32)>),
+}
+
 #[derive(Clone)]
 pub struct MeteredContext {
     telemetry: Telemetry,
     /// True while the consumer holds an assignment from its group.
     pub in_group: Arc<AtomicBool>,
+    rebalances: Option<mpsc::UnboundedSender<RebalanceEvent>>,
 }
 
 impl MeteredContext {
@@ -24,6 +35,31 @@ impl MeteredContext {
         MeteredContext {
             telemetry,
             in_group: Arc::default(),
+            rebalances: None,
+        }
+    }
+
+    /// A context for a consumer whose rebalances go to `to` (sent from librdkafka's callback,
+    /// before any record of a new assignment is delivered).
+    pub fn reporting_rebalances(&self, to: mpsc::UnboundedSender<RebalanceEvent>) -> Self {
+        MeteredContext {
+            rebalances: Some(to),
+            ..self.clone()
+        }
+    }
+
+    fn report(
+        &self,
+        event: impl FnOnce(Vec<(String, i32)>) -> RebalanceEvent,
+        tpl: &TopicPartitionList,
+    ) {
+        if let Some(to) = &self.rebalances {
+            let tps = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            let _ = to.send(event(tps));
         }
     }
 }
@@ -64,9 +100,18 @@ impl ClientContext for MeteredContext {
 }
 
 impl ConsumerContext for MeteredContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.report(RebalanceEvent::Revoked, tpl);
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Assign(_) => self.in_group.store(true, Ordering::Relaxed),
+            Rebalance::Assign(tpl) => {
+                self.in_group.store(true, Ordering::Relaxed);
+                self.report(RebalanceEvent::Assigned, tpl);
+            }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => {
                 self.in_group.store(false, Ordering::Relaxed);

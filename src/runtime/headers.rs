@@ -1,7 +1,7 @@
 //! Failure context carried in record headers on retry and dead-letter topics. Every name starts
 //! with `orderflow.`; the record's own headers (CloudEvents `ce_*`, ...) are kept beside them.
 
-use rdkafka::message::{BorrowedHeaders, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 
 use crate::failure::ErrorClass;
 
@@ -41,7 +41,7 @@ pub struct FailureContext {
 }
 
 /// Reads one header as UTF-8 text.
-pub fn get<'a>(headers: Option<&'a BorrowedHeaders>, name: &str) -> Option<&'a str> {
+pub fn get<'a, H: Headers>(headers: Option<&'a H>, name: &str) -> Option<&'a str> {
     headers?
         .iter()
         .find(|h| h.key == name)
@@ -51,7 +51,7 @@ pub fn get<'a>(headers: Option<&'a BorrowedHeaders>, name: &str) -> Option<&'a s
 
 impl FailureContext {
     /// The context of a record from a retry topic; `None` when the headers lack it.
-    pub fn read(headers: Option<&BorrowedHeaders>) -> Option<FailureContext> {
+    pub fn read<H: Headers>(headers: Option<&H>) -> Option<FailureContext> {
         let num = |name| get(headers, name)?.parse::<i64>().ok();
         Some(FailureContext {
             attempt: u32::try_from(num(ATTEMPT)?).ok()?,
@@ -67,8 +67,8 @@ impl FailureContext {
 }
 
 /// The record's own headers (without earlier `orderflow.*` ones) plus the failure context.
-pub fn with_failure(
-    original: Option<&BorrowedHeaders>,
+pub fn with_failure<H: Headers>(
+    original: Option<&H>,
     context: &FailureContext,
     group: &str,
     class: ErrorClass,

@@ -80,6 +80,8 @@ pub enum ProcessorEvent<'a> {
         partition: i32,
         lag: i64,
     },
+    /// A partition left this consumer: its lag is no longer this replica's to report.
+    PartitionRevoked { topic: &'a str, partition: i32 },
     /// Dead-letter records not yet replayed or discarded, and the oldest one's age.
     DlqDepth {
         topic: &'a str,
@@ -119,6 +121,8 @@ pub struct Counters {
 }
 
 const MAX_LATENESS_SAMPLES: usize = 100_000;
+/// Most retry tiers a pipeline may declare (pipeline validation enforces it).
+pub const MAX_TIERS: usize = 8;
 
 /// A copy of the counters at one moment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -323,7 +327,9 @@ impl Telemetry {
                 );
             }
             ProcessorEvent::RetryLateness { tier, late_ms } => {
-                if let Some(index) = tier.checked_sub(1) {
+                // The gate has checked the tier against the pipeline's; this bound only keeps a
+                // caller's mistake from sizing an allocation.
+                if let Some(index) = tier.checked_sub(1).filter(|i| *i < MAX_TIERS) {
                     let mut samples = c.retry_lateness_ms.lock().expect("lateness lock");
                     if samples.len() <= index {
                         samples.resize_with(index + 1, Vec::new);
@@ -382,6 +388,15 @@ impl Telemetry {
                     partition: partition.to_string(),
                 };
                 m.consumer_lag.get_or_create(&labels).set(lag);
+            }
+            ProcessorEvent::PartitionRevoked { topic, partition } => {
+                m.consumer_lag.remove(&PartitionLabels {
+                    pipeline: self.labels.pipeline.clone(),
+                    group: self.labels.group.clone(),
+                    topic: topic.to_string(),
+                    partition: partition.to_string(),
+                });
+                tracing::debug!(pipeline = p, topic, partition, "partition revoked");
             }
             ProcessorEvent::DlqDepth {
                 topic,

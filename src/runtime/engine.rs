@@ -1,0 +1,566 @@
+//! The engine: one consumer feeding per-key lanes, one task per record, offsets stored at each
+//! partition's contiguous finished watermark.
+//!
+//! For each record read: the retry gate admits it (or pauses its partition until it is due, or
+//! dead-letters it), it enters its partition's offset window and its key's lane, and when the
+//! lane lets it start its task runs (`work`). When a task ends the engine finishes it in the
+//! window, starts the next record of its key, and stores the partition's new watermark (at least
+//! once) or moves the finished prefix into the batch's transaction (exactly once).
+//!
+//! Invariants: an offset is stored only past records that are finished (written and
+//! acknowledged); a partition whose window or the process's in-flight budget is full is paused,
+//! not the process; a revoked partition's tasks are abandoned and nothing of it is stored or
+//! committed afterwards (its new owner reads them again). It owns the consumer; no blocking
+//! librdkafka call runs on an executor thread.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio::task::AbortHandle;
+
+use super::context::{MeteredContext, RebalanceEvent};
+use super::gate::{self, Admission, GateRules, Source};
+use super::headers::FailureContext;
+use super::lanes::{LaneKey, Lanes};
+use super::offsets::OffsetWindow;
+use super::transactions::{Batch, TransactionError};
+use super::work::{Finished, Job, Staged, Worker};
+use crate::contracts::events::now_millis;
+use crate::telemetry::ProcessorEvent;
+
+/// A partition of a subscribed topic.
+pub type TopicPartition = (String, i32);
+
+/// What a subscribed topic is to this pipeline.
+#[derive(Debug, Clone)]
+pub enum Role {
+    Input {
+        event_type: String,
+    },
+    Retry {
+        input_topic: String,
+        event_type: String,
+        tier: usize,
+    },
+}
+
+/// How much the engine holds at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Records of one partition in flight before it is paused.
+    pub partition_window: usize,
+    /// Records in flight across all partitions before the partition read from is paused.
+    pub budget: usize,
+    /// Longest a graceful stop waits for records in flight.
+    pub drain_timeout: Duration,
+}
+
+/// A record's task has ended.
+struct Done {
+    tp: TopicPartition,
+    generation: u64,
+    offset: i64,
+    key: LaneKey,
+    finished: Finished,
+}
+
+/// One assigned partition's records in flight. A new state (a new generation) starts after a
+/// revoke or a reset, so the end of an abandoned task is recognised and ignored.
+struct PartitionState {
+    generation: u64,
+    window: OffsetWindow<Option<Staged>>,
+    lanes: Lanes<(i64, Job)>,
+    tasks: HashMap<i64, AbortHandle>,
+    /// Offset of a retry record not due yet: the partition is rewound to it and paused.
+    retry_pause: Option<i64>,
+    /// Paused because its window or the budget was full.
+    room_paused: bool,
+}
+
+pub struct Engine {
+    pub worker: Arc<Worker>,
+    pub consumer: Arc<StreamConsumer<MeteredContext>>,
+    pub roles: HashMap<String, Role>,
+    pub limits: Limits,
+    pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
+}
+
+struct State {
+    partitions: HashMap<TopicPartition, PartitionState>,
+    next_generation: u64,
+    in_flight: usize,
+    done_tx: mpsc::UnboundedSender<Done>,
+    resume_tx: mpsc::UnboundedSender<(TopicPartition, u64)>,
+    batch: Batch,
+}
+
+impl Engine {
+    /// Consumes until `shutdown` turns true, then finishes what is in flight (within the drain
+    /// timeout) and commits what is finished.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel();
+        let (resume_tx, mut resume_rx) = mpsc::unbounded_channel();
+        let mut s = State {
+            partitions: HashMap::new(),
+            next_generation: 0,
+            in_flight: 0,
+            done_tx,
+            resume_tx,
+            batch: Batch::default(),
+        };
+        let transactional = self.worker.transactional;
+        while !*shutdown.borrow() {
+            let commit_at = s.batch.deadline();
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => break,
+                Some(event) = self.rebalances.recv() => self.rebalanced(&mut s, event),
+                Some(done) = done_rx.recv() => {
+                    self.finished(&mut s, done);
+                    if s.batch.is_full() {
+                        self.commit_batch(&mut s).await?;
+                    }
+                }
+                _ = sleep_until(commit_at), if transactional && commit_at.is_some() => {
+                    self.commit_batch(&mut s).await?;
+                }
+                Some((tp, generation)) = resume_rx.recv() => self.resume_due(&mut s, tp, generation).await,
+                message = self.consumer.recv() => match message {
+                    Ok(message) => {
+                        let message = message.detach();
+                        self.admit(&mut s, message).await;
+                    }
+                    Err(e) => tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}"),
+                },
+            }
+        }
+        self.drain(&mut s, &mut done_rx).await?;
+        Ok(())
+    }
+
+    /// Finishes what is in flight within the drain timeout; what is not finished then stays
+    /// uncommitted and is read again.
+    async fn drain(
+        &mut self,
+        s: &mut State,
+        done_rx: &mut mpsc::UnboundedReceiver<Done>,
+    ) -> anyhow::Result<()> {
+        let until = tokio::time::Instant::now() + self.limits.drain_timeout;
+        while s.partitions.values().any(|p| !p.tasks.is_empty()) {
+            tokio::select! {
+                biased;
+                Some(event) = self.rebalances.recv() => self.rebalanced(s, event),
+                Some(done) = done_rx.recv() => self.finished(s, done),
+                _ = tokio::time::sleep_until(until) => {
+                    let unfinished: usize = s.partitions.values().map(|p| p.window.len()).sum();
+                    tracing::warn!(
+                        pipeline = %self.worker.pipeline.name,
+                        unfinished,
+                        "shutdown: records still in flight after {:?}; they stay uncommitted and will be read again",
+                        self.limits.drain_timeout
+                    );
+                    break;
+                }
+            }
+        }
+        self.commit_batch(s).await?;
+        for state in s.partitions.values() {
+            for task in state.tasks.values() {
+                task.abort();
+            }
+        }
+        tracing::info!(pipeline = %self.worker.pipeline.name, "stopping: flushing and committing");
+        let producer = self.worker.producer.clone();
+        let consumer = self.consumer.clone();
+        let transactional = self.worker.transactional;
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            use rdkafka::producer::Producer;
+            producer
+                .flush(Duration::from_secs(10))
+                .context("flushing the producer")?;
+            if transactional {
+                return Ok(()); // offsets went with the transactions
+            }
+            match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(())
+                | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                    rdkafka::types::RDKafkaErrorCode::NoOffset,
+                )) => Ok(()),
+                Err(e) => Err(e).context("committing offsets"),
+            }
+        })
+        .await?
+    }
+
+    /// A record read: through the gate, into its window and lane.
+    async fn admit(&self, s: &mut State, message: OwnedMessage) {
+        let (topic, partition, offset) = (
+            message.topic().to_string(),
+            message.partition(),
+            message.offset(),
+        );
+        let tp = (topic.clone(), partition);
+        let generation = &mut s.next_generation;
+        let state = s
+            .partitions
+            .entry(tp.clone())
+            .or_insert_with(|| new_state(generation));
+        if let Some(head) = state.retry_pause {
+            // Fetched before the pause took effect: it is read again after the waiting record.
+            if offset >= head {
+                self.rewind_and_pause(&tp, head).await;
+                return;
+            }
+        }
+        self.worker.telemetry.emit(ProcessorEvent::Consumed {
+            topic: &topic,
+            partition,
+            offset,
+        });
+        let Some(role) = self.roles.get(&topic) else {
+            tracing::error!(%topic, "record from a topic this pipeline did not subscribe to");
+            return;
+        };
+        let (event_type, input_topic, source, context) = match role {
+            Role::Input { event_type } => (event_type, &topic, Source::Input, None),
+            Role::Retry {
+                input_topic,
+                event_type,
+                tier,
+            } => (
+                event_type,
+                input_topic,
+                Source::Retry {
+                    tier: *tier,
+                    input_topic,
+                    input_partitions: self
+                        .worker
+                        .partitions
+                        .get(input_topic)
+                        .copied()
+                        .unwrap_or(0),
+                },
+                FailureContext::read(message.headers()),
+            ),
+        };
+        let rules = GateRules {
+            tiers: self.worker.pipeline.retry.tiers.clone(),
+        };
+        let admission = gate::admit(source, context, now_millis(), &rules);
+        if let Admission::Pause { resume_in } = admission {
+            state.retry_pause = Some(offset);
+            let generation = state.generation;
+            self.rewind_and_pause(&tp, offset).await;
+            self.worker.telemetry.emit(ProcessorEvent::Deferred {
+                topic: &topic,
+                partition,
+                wait_ms: resume_in.as_millis() as u64,
+            });
+            let resume = s.resume_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(resume_in).await;
+                let _ = resume.send((tp, generation));
+            });
+            return;
+        }
+        if let Err(e) = state.window.push(offset) {
+            // A record already in flight, delivered again: its first delivery finishes it.
+            tracing::debug!(%topic, partition, "record not taken: {e:?}");
+            return;
+        }
+        s.in_flight += 1;
+        let job = Job {
+            event_type: event_type.clone(),
+            input_topic: input_topic.clone(),
+            admission,
+            message,
+        };
+        let key: LaneKey = job.message.key().map(<[u8]>::to_vec);
+        if let Some((offset, job)) = state.lanes.admit(key.clone(), (offset, job)) {
+            start(&self.worker, &s.done_tx, &tp, state, offset, key, job);
+        }
+        let full =
+            state.window.len() >= self.limits.partition_window || s.in_flight >= self.limits.budget;
+        if full && !state.room_paused {
+            state.room_paused = true;
+            self.pause(&tp);
+        }
+    }
+
+    /// A task ended: finish it in its window, start its key's next record, store or stage.
+    fn finished(&self, s: &mut State, done: Done) {
+        let Some(state) = s.partitions.get_mut(&done.tp) else {
+            return; // revoked: abandoned
+        };
+        if state.generation != done.generation {
+            return; // reset since: abandoned
+        }
+        state.tasks.remove(&done.offset);
+        if let Some((offset, job)) = state.lanes.finish(&done.key) {
+            start(
+                &self.worker,
+                &s.done_tx,
+                &done.tp,
+                state,
+                offset,
+                done.key,
+                job,
+            );
+        }
+        let staged = match done.finished {
+            Finished::Written => None,
+            Finished::Staged(staged) => Some(staged),
+        };
+        if let Err(e) = state.window.finish(done.offset, staged) {
+            tracing::error!(topic = %done.tp.0, partition = done.tp.1, "finished record not in flight: {e:?}");
+            return;
+        }
+        let finished = state.window.take_finished();
+        let Some((last, _)) = finished.last() else {
+            return;
+        };
+        let last = *last;
+        s.in_flight -= finished.len();
+        if self.worker.transactional {
+            for (offset, staged) in finished {
+                s.batch
+                    .add(&done.tp, offset, staged.expect("exactly once stages"));
+            }
+        } else if let Err(e) = self.consumer.store_offset(&done.tp.0, done.tp.1, last) {
+            // Revoked meanwhile: its new owner reads these records again.
+            tracing::warn!(topic = %done.tp.0, partition = done.tp.1, offset = last, "offset not stored: {e}");
+        }
+        self.resume_if_room(s);
+    }
+
+    /// Resumes partitions paused for room once they and the budget have room again.
+    fn resume_if_room(&self, s: &mut State) {
+        if s.in_flight >= self.limits.budget * 3 / 4 {
+            return;
+        }
+        let low = self.limits.partition_window / 2;
+        let mut resume = Vec::new();
+        for (tp, state) in s.partitions.iter_mut() {
+            if state.room_paused && state.window.len() <= low {
+                state.room_paused = false;
+                if state.retry_pause.is_none() {
+                    resume.push(tp.clone());
+                }
+            }
+        }
+        for tp in resume {
+            self.resume(&tp);
+        }
+    }
+
+    /// A paused retry record is (nearly) due: read it again.
+    async fn resume_due(&self, s: &mut State, tp: TopicPartition, generation: u64) {
+        let Some(state) = s.partitions.get_mut(&tp) else {
+            return;
+        };
+        let Some(head) = state.retry_pause.filter(|_| state.generation == generation) else {
+            return;
+        };
+        // Seek to the waiting record again before resuming: had the first rewind failed,
+        // resuming alone would go past it.
+        if !self.seek(&tp, head).await {
+            let resume = s.resume_tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = resume.send((tp, generation));
+            });
+            return;
+        }
+        let state = s.partitions.get_mut(&tp).expect("present above");
+        state.retry_pause = None;
+        if !state.room_paused {
+            self.resume(&tp);
+        }
+    }
+
+    fn rebalanced(&self, s: &mut State, event: RebalanceEvent) {
+        match event {
+            RebalanceEvent::Revoked(tps) => {
+                for tp in tps {
+                    if let Some(state) = s.partitions.remove(&tp) {
+                        self.abandon(s, &tp, state);
+                    }
+                    self.worker
+                        .telemetry
+                        .emit(ProcessorEvent::PartitionRevoked {
+                            topic: &tp.0,
+                            partition: tp.1,
+                        });
+                }
+            }
+            RebalanceEvent::Assigned(tps) => {
+                for tp in tps {
+                    // Nothing of an earlier assignment carries over.
+                    if let Some(state) = s.partitions.remove(&tp) {
+                        self.abandon(s, &tp, state);
+                    }
+                    // A partition paused under an earlier assignment must not stay paused.
+                    self.resume(&tp);
+                }
+            }
+        }
+    }
+
+    /// Drops a partition's records in flight: their tasks stop, their offsets stay where they
+    /// are, their staged outputs are never written.
+    fn abandon(&self, s: &mut State, tp: &TopicPartition, state: PartitionState) {
+        for task in state.tasks.values() {
+            task.abort();
+        }
+        s.in_flight -= state.window.len();
+        s.batch.remove(tp);
+    }
+
+    /// Commits the batch: its records and the offsets past them in one transaction. On an
+    /// abortable failure every partition of the batch is rewound to where the batch began.
+    async fn commit_batch(&mut self, s: &mut State) -> anyhow::Result<()> {
+        if s.batch.is_empty() {
+            return Ok(());
+        }
+        // Take in revokes first, so no revoked partition's offset joins the transaction.
+        while let Ok(event) = self.rebalances.try_recv() {
+            self.rebalanced(s, event);
+        }
+        let batch = std::mem::take(&mut s.batch);
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match batch.commit(&self.worker, &self.consumer).await {
+            Ok(finished) => {
+                let worker = self.worker.clone();
+                // Marks and telemetry after the commit; claims held until the marks are stored.
+                tokio::spawn(async move {
+                    let ids: Vec<uuid::Uuid> = finished
+                        .iter()
+                        .filter_map(|f| f.ending.handled_event())
+                        .collect();
+                    worker.mark_until_stored(&ids).await;
+                    for staged in finished {
+                        let Staged {
+                            topic,
+                            ending,
+                            claim,
+                            ..
+                        } = staged;
+                        drop(claim);
+                        worker.tell(&topic, ending);
+                    }
+                });
+                Ok(())
+            }
+            Err((TransactionError::Fatal(e), _)) => Err(e),
+            Err((TransactionError::Abortable(e), starts)) => {
+                tracing::warn!(pipeline = %self.worker.pipeline.name, "transaction aborted, reading its inputs again: {e}");
+                for (tp, offset) in starts {
+                    if let Some(state) = s.partitions.remove(&tp) {
+                        self.abandon(s, &tp, state);
+                    }
+                    self.seek(&tp, offset).await;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn rewind_and_pause(&self, tp: &TopicPartition, offset: i64) {
+        self.seek(tp, offset).await;
+        self.pause(tp);
+    }
+
+    /// Seeks a partition to `offset`, off the executor; false when it failed.
+    async fn seek(&self, tp: &TopicPartition, offset: i64) -> bool {
+        let consumer = self.consumer.clone();
+        let (topic, partition) = tp.clone();
+        let sought = tokio::task::spawn_blocking(move || {
+            consumer.seek(
+                &topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(5),
+            )
+        })
+        .await;
+        match sought {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                tracing::warn!(topic = %tp.0, partition = tp.1, offset, "seek failed: {e}");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(topic = %tp.0, partition = tp.1, offset, "seek task failed: {e}");
+                false
+            }
+        }
+    }
+
+    fn pause(&self, tp: &TopicPartition) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::debug!(topic = %tp.0, partition = tp.1, "pause: {e}");
+        }
+    }
+
+    fn resume(&self, tp: &TopicPartition) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        if let Err(e) = self.consumer.resume(&tpl) {
+            tracing::debug!(topic = %tp.0, partition = tp.1, "resume: {e}");
+        }
+    }
+}
+
+fn new_state(next_generation: &mut u64) -> PartitionState {
+    *next_generation += 1;
+    PartitionState {
+        generation: *next_generation,
+        window: OffsetWindow::default(),
+        lanes: Lanes::default(),
+        tasks: HashMap::new(),
+        retry_pause: None,
+        room_paused: false,
+    }
+}
+
+/// Starts a record's task; its end comes back as a [`Done`].
+fn start(
+    worker: &Arc<Worker>,
+    done_tx: &mpsc::UnboundedSender<Done>,
+    tp: &TopicPartition,
+    state: &mut PartitionState,
+    offset: i64,
+    key: LaneKey,
+    job: Job,
+) {
+    let (worker, done_tx) = (worker.clone(), done_tx.clone());
+    let (tp_owned, generation) = (tp.clone(), state.generation);
+    let task = tokio::spawn(async move {
+        let finished = worker.run(job).await;
+        let _ = done_tx.send(Done {
+            tp: tp_owned,
+            generation,
+            offset,
+            key,
+            finished,
+        });
+    });
+    state.tasks.insert(offset, task.abort_handle());
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,206 @@
+//! Exactly once: the batch of finished records whose outputs and input offsets are committed
+//! together in one Kafka transaction, bounded by count and by time (like Kafka Streams'
+//! `commit.interval.ms`).
+//!
+//! Invariant: a record joins the batch only once every earlier record of its partition has
+//! (the engine hands over each window's contiguous finished prefix), so a committed offset never
+//! passes a record whose outputs are not in this or an earlier transaction. Every blocking
+//! librdkafka call (begin, send offsets, commit, abort) runs off the executor.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::Producer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+use super::context::MeteredContext;
+use super::engine::TopicPartition;
+use super::work::{Staged, Worker};
+use super::writer;
+use crate::telemetry::ProcessorEvent;
+
+/// Most inputs in one transaction.
+pub const MAX_INPUTS: usize = 500;
+/// Longest a finished input waits for its transaction.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+/// Bound of each transactional call.
+const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    /// Aborted (or abortable): read its inputs again.
+    #[error("{0}")]
+    Abortable(String),
+    /// The producer cannot go on (e.g. fenced by a newer instance): stop the processor.
+    #[error("fatal transaction error: {0}")]
+    Fatal(anyhow::Error),
+}
+
+impl TransactionError {
+    pub fn from_kafka(error: rdkafka::error::KafkaError) -> TransactionError {
+        match &error {
+            rdkafka::error::KafkaError::Transaction(e) if e.is_fatal() => {
+                TransactionError::Fatal(anyhow::Error::new(error))
+            }
+            _ => TransactionError::Abortable(error.to_string()),
+        }
+    }
+}
+
+/// One partition's part of the batch.
+struct Part {
+    /// Where the batch began in this partition: a new owner, or a retry, reads from here.
+    first_offset: i64,
+    last_offset: i64,
+    staged: Vec<Staged>,
+}
+
+#[derive(Default)]
+pub struct Batch {
+    parts: HashMap<TopicPartition, Part>,
+    inputs: usize,
+    started: Option<Instant>,
+}
+
+impl Batch {
+    pub fn add(&mut self, tp: &TopicPartition, offset: i64, staged: Staged) {
+        let part = self.parts.entry(tp.clone()).or_insert(Part {
+            first_offset: offset,
+            last_offset: offset,
+            staged: Vec::new(),
+        });
+        part.last_offset = offset;
+        part.staged.push(staged);
+        self.inputs += 1;
+        self.started.get_or_insert_with(Instant::now);
+    }
+
+    /// Drops a revoked partition's part: its outputs are never written.
+    pub fn remove(&mut self, tp: &TopicPartition) {
+        if let Some(part) = self.parts.remove(tp) {
+            self.inputs -= part.staged.len();
+        }
+        if self.parts.is_empty() {
+            self.started = None;
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inputs == 0
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.inputs >= MAX_INPUTS
+    }
+
+    /// When the batch must be committed at the latest.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.started.map(|at| at + COMMIT_INTERVAL)
+    }
+
+    /// Writes every staged record and the offsets past the batch in one transaction. Returns
+    /// the staged inputs once committed; on failure, each partition's first offset, to read
+    /// the batch again from.
+    pub async fn commit(
+        self,
+        worker: &Worker,
+        consumer: &StreamConsumer<MeteredContext>,
+    ) -> Result<Vec<Staged>, (TransactionError, Vec<(TopicPartition, i64)>)> {
+        let starts: Vec<(TopicPartition, i64)> = self
+            .parts
+            .iter()
+            .map(|(tp, part)| (tp.clone(), part.first_offset))
+            .collect();
+        let mut offsets = TopicPartitionList::new();
+        for (tp, part) in &self.parts {
+            if let Err(e) =
+                offsets.add_partition_offset(&tp.0, tp.1, Offset::Offset(part.last_offset + 1))
+            {
+                return Err((TransactionError::from_kafka(e), starts));
+            }
+        }
+        // A consumer in its group always has its metadata.
+        let Some(metadata) = consumer.group_metadata() else {
+            return Err((
+                TransactionError::Abortable("the consumer has no group metadata".into()),
+                starts,
+            ));
+        };
+        let producer = worker.producer.clone();
+        let result = blocking(move || producer.begin_transaction()).await;
+        if let Err(e) = result {
+            return Err((e, starts));
+        }
+        let staged: Vec<Staged> = self.parts.into_values().flat_map(|p| p.staged).collect();
+        let mut deliveries = Vec::new();
+        let mut failed = None;
+        for record in staged.iter().flat_map(|s| &s.records) {
+            match writer::enqueue(&worker.producer, record).await {
+                Ok(delivery) => deliveries.push((record, delivery)),
+                Err(e) => {
+                    failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let (records, futures): (Vec<_>, Vec<_>) = deliveries.into_iter().unzip();
+        for (record, ack) in records.into_iter().zip(join_all(futures).await) {
+            let error = match ack {
+                Ok(Ok(_)) => continue,
+                Ok(Err((e, _))) => e.to_string(),
+                Err(_) => "the producer went away".to_string(),
+            };
+            worker.telemetry.emit(ProcessorEvent::ProduceFailed {
+                topic: &record.topic,
+                error: &error,
+                attempt: 1,
+            });
+            failed = Some(error);
+        }
+        let producer = worker.producer.clone();
+        let committed = match failed {
+            Some(error) => Err(TransactionError::Abortable(error)),
+            None => {
+                blocking(move || {
+                    producer.send_offsets_to_transaction(
+                        &offsets,
+                        &metadata,
+                        TRANSACTION_CALL_TIMEOUT,
+                    )?;
+                    producer.commit_transaction(TRANSACTION_CALL_TIMEOUT)
+                })
+                .await
+            }
+        };
+        match committed {
+            Ok(()) => Ok(staged),
+            Err(error) => {
+                if !matches!(error, TransactionError::Fatal(_)) {
+                    let producer = worker.producer.clone();
+                    if let Err(abort) =
+                        blocking(move || producer.abort_transaction(TRANSACTION_CALL_TIMEOUT)).await
+                    {
+                        return Err((abort, starts));
+                    }
+                }
+                Err((error, starts))
+            }
+        }
+    }
+}
+
+/// Runs a blocking librdkafka call on the blocking pool.
+async fn blocking(
+    call: impl FnOnce() -> Result<(), rdkafka::error::KafkaError> + Send + 'static,
+) -> Result<(), TransactionError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result.map_err(TransactionError::from_kafka),
+        Err(e) => Err(TransactionError::Fatal(anyhow::anyhow!(
+            "transaction call panicked: {e}"
+        ))),
+    }
+}

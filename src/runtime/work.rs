@@ -1,0 +1,385 @@
+//! The work on one record, run as its own task once its lane lets it start: wait until due,
+//! decode, claim its event id, skip it if already handled, run the step (transient failures
+//! retried here, in its lane), encode the outputs; then, at least once, write them and wait for
+//! every ack and store the dedup mark.
+//!
+//! Invariant: the step runs only under one of the pipeline's `concurrency` permits, and never
+//! for an event id that another record in flight holds or has already handled. At least once,
+//! the task ends only when its records are acknowledged and its mark stored, so the engine may
+//! move the partition's offset past it; exactly once it hands its records back unwritten, for
+//! the batch's transaction. It never touches the consumer or an offset.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use tokio::sync::Semaphore;
+
+use super::claims::{Claim, Claimed, Claims};
+use super::context::MeteredContext;
+use super::dedup::DedupStore;
+use super::gate::Admission;
+use super::headers::FailureContext;
+use super::route::{Ending, FailureRouting};
+use super::writer::{self, OutRecord};
+use crate::contracts::events::now_millis;
+use crate::contracts::{AnyEvent, EventCodec, Naming};
+use crate::failure::{self, ErrorClass, Failure, Route};
+use crate::kafka;
+use crate::pipeline::Pipeline;
+use crate::steps::StepRunner;
+use crate::telemetry::{ProcessorEvent, Telemetry};
+
+/// Longest pause between two attempts to write refused records or to store a dedup mark.
+const MAX_REPEAT_PAUSE: Duration = Duration::from_secs(5);
+
+/// What every record's task shares.
+pub struct Worker {
+    pub pipeline: Pipeline,
+    pub naming: Naming,
+    pub group_id: String,
+    pub codec: Arc<EventCodec>,
+    pub step: StepRunner,
+    pub producer: FutureProducer<MeteredContext>,
+    pub telemetry: Telemetry,
+    pub dedup: Option<Arc<DedupStore>>,
+    pub claims: Claims,
+    /// One per step allowed to run at once (the pipeline's `concurrency`).
+    pub permits: Arc<Semaphore>,
+    /// Partition count of every topic the pipeline reads or writes.
+    pub partitions: HashMap<String, i32>,
+    /// Exactly once: records are handed back for the batch's transaction, not written here.
+    pub transactional: bool,
+}
+
+/// One record, admitted by the gate (anything but a pause).
+pub struct Job {
+    pub message: OwnedMessage,
+    pub event_type: String,
+    pub input_topic: String,
+    pub admission: Admission,
+}
+
+/// How a record's task ended.
+pub enum Finished {
+    /// At least once: its records are acknowledged and its mark stored.
+    Written,
+    /// Exactly once: its records, to be written in the batch's transaction.
+    Staged(Staged),
+}
+
+/// A record's outputs waiting for the batch's transaction.
+pub struct Staged {
+    pub topic: String,
+    pub records: Vec<OutRecord>,
+    pub ending: Ending,
+    /// Held until the transaction commits and the mark is stored.
+    pub claim: Option<Claim>,
+}
+
+/// What processing gave, before writing.
+struct Processed {
+    records: Vec<OutRecord>,
+    ending: Ending,
+    claim: Option<Claim>,
+}
+
+impl Worker {
+    /// Runs one record to its end (see the module's comment).
+    pub async fn run(self: Arc<Self>, job: Job) -> Finished {
+        let topic = job.message.topic().to_string();
+        let processed = self.process(job).await;
+        if self.transactional {
+            return Finished::Staged(Staged {
+                topic,
+                records: processed.records,
+                ending: processed.ending,
+                claim: processed.claim,
+            });
+        }
+        self.write_until_acknowledged(processed.records).await;
+        if let Some(event_id) = processed.ending.handled_event() {
+            self.mark_until_stored(&[event_id]).await;
+        }
+        drop(processed.claim);
+        self.tell(&topic, processed.ending);
+        Finished::Written
+    }
+
+    async fn process(&self, job: Job) -> Processed {
+        let Job {
+            message,
+            event_type,
+            input_topic,
+            admission,
+        } = job;
+        let context = match admission {
+            Admission::Run { context, late_ms } => {
+                if let (Some(c), Some(late_ms)) = (&context, late_ms) {
+                    self.telemetry.emit(ProcessorEvent::RetryLateness {
+                        tier: c.tier,
+                        late_ms,
+                    });
+                }
+                context
+            }
+            Admission::Hold { context, wait } => {
+                tokio::time::sleep(wait).await;
+                if let Some(due) = context.due_ms {
+                    self.telemetry.emit(ProcessorEvent::RetryLateness {
+                        tier: context.tier,
+                        late_ms: now_millis().saturating_sub(due),
+                    });
+                }
+                Some(context)
+            }
+            Admission::Reject { reason } => {
+                let failure = Failure::BadRetryHeaders(reason);
+                return self.failed(
+                    &message,
+                    &input_topic,
+                    None,
+                    ErrorClass::Permanent,
+                    &failure,
+                    Route::DeadLetter,
+                );
+            }
+            Admission::Pause { .. } => unreachable!("the engine pauses, it does not dispatch"),
+        };
+        let started = Instant::now();
+        let result = self.handle(&event_type, &message, context.as_ref()).await;
+        self.telemetry.emit(ProcessorEvent::Handled {
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        match result {
+            Ok(processed) => processed,
+            Err((class, failure, route)) => {
+                self.failed(&message, &input_topic, context, class, &failure, route)
+            }
+        }
+    }
+
+    fn failed(
+        &self,
+        message: &OwnedMessage,
+        input_topic: &str,
+        context: Option<FailureContext>,
+        class: ErrorClass,
+        failure: &Failure,
+        route: Route,
+    ) -> Processed {
+        let routing = FailureRouting {
+            pipeline: &self.pipeline,
+            group_id: &self.group_id,
+            partitions: &self.partitions,
+            now_ms: now_millis(),
+        };
+        let (record, ending) = routing.record(message, input_topic, context, class, failure, route);
+        Processed {
+            records: vec![record],
+            ending,
+            claim: None,
+        }
+    }
+
+    /// Decode, claim, dedup check, the step (transient failures retried in this lane), encode.
+    async fn handle(
+        &self,
+        event_type: &str,
+        message: &OwnedMessage,
+        context: Option<&FailureContext>,
+    ) -> Result<Processed, (ErrorClass, Failure, Route)> {
+        let tier = context.map_or(0, |c| c.tier);
+        let tiers = self.pipeline.retry.tiers.len();
+        let final_route = |failure: Failure| {
+            let class = self.pipeline.classifier.classify(&failure);
+            let route = failure::route(class, u32::MAX, 0, tier, tiers);
+            (failure::promoted(class), failure, route)
+        };
+        let event = AnyEvent::decode(&self.codec, event_type, message.payload())
+            .await
+            .map_err(|e| final_route(Failure::Decode(e)))?;
+        let event_id = event.envelope().event_id;
+        let claim = match self.claims.claim(event_id).await {
+            Claimed::Mine(claim) => claim,
+            Claimed::Duplicate => return Ok(duplicate(event_id)),
+        };
+        if let Some(dedup) = &self.dedup {
+            match dedup.seen(&self.group_id, event_id).await {
+                Ok(true) => return Ok(duplicate(event_id)),
+                Ok(false) => {}
+                Err(e) => return Err(final_route(Failure::Dependency(e.to_string()))),
+            }
+        }
+        let mut attempts = 0;
+        let outcome = loop {
+            let result = {
+                let _permit = self.permits.acquire().await.expect("permits stay open");
+                self.step.run(&event).await
+            };
+            match result {
+                Ok(outcome) => break outcome,
+                Err(failure) => {
+                    let class = self.pipeline.classifier.classify(&failure);
+                    attempts += 1;
+                    let transient_attempts = self.pipeline.retry.transient_attempts;
+                    match failure::route(class, attempts - 1, transient_attempts, tier, tiers) {
+                        Route::RetryNow => {
+                            self.telemetry.emit(ProcessorEvent::TransientRetry {
+                                attempt: attempts,
+                                kind: failure.kind(),
+                                message: &failure.to_string(),
+                            });
+                            // Waits in this lane only, without a permit.
+                            tokio::time::sleep(jittered_backoff(attempts)).await;
+                        }
+                        route => return Err((failure::promoted(class), failure, route)),
+                    }
+                }
+            }
+        };
+        let mut records = Vec::with_capacity(outcome.events.len() + outcome.copies.len());
+        for event in &outcome.events {
+            let topic = self.naming.topic(event.event_type());
+            let payload = event
+                .encode(&self.codec, &topic)
+                .await
+                .map_err(|e| final_route(Failure::Encode(e)))?;
+            records.push(OutRecord {
+                headers: kafka::cloudevents_headers(event.envelope()),
+                key: Some(event.key().into_bytes()),
+                payload: Some(payload),
+                partition: None,
+                topic,
+            });
+        }
+        for to in &outcome.copies {
+            records.push(OutRecord {
+                topic: self.naming.topic(to),
+                partition: None,
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+                headers: writer::copy_headers(message.headers()),
+            });
+        }
+        claim.succeeded();
+        Ok(Processed {
+            ending: Ending::Succeeded {
+                outputs: records.iter().map(|r| r.topic.clone()).collect(),
+                event_id,
+                occurred_at_ms: event.envelope().occurred_at,
+            },
+            records,
+            claim: Some(claim),
+        })
+    }
+
+    /// Writes the records; refused ones are written again after a growing pause, until every
+    /// one is acknowledged (the partition's offset waits, reading pauses when its window fills).
+    async fn write_until_acknowledged(&self, mut records: Vec<OutRecord>) {
+        let mut round = 0u32;
+        while !records.is_empty() {
+            let refused = writer::write_all(&self.producer, records).await;
+            if refused.is_empty() {
+                return;
+            }
+            round += 1;
+            for (record, error) in &refused {
+                self.telemetry.emit(ProcessorEvent::ProduceFailed {
+                    topic: &record.topic,
+                    error,
+                    attempt: round,
+                });
+            }
+            tokio::time::sleep(repeat_pause(round)).await;
+            records = refused.into_iter().map(|(r, _)| r).collect();
+        }
+    }
+
+    /// Stores the dedup marks, trying again until the store takes them: the offset must not
+    /// pass an event whose repeat the store would not recognise.
+    pub async fn mark_until_stored(&self, event_ids: &[uuid::Uuid]) {
+        let Some(dedup) = &self.dedup else { return };
+        if event_ids.is_empty() {
+            return;
+        }
+        let mut round = 0u32;
+        loop {
+            match dedup.mark_many(&self.group_id, event_ids).await {
+                Ok(()) => return,
+                Err(e) => {
+                    round += 1;
+                    for event_id in event_ids {
+                        self.telemetry.emit(ProcessorEvent::DedupMarkFailed {
+                            event_id: &event_id.to_string(),
+                            error: &e.to_string(),
+                        });
+                    }
+                    tokio::time::sleep(repeat_pause(round)).await;
+                }
+            }
+        }
+    }
+
+    /// Telemetry for an input that is finished.
+    pub fn tell(&self, topic: &str, ending: Ending) {
+        match ending {
+            Ending::Succeeded {
+                outputs,
+                event_id: _,
+                occurred_at_ms,
+            } => self.telemetry.emit(ProcessorEvent::Succeeded {
+                topic,
+                outputs: &outputs,
+                occurred_at_ms,
+            }),
+            Ending::Duplicate { event_id } => self.telemetry.emit(ProcessorEvent::Duplicate {
+                topic,
+                event_id: &event_id.to_string(),
+            }),
+            Ending::Retried {
+                tier,
+                class,
+                kind,
+                message,
+            } => self.telemetry.emit(ProcessorEvent::Retried {
+                tier,
+                class,
+                kind,
+                message: &message,
+            }),
+            Ending::DeadLettered {
+                topic,
+                class,
+                kind,
+                message,
+            } => self.telemetry.emit(ProcessorEvent::DeadLettered {
+                topic: &topic,
+                class,
+                kind,
+                message: &message,
+            }),
+        }
+    }
+}
+
+fn duplicate(event_id: uuid::Uuid) -> Processed {
+    Processed {
+        records: Vec::new(),
+        ending: Ending::Duplicate { event_id },
+        claim: None,
+    }
+}
+
+/// 50 ms, 100 ms, 200 ms, ... with +-50 % jitter, so retries of many records do not align.
+fn jittered_backoff(attempt: u32) -> Duration {
+    let base = 50u64 << attempt.min(6);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base))
+}
+
+/// 200 ms, 400 ms, ... up to [`MAX_REPEAT_PAUSE`].
+fn repeat_pause(round: u32) -> Duration {
+    (Duration::from_millis(200) * round.min(50)).min(MAX_REPEAT_PAUSE)
+}

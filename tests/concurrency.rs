@@ -1,0 +1,520 @@
+//! Key-ordered concurrency in the runtime, against the real stack: each key's events reach the
+//! downstream in order while keys interleave; a slow key holds back neither other keys nor other
+//! partitions' offsets; a rebalance and a SIGKILL mid-run lose nothing and never run an event
+//! before its predecessor.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use common::*;
+use orderflow::contracts::{NotificationSent, OrderCreated};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+// ---- a downstream that records each key's sequence -------------------------------------------
+
+#[derive(Default)]
+struct Seen {
+    /// Every call, in arrival order: (order id, sequence number).
+    calls: Vec<(String, u32)>,
+    answered: usize,
+    running: usize,
+    max_running: usize,
+    running_per_key: HashMap<String, usize>,
+    /// Calls of one key that overlapped another call of the same key.
+    same_key_overlaps: usize,
+    /// Keys whose calls wait until the gate opens.
+    held: HashSet<String>,
+    delay_ms: (u64, u64),
+}
+
+#[derive(Clone)]
+struct SeqDownstream {
+    seen: Arc<Mutex<Seen>>,
+    gate: watch::Sender<bool>,
+}
+
+impl SeqDownstream {
+    fn new(delay_ms: (u64, u64)) -> SeqDownstream {
+        SeqDownstream {
+            seen: Arc::new(Mutex::new(Seen {
+                delay_ms,
+                ..Seen::default()
+            })),
+            gate: watch::channel(false).0,
+        }
+    }
+
+    async fn start(&self) -> SocketAddr {
+        let app = Router::new()
+            .route("/{service}", post(answer))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        addr
+    }
+
+    fn calls(&self) -> Vec<(String, u32)> {
+        self.seen.lock().unwrap().calls.clone()
+    }
+
+    fn in_flight(&self) -> usize {
+        self.seen.lock().unwrap().running
+    }
+}
+
+async fn answer(
+    State(d): State<SeqDownstream>,
+    UrlPath(_service): UrlPath<String>,
+    Json(order): Json<Value>,
+) -> (StatusCode, Json<Value>) {
+    let order_id = order["data"]["order_id"].as_str().unwrap().to_string();
+    let seq: u32 = order["data"]["customer_id"]
+        .as_str()
+        .and_then(|c| c.strip_prefix("seq-"))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    let (held, delay) = {
+        let mut s = d.seen.lock().unwrap();
+        s.calls.push((order_id.clone(), seq));
+        s.running += 1;
+        s.max_running = s.max_running.max(s.running);
+        let per_key = s.running_per_key.entry(order_id.clone()).or_default();
+        *per_key += 1;
+        if *per_key > 1 {
+            s.same_key_overlaps += 1;
+        }
+        let (lo, hi) = s.delay_ms;
+        (
+            s.held.contains(&order_id),
+            Duration::from_millis(fastrand::u64(lo..=hi)),
+        )
+    };
+    // A caller that goes away (a killed process) drops this future: the guard still counts the
+    // call as no longer running.
+    let running = CallGuard(d.seen.clone(), order_id.clone());
+    if held {
+        let mut gate = d.gate.subscribe();
+        while !*gate.borrow_and_update() {
+            gate.changed().await.unwrap();
+        }
+    }
+    tokio::time::sleep(delay).await;
+    d.seen.lock().unwrap().answered += 1;
+    drop(running);
+    let body = json!({"order_id": order_id, "channel": "email", "recipient": "a@example.com", "template": format!("seq-{seq}")});
+    (StatusCode::OK, Json(body))
+}
+
+struct CallGuard(Arc<Mutex<Seen>>, String);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().unwrap();
+        s.running -= 1;
+        *s.running_per_key.get_mut(&self.1).unwrap() -= 1;
+    }
+}
+
+// ---- inputs and outputs -----------------------------------------------------------------------
+
+fn pipeline_dir(addr: SocketAddr, concurrency: usize) -> PathBuf {
+    pipeline_files(&[(
+        "notify.yaml",
+        format!(
+            "name: notify\ngroup: notify\ninputs: [order.created]\nconcurrency: {concurrency}\nstep:\n  http:\n    url: http://{addr}/notify\n    timeout: 30s\n    emit: {{\"2xx\": notification.sent}}\n"
+        )
+        .as_str(),
+    )])
+}
+
+/// `keys` orders, each with events numbered 1..=per_key in customer_id, published key after key
+/// interleaved (event n of every key, then n + 1). Returns each key's partition and offsets.
+async fn publish_sequences(
+    prefix: &str,
+    keys: usize,
+    per_key: u32,
+) -> (Vec<Uuid>, HashMap<(i32, i64), (String, u32)>) {
+    let (publisher, topic) = publisher(prefix).await;
+    let ids: Vec<Uuid> = (0..keys).map(|_| Uuid::new_v4()).collect();
+    let mut at = HashMap::new();
+    for seq in 1..=per_key {
+        for id in &ids {
+            let mut order = OrderCreated::sample("test");
+            order.data.order_id = *id;
+            order.data.customer_id = format!("seq-{seq}");
+            let d = publisher.publish(&topic, &order).await.unwrap();
+            at.insert((d.partition, d.offset), (id.to_string(), seq));
+        }
+    }
+    (ids, at)
+}
+
+/// Each key's sequence numbers in the output topic, in the order they were written.
+fn output_sequences(prefix: &str) -> BTreeMap<String, Vec<u32>> {
+    let (codec, _) = codec(prefix);
+    let runtime = tokio::runtime::Handle::current();
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for m in read_topic(&format!("{prefix}notification.sent")) {
+        let event: NotificationSent = tokio::task::block_in_place(|| {
+            runtime.block_on(codec.decode::<NotificationSent>(m.payload()))
+        })
+        .unwrap();
+        let seq = event
+            .data
+            .template
+            .strip_prefix("seq-")
+            .unwrap()
+            .parse()
+            .unwrap();
+        out.entry(event.data.order_id.to_string())
+            .or_default()
+            .push(seq);
+    }
+    out
+}
+
+/// Calls per key, in arrival order.
+fn by_key(calls: &[(String, u32)]) -> BTreeMap<String, Vec<u32>> {
+    let mut out: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+    for (key, seq) in calls {
+        out.entry(key.clone()).or_default().push(*seq);
+    }
+    out
+}
+
+/// Never before its predecessor: each call's number is at most one more than the highest
+/// number of that key seen before it (a repeat after a crash may go back, never skip ahead).
+fn never_ahead(key: &str, seqs: &[u32]) {
+    let mut highest = 0;
+    for seq in seqs {
+        assert!(
+            *seq <= highest + 1,
+            "{key}: event {seq} ran before {} ({seqs:?})",
+            highest + 1
+        );
+        highest = highest.max(*seq);
+    }
+}
+
+fn committed_by_partition(group: &str, topic: &str, partitions: i32) -> HashMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| {
+            let offset = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            };
+            (e.partition(), offset)
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn cleanup(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+// ---- the tests --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_keys_sequence_stays_in_order_while_keys_interleave() {
+    let downstream = SeqDownstream::new((0, 20));
+    let addr = downstream.start().await;
+    let dir = pipeline_dir(addr, 64);
+    let prefix = prefix("keyorder");
+    let running = Running::start(&prefix, &dir).await;
+    let (keys, per_key) = (50, 12u32);
+    let (ids, _) = publish_sequences(&prefix, keys, per_key).await;
+    let total = keys as u64 * u64::from(per_key);
+    running
+        .wait_done(&["notify"], total, Duration::from_secs(120))
+        .await;
+    running.stop().await;
+
+    let seen = downstream.seen.lock().unwrap();
+    let expected: Vec<u32> = (1..=per_key).collect();
+    let calls = by_key(&seen.calls);
+    assert_eq!(calls.len(), keys);
+    for id in &ids {
+        assert_eq!(calls[&id.to_string()], expected, "calls of {id}");
+    }
+    assert_eq!(seen.same_key_overlaps, 0, "two calls of one key at once");
+    eprintln!(
+        "{} calls, at most {} at once",
+        seen.calls.len(),
+        seen.max_running
+    );
+    assert!(seen.max_running > 1, "keys never ran side by side");
+    let outputs = output_sequences(&prefix);
+    for id in &ids {
+        assert_eq!(outputs[&id.to_string()], expected, "outputs of {id}");
+    }
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_key_holds_back_neither_other_keys_nor_other_partitions() {
+    let downstream = SeqDownstream::new((0, 5));
+    let addr = downstream.start().await;
+    let dir = pipeline_dir(addr, 16);
+    let prefix = prefix("slowkey");
+    let (ids, at) = publish_sequences(&prefix, 40, 3).await;
+    let slow = ids[0].to_string();
+    downstream.seen.lock().unwrap().held.insert(slow.clone());
+    let running = Running::start(&prefix, &dir).await;
+    let others = 39 * 3;
+    running
+        .wait_done(&["notify"], others, Duration::from_secs(60))
+        .await;
+    // Every other key is done while the slow key's first call is still running, and its next
+    // events wait in its lane.
+    let slow_calls: Vec<u32> = by_key(&downstream.calls())
+        .remove(&slow)
+        .unwrap_or_default();
+    assert_eq!(
+        slow_calls,
+        vec![1],
+        "only the slow key's first event has started"
+    );
+    assert_eq!(running.done("notify"), others);
+    let (slow_partition, slow_first) = at
+        .iter()
+        .filter(|(_, (k, seq))| *k == slow && *seq == 1)
+        .map(|((p, o), _)| (*p, *o))
+        .next()
+        .unwrap();
+    let topic = format!("{prefix}order.created");
+    let group = format!("{prefix}notify");
+    let ends: HashMap<i32, i64> = (0..3)
+        .map(|p| {
+            let end = at
+                .keys()
+                .filter(|(q, _)| *q == p)
+                .map(|(_, o)| o + 1)
+                .max()
+                .unwrap_or(0);
+            (p, end)
+        })
+        .collect();
+    // The other partitions commit everything; the slow key's partition stays at its record.
+    wait_for(
+        "the other partitions' offsets are committed",
+        Duration::from_secs(30),
+        || {
+            let committed = committed_by_partition(&group, &topic, 3);
+            (0..3)
+                .filter(|p| *p != slow_partition)
+                .all(|p| committed[&p] == ends[&p])
+        },
+    )
+    .await;
+    let committed = committed_by_partition(&group, &topic, 3);
+    assert!(
+        committed[&slow_partition] <= slow_first,
+        "partition {slow_partition} committed {} past the unfinished record at {slow_first}",
+        committed[&slow_partition]
+    );
+    downstream.gate.send(true).unwrap();
+    running
+        .wait_done(&["notify"], others + 3, Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    assert_eq!(by_key(&downstream.calls())[&slow], vec![1, 2, 3]);
+    assert_eq!(output_sequences(&prefix)[&slow], vec![1, 2, 3]);
+    let committed = committed_by_partition(&group, &topic, 3);
+    assert_eq!(committed, ends, "everything committed once finished");
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebalance_mid_run_loses_nothing_and_keeps_each_keys_order() {
+    // About 150 calls/s, so the work outlasts a join and a leave.
+    let downstream = SeqDownstream::new((30, 70));
+    let addr = downstream.start().await;
+    let dir = pipeline_dir(addr, 8);
+    let prefix = prefix("rebalance");
+    let (keys, per_key) = (40, 25u32);
+    let total = keys * per_key as usize;
+    let (ids, _) = publish_sequences(&prefix, keys, per_key).await;
+    let first = Running::start(&prefix, &dir).await;
+    wait_for("progress before the join", Duration::from_secs(60), || {
+        downstream.calls().len() >= total / 4
+    })
+    .await;
+    let in_flight_at_join = downstream.in_flight();
+    let calls_at_join = downstream.calls().len();
+    let second = Running::start(&prefix, &dir).await;
+    wait_for("progress before the leave", Duration::from_secs(60), || {
+        downstream.calls().len() >= total * 3 / 5
+    })
+    .await;
+    let in_flight_at_leave = downstream.in_flight();
+    let calls_at_leave = downstream.calls().len();
+    first.stop().await;
+    let outputs_complete = || {
+        let outputs = output_sequences(&prefix);
+        ids.iter().all(|id| {
+            outputs
+                .get(&id.to_string())
+                .is_some_and(|s| s.iter().collect::<HashSet<_>>().len() == per_key as usize)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !tokio::task::block_in_place(outputs_complete) {
+        assert!(Instant::now() < deadline, "not every event was delivered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    second.stop().await;
+    eprintln!(
+        "join at {calls_at_join} calls ({in_flight_at_join} in flight), leave at {calls_at_leave} calls ({in_flight_at_leave} in flight)"
+    );
+    assert!(
+        calls_at_join < total && calls_at_leave < total,
+        "the rebalances came after the work"
+    );
+    let calls = by_key(&downstream.calls());
+    let outputs = output_sequences(&prefix);
+    let mut lost = 0;
+    let mut repeated = 0;
+    for id in &ids {
+        let key = id.to_string();
+        never_ahead(&key, &calls[&key]);
+        never_ahead(&key, &outputs[&key]);
+        let distinct: HashSet<&u32> = outputs[&key].iter().collect();
+        lost += per_key as usize - distinct.len();
+        repeated += calls[&key].len() - per_key as usize;
+    }
+    eprintln!("lost {lost}, repeated calls {repeated}");
+    assert_eq!(lost, 0);
+    // A repeat comes only from a record that was in flight when its partition moved.
+    assert!(
+        repeated <= in_flight_at_join + in_flight_at_leave + 2 * 8,
+        "{repeated} repeated calls"
+    );
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_sigkill_no_event_runs_before_its_predecessor() {
+    let downstream = SeqDownstream::new((5, 40));
+    let addr = downstream.start().await;
+    let dir = pipeline_dir(addr, 64);
+    let prefix = prefix("keykill");
+    let log = dir.join("run.log");
+    let (keys, per_key) = (40, 12u32);
+    let total = keys * per_key as usize;
+    let (ids, _) = publish_sequences(&prefix, keys, per_key).await;
+    let spawn = || {
+        spawn_orderflow(
+            &["run", "notify"],
+            &prefix,
+            &dir,
+            &log,
+            &[("ORDERFLOW_DATABASE_URL", &database_url())],
+        )
+    };
+    let mut run = spawn();
+    let kills = 2;
+    let mut in_flight_at_kills = Vec::new();
+    for k in 1..=kills {
+        let start = downstream.seen.lock().unwrap().answered;
+        // Kill on progress since this run started, with calls in flight.
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let progressed = {
+                let s = downstream.seen.lock().unwrap();
+                s.answered >= start + total * k / (kills + 2) && s.running > 0
+            };
+            if progressed {
+                break;
+            }
+            still_running(&mut run, &log);
+            assert!(
+                Instant::now() < deadline,
+                "no progress:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        signal(&run, libc::SIGKILL);
+        in_flight_at_kills.push(downstream.in_flight());
+        wait_exit(&mut run, Duration::from_secs(10));
+        run = spawn();
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let outputs = tokio::task::block_in_place(|| output_sequences(&prefix));
+        let complete = ids.iter().all(|id| {
+            outputs
+                .get(&id.to_string())
+                .is_some_and(|s| s.iter().collect::<HashSet<_>>().len() == per_key as usize)
+        });
+        if complete {
+            break;
+        }
+        still_running(&mut run, &log);
+        assert!(Instant::now() < deadline, "not every event was delivered");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    signal(&run, libc::SIGTERM);
+    assert!(wait_exit(&mut run, Duration::from_secs(30)).success());
+    let calls = by_key(&downstream.calls());
+    let outputs = output_sequences(&prefix);
+    let mut repeated = 0;
+    for id in &ids {
+        let key = id.to_string();
+        never_ahead(&key, &calls[&key]);
+        never_ahead(&key, &outputs[&key]);
+        repeated += calls[&key].len() - per_key as usize;
+    }
+    eprintln!(
+        "{kills} kills with {in_flight_at_kills:?} calls in flight; {repeated} repeated calls"
+    );
+    assert!(
+        in_flight_at_kills.iter().all(|n| *n > 0),
+        "a kill landed with nothing in flight: {in_flight_at_kills:?}"
+    );
+    // With the dedup store, only what was in flight at a kill repeats: calls in their step, and
+    // records whose outputs awaited their acks or mark (at most `concurrency` each).
+    let bound: usize = in_flight_at_kills.iter().map(|n| n + 64).sum();
+    assert!(
+        repeated <= bound,
+        "{repeated} repeated calls, bound {bound}"
+    );
+    cleanup(&dir);
+}
