@@ -46,6 +46,8 @@ pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[("message.timeout.ms", "4500")]
 /// with Kafka's answer, the whole request stays within what clients are told (5 s per phase).
 pub const DATABASE_BUDGET: Duration = Duration::from_secs(4);
 const RETRY_AFTER_SECONDS: u64 = 5;
+/// Longest a 202 waits for its order to be marked accepted.
+const MARK_WAIT: Duration = Duration::from_secs(1);
 
 /// An order as a client sends it: no ids, no envelope, no total (computed here).
 #[derive(Debug, Deserialize)]
@@ -258,10 +260,11 @@ async fn create_order(
             )
         }
     }
-    // The order is on the topic: answer now; marking it accepted must not delay the answer
-    // (a retry with the same key republishes the same event if this is lost).
+    // The order is on the topic. Marked accepted before answering (read-your-writes), but a
+    // database that hangs now delays the 202 by MARK_WAIT at most: the mark goes on in the
+    // background (and a retry with the same key republishes the same event if it is lost).
     let (db, order_id) = (intake.db.clone(), order.data.order_id);
-    tokio::spawn(async move {
+    let mark = tokio::spawn(async move {
         let marked = async {
             let conn = db.get().await?;
             conn.timed(conn.client().execute(
@@ -274,6 +277,7 @@ async fn create_order(
             tracing::warn!(%order_id, "accepted order not marked in the intake store: {e}");
         }
     });
+    let _ = tokio::time::timeout(MARK_WAIT, mark).await;
     accepted(&order, false)
 }
 
