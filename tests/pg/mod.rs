@@ -128,6 +128,10 @@ impl Pg {
         }
     }
 
+    fn log(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("it-pg-{}.log", self.port))
+    }
+
     /// Stops it (fast shutdown: open connections are closed); waits for the exit.
     pub fn down(&mut self) {
         let Some(mut child) = self.child.take() else {
@@ -188,5 +192,6 @@ impl Drop for Pg {
     fn drop(&mut self) {
         self.down();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(self.log());
     }
 }
