@@ -1,4 +1,7 @@
-//! Order intake: `POST /orders` answers `202 Accepted` as soon as `order.created` is on its topic
+//! Order intake. Invariant: every answer comes within a bound (503 with `Retry-After` when a
+//! dependency is down or hung), and a 202 only once the order is on its topic.
+//!
+//! `POST /orders` answers `202 Accepted` as soon as `order.created` is on its topic
 //! (acks=all), without calling any downstream; the work converges behind it.
 //!
 //! - A request is validated first: malformed JSON is a 400 naming the field or position, an
@@ -9,7 +12,9 @@
 //!   if the first attempt never got its ack, the retry publishes the very same event (same event
 //!   id, which consumers deduplicate), so a timed-out publish cannot turn into two orders.
 //! - Kafka, the registry or the database unavailable: 503 with `Retry-After`, after at most
-//!   `PUBLISH_TIMEOUT`; never a hang, and never a 202 for an order that is not on the topic.
+//!   `PUBLISH_TIMEOUT` (Kafka) or `DATABASE_BUDGET` (PostgreSQL, through the pool of
+//!   [`crate::database`], which reconnects by itself); never a hang, and never a 202 for an
+//!   order that is not on the topic.
 //! - `GET /orders/{id}`: what the intake knows (read-your-writes for the caller that placed it).
 
 use std::net::SocketAddr;
@@ -24,13 +29,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use crate::contracts::{
     Address, Envelope, Event, Money, OrderCreated, OrderCreatedData, OrderItem,
 };
+use crate::database::Database;
 use crate::kafka::{PublishError, Publisher};
 
 /// Longest a POST waits for Kafka before answering 503.
@@ -38,17 +42,12 @@ pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 /// librdkafka gives a record up before the answer is due, so a 503 means "not written" in all
 /// but the rarest cases (and a retry with the same key republishes the same event anyway).
 pub const PRODUCER_SETTINGS: &[(&str, &str)] = &[("message.timeout.ms", "4500")];
+/// Longest a request waits for PostgreSQL (a connection and its statements) before a 503:
+/// with Kafka's answer, the whole request stays within what clients are told (5 s per phase).
+pub const DATABASE_BUDGET: Duration = Duration::from_secs(4);
 const RETRY_AFTER_SECONDS: u64 = 5;
-
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orderflow_intake (
-    idempotency_key text PRIMARY KEY,
-    order_id uuid NOT NULL UNIQUE,
-    request text NOT NULL,
-    event text NOT NULL,
-    state text NOT NULL,
-    received_at timestamptz NOT NULL DEFAULT now(),
-    accepted_at timestamptz
-)";
+/// Longest a 202 waits for its order to be marked accepted.
+const MARK_WAIT: Duration = Duration::from_secs(1);
 
 /// An order as a client sends it: no ids, no envelope, no total (computed here).
 #[derive(Debug, Deserialize)]
@@ -62,33 +61,22 @@ pub struct OrderRequest {
 pub struct Intake {
     publisher: Publisher,
     topic: String,
-    db: Mutex<Client>,
+    db: Database,
 }
 
 impl Intake {
-    /// Connects to the database (creating the table when missing).
+    /// Connects to the database (creating the tables when missing): the intake does not start
+    /// without it, but once started it survives the database going away and coming back.
     pub async fn new(
         publisher: Publisher,
         topic: String,
         database_url: &str,
     ) -> anyhow::Result<Intake> {
-        let (client, connection) = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_postgres::connect(database_url, NoTls),
-        )
-        .await
-        .map_err(|_| anyhow::anyhow!("the intake database does not answer within 5 s"))??;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::error!("intake database connection ended: {e}");
-            }
-        });
-        crate::runtime::dedup::create_table(&client, SCHEMA).await?;
-        crate::runtime::dedup::create_table(&client, crate::projection::SCHEMA).await?;
+        let db = Database::connect(database_url).await?;
         Ok(Intake {
             publisher,
             topic,
-            db: Mutex::new(client),
+            db,
         })
     }
 }
@@ -213,46 +201,38 @@ async fn create_order(
     );
 
     // Remember the event under its key before publishing it.
-    let (order, state) = {
-        let db = intake.db.lock().await;
-        let event = serde_json::to_string(&order).expect("events serialize");
-        let inserted = db
-            .execute(
-                "INSERT INTO orderflow_intake (idempotency_key, order_id, request, event, state) \
-                 VALUES ($1, $2, $3, $4, 'pending') ON CONFLICT (idempotency_key) DO NOTHING",
-                &[&key, &order.data.order_id, &canonical_request, &event],
-            )
-            .await;
-        match inserted {
-            Ok(1) => (order, "pending".to_string()),
-            Ok(_) => {
-                let row = db
-                    .query_one("SELECT request, event, state FROM orderflow_intake WHERE idempotency_key = $1", &[&key])
-                    .await;
-                match row {
-                    Ok(row) => {
-                        let (request, event, state): (String, String, String) =
-                            (row.get(0), row.get(1), row.get(2));
-                        if request != canonical_request {
-                            return problem(
-                                StatusCode::UNPROCESSABLE_ENTITY,
-                                json!({"error": "this Idempotency-Key was used with a different order", "field": "Idempotency-Key"}),
-                            );
-                        }
-                        match serde_json::from_str::<OrderCreated>(&event) {
-                            Ok(stored) => (stored, state),
-                            Err(e) => {
-                                return unavailable(
-                                    "the intake store",
-                                    format!("stored event unreadable: {e}"),
-                                )
-                            }
-                        }
-                    }
-                    Err(e) => return unavailable("the intake database", e.to_string()),
+    let event = serde_json::to_string(&order).expect("events serialize");
+    let remembered = tokio::time::timeout(
+        DATABASE_BUDGET,
+        remember(&intake.db, &key, &order, &canonical_request, &event),
+    )
+    .await;
+    let (order, state) = match remembered {
+        Ok(Ok(Remembered::New)) => (order, "pending".to_string()),
+        Ok(Ok(Remembered::Known {
+            request,
+            event,
+            state,
+        })) => {
+            if request != canonical_request {
+                return problem(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    json!({"error": "this Idempotency-Key was used with a different order", "field": "Idempotency-Key"}),
+                );
+            }
+            match serde_json::from_str::<OrderCreated>(&event) {
+                Ok(stored) => (stored, state),
+                Err(e) => {
+                    return unavailable("the intake store", format!("stored event unreadable: {e}"))
                 }
             }
-            Err(e) => return unavailable("the intake database", e.to_string()),
+        }
+        Ok(Err(e)) => return unavailable("the intake database", e.to_string()),
+        Err(_) => {
+            return unavailable(
+                "the intake database",
+                format!("no answer within {DATABASE_BUDGET:?}"),
+            )
         }
     };
     if state == "accepted" {
@@ -280,18 +260,66 @@ async fn create_order(
             )
         }
     }
-    let db = intake.db.lock().await;
-    if let Err(e) = db
-        .execute(
-            "UPDATE orderflow_intake SET state = 'accepted', accepted_at = now() WHERE idempotency_key = $1",
-            &[&key],
-        )
-        .await
-    {
-        // The order is on the topic; a retry with the same key republishes the same event.
-        tracing::warn!(order_id = %order.data.order_id, "accepted order not marked in the intake store: {e}");
-    }
+    // The order is on the topic. Marked accepted before answering (read-your-writes), but a
+    // database that hangs now delays the 202 by MARK_WAIT at most: the mark goes on in the
+    // background (and a retry with the same key republishes the same event if it is lost).
+    let (db, order_id) = (intake.db.clone(), order.data.order_id);
+    let mark = tokio::spawn(async move {
+        let marked = async {
+            let conn = db.get().await?;
+            conn.timed(conn.client().execute(
+                "UPDATE orderflow_intake SET state = 'accepted', accepted_at = now() WHERE idempotency_key = $1",
+                &[&key],
+            ))
+            .await
+        };
+        if let Err(e) = marked.await {
+            tracing::warn!(%order_id, "accepted order not marked in the intake store: {e}");
+        }
+    });
+    let _ = tokio::time::timeout(MARK_WAIT, mark).await;
     accepted(&order, false)
+}
+
+enum Remembered {
+    New,
+    Known {
+        request: String,
+        event: String,
+        state: String,
+    },
+}
+
+/// Inserts the request under its key, or returns what the key already holds.
+async fn remember(
+    db: &Database,
+    key: &str,
+    order: &OrderCreated,
+    request: &str,
+    event: &str,
+) -> Result<Remembered, crate::database::DbError> {
+    let conn = db.get().await?;
+    let inserted = conn
+        .timed(conn.client().execute(
+            "INSERT INTO orderflow_intake (idempotency_key, order_id, request, event, state) \
+             VALUES ($1, $2, $3, $4, 'pending') ON CONFLICT (idempotency_key) DO NOTHING",
+            &[&key, &order.data.order_id, &request, &event],
+        ))
+        .await?;
+    if inserted == 1 {
+        return Ok(Remembered::New);
+    }
+    let row = conn
+        .timed(conn.client().query_one(
+            "SELECT request, event, state FROM orderflow_intake WHERE idempotency_key = $1",
+            &[&key],
+        ))
+        .await?;
+    Ok(Remembered::Known {
+        request: row.get(0),
+        event: row.get(1),
+        state: row.get(2),
+    })
 }
 
 /// Builds the `order.created` event: new ids, the total from the items.
@@ -334,15 +362,34 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
             json!({"error": format!("'{id}' is not an order id (a UUID)"), "field": "id"}),
         );
     };
+    match tokio::time::timeout(DATABASE_BUDGET, status_of(&intake.db, order_id)).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(response)) => response,
+        Err(_) => unavailable(
+            "the intake database",
+            format!("no answer within {DATABASE_BUDGET:?}"),
+        ),
+    }
+}
+
+/// The read model's view of an order, else the intake's own record of it.
+async fn status_of(db: &Database, order_id: Uuid) -> Result<Response, Response> {
     let time = |ms: i64| {
         humantime::format_rfc3339_millis(
             std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
         )
         .to_string()
     };
-    let db = intake.db.lock().await;
+    let conn = db
+        .get()
+        .await
+        .map_err(|e| unavailable("the intake database", e.to_string()))?;
     // The read model first; an order it has not seen yet but the intake accepted is `accepted`.
-    match crate::projection::find(&db, order_id).await {
+    let view = conn
+        .timed(async { Ok(crate::projection::find(conn.client(), order_id).await) })
+        .await
+        .map_err(|e| unavailable("the order-status read model", e.to_string()))?;
+    match view {
         Ok(Some(view)) => {
             let steps: serde_json::Map<String, Value> = view
                 .sources
@@ -350,7 +397,7 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
                 .map(|(source, e)| (source.clone(), json!(e.event_type)))
                 .collect();
             let now = crate::contracts::events::now_millis();
-            return problem(
+            return Ok(problem(
                 StatusCode::OK,
                 json!({
                     "order_id": order_id,
@@ -364,16 +411,16 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
                     "status_since_ms": view.status_since,
                     "staleness_seconds": (now - view.last_event_at).max(0) as f64 / 1000.0,
                 }),
-            );
+            ));
         }
         Ok(None) => {}
-        Err(e) => return unavailable("the order-status read model", e),
+        Err(e) => return Err(unavailable("the order-status read model", e)),
     }
-    let row = db
-        .query_opt(
+    let row = conn
+        .timed(conn.client().query_opt(
             "SELECT state, extract(epoch from coalesce(accepted_at, received_at))::float8 FROM orderflow_intake WHERE order_id = $1",
             &[&order_id],
-        )
+        ))
         .await;
     match row {
         Ok(Some(row)) => {
@@ -384,7 +431,7 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
             } else {
                 "accepting"
             };
-            problem(
+            Ok(problem(
                 StatusCode::OK,
                 json!({
                     "order_id": order_id,
@@ -394,12 +441,12 @@ async fn order_status(State(intake): State<Arc<Intake>>, Path(id): Path<String>)
                     "steps": {},
                     "last_event_time": time((at * 1000.0) as i64),
                 }),
-            )
+            ))
         }
-        Ok(None) => problem(
+        Ok(None) => Ok(problem(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no order {order_id}")}),
-        ),
-        Err(e) => unavailable("the intake database", e.to_string()),
+        )),
+        Err(e) => Err(unavailable("the intake database", e.to_string())),
     }
 }

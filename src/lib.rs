@@ -9,10 +9,13 @@
 //!     registry's API, why a change breaks a rule, and topic/subject names.
 //! - [`kafka`]: librdkafka settings shared by producers and consumers, and the
 //!   [`kafka::Publisher`] that validates, encodes, adds CloudEvents headers and waits for acks.
+//! - [`database`]: the PostgreSQL pool (timeouts, reconnection) and the schema of every table,
+//!   used by the dedup store, the intake and the read model.
 //! - [`cli`]: the `orderflow` command; uses only the modules above.
 
 pub mod cli;
 pub mod contracts;
+pub mod database;
 pub mod demo;
 pub mod dlq;
 pub mod failure;

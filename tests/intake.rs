@@ -3,6 +3,7 @@
 //! accepted lost), and read-your-writes on GET /orders/{id}.
 
 mod common;
+mod pg;
 
 use std::time::{Duration, Instant};
 
@@ -13,12 +14,16 @@ use rdkafka::message::Message;
 use serde_json::{json, Value};
 
 async fn start(prefix: &str, bootstrap: &str) -> (String, String) {
+    start_with(prefix, bootstrap, &database_url()).await
+}
+
+async fn start_with(prefix: &str, bootstrap: &str, database_url: &str) -> (String, String) {
     let (codec, topic) = codec(prefix);
     let publisher = Publisher::with_settings(bootstrap, codec, intake::PRODUCER_SETTINGS).unwrap();
     orderflow::kafka::ensure_topics(&bootstrap_or_default(bootstrap), &[(&topic, 3)], 1)
         .await
         .ok();
-    let intake = Intake::new(publisher, topic.clone(), &database_url())
+    let intake = Intake::new(publisher, topic.clone(), database_url)
         .await
         .unwrap();
     let (addr, _) = intake::serve("127.0.0.1:0".parse().unwrap(), intake)
@@ -218,4 +223,79 @@ async fn kafka_down_is_a_bounded_503_and_nothing_is_accepted() {
         .await
         .unwrap();
     assert_eq!(key_order.status().as_u16(), 404);
+}
+
+/// POSTs a fresh order; returns the status, the Retry-After header and how long it took.
+async fn timed_post(url: &str) -> (u16, Option<String>, Duration) {
+    let started = Instant::now();
+    let (status, headers, _) = post(url, &order().to_string(), None).await;
+    let retry_after = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    (status, retry_after, started.elapsed())
+}
+
+/// POSTs until one is accepted (30 s at most); returns how long that took.
+async fn until_accepted(url: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let (status, _, _) = timed_post(url).await;
+        if status == 202 {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "still {status} 30 s after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_down_or_frozen_is_a_503_within_5_s_and_202_once_it_is_back() {
+    let mut server = pg::Pg::start().await;
+    let prefix = prefix("intake-db");
+    let (url, topic) = start_with(&prefix, &bootstrap(), &server.url).await;
+    let (status, _, _) = timed_post(&url).await;
+    assert_eq!(status, 202);
+
+    let mut report = Vec::new();
+    for phase in ["down", "frozen"] {
+        match phase {
+            "down" => server.down(),
+            _ => server.freeze(),
+        }
+        // Several in a row: the first finds pooled connections, the later ones connect afresh.
+        for _ in 0..3 {
+            let (status, retry_after, took) = timed_post(&url).await;
+            assert_eq!(status, 503, "{phase}");
+            assert_eq!(retry_after.as_deref(), Some("5"), "{phase}");
+            assert!(
+                took < Duration::from_secs(5),
+                "{phase}: answered after {took:?}"
+            );
+            report.push(format!("{phase} 503 after {took:?}"));
+        }
+        let (status, took) = {
+            let started = Instant::now();
+            let r = reqwest::get(format!("{url}/orders/{}", uuid::Uuid::now_v7()))
+                .await
+                .unwrap();
+            (r.status().as_u16(), started.elapsed())
+        };
+        assert_eq!(status, 503, "GET while {phase}");
+        assert!(took < Duration::from_secs(5), "GET while {phase}: {took:?}");
+        match phase {
+            "down" => server.up().await,
+            _ => server.thaw(),
+        }
+        report.push(format!(
+            "202 again {:?} after the database was back",
+            until_accepted(&url).await
+        ));
+    }
+    eprintln!("{}", report.join("; "));
+    // Only the accepted orders reached the topic: the first, and one after each outage.
+    assert_eq!(read_topic(&topic).len(), 3);
 }

@@ -1,4 +1,7 @@
-//! The order-status read model: per order, where it stands (status, the latest event of each
+//! The order-status read model. Invariant: an order's view never moves backwards, and no
+//! update or read waits on PostgreSQL beyond the pool's timeouts ([`crate::database`]).
+//!
+//! Per order, where it stands (status, the latest event of each
 //! source, what is pending) and a version, in PostgreSQL (`orderflow_order_status`), kept by the
 //! `order-status` pipeline and read by `GET /orders/{id}`.
 //!
@@ -13,30 +16,18 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
 use uuid::Uuid;
 
 use crate::contracts::events::now_millis;
 use crate::contracts::AnyEvent;
+use crate::database::Database;
 use crate::failure::Failure;
 use crate::steps::Handler;
 use crate::telemetry::projection::{ProjectionEvent, ProjectionTelemetry};
-
-pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS orderflow_order_status (
-    order_id uuid PRIMARY KEY,
-    status text NOT NULL,
-    version bigint NOT NULL,
-    sources text NOT NULL,
-    last_event_at bigint NOT NULL,
-    projected_at bigint NOT NULL
-);
-ALTER TABLE orderflow_order_status ADD COLUMN IF NOT EXISTS status_since bigint NOT NULL DEFAULT 0";
 
 /// The steps an order goes through before it is confirmed.
 pub const STEPS: [&str; 3] = ["inventory", "payment", "shipment"];
@@ -167,71 +158,64 @@ impl OrderView {
     }
 }
 
-/// The read model's table.
+/// The read model's table (`orderflow_order_status`, created by [`crate::database`]).
 pub struct OrderStatusStore {
-    url: String,
-    client: Mutex<Option<Client>>,
+    db: Result<Database, String>,
 }
 
 impl OrderStatusStore {
+    /// Connects on first use; a bad URL is reported by every call.
     pub fn new(url: &str) -> OrderStatusStore {
         OrderStatusStore {
-            url: url.to_string(),
-            client: Mutex::new(None),
+            db: Database::new(url).map_err(|e| e.to_string()),
         }
     }
 
-    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, String> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = tokio::time::timeout(
-                Duration::from_secs(5),
-                tokio_postgres::connect(&self.url, NoTls),
-            )
-            .await
-            .map_err(|_| "the read model's database did not answer within 5 s".to_string())?
-            .map_err(|e| format!("cannot reach the read model's database: {e}"))?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!("read model connection ended: {e}");
-                }
-            });
-            crate::runtime::dedup::create_table(&client, SCHEMA)
-                .await
-                .map_err(|e| format!("creating orderflow_order_status: {e}"))?;
-            *guard = Some(client);
-        }
-        Ok(guard)
-    }
-
-    /// Applies one event under the row's lock; returns how it went.
+    /// Applies one event under the row's lock, in one transaction bounded by the pool's
+    /// statement timeout; returns how it went.
     pub async fn apply(&self, event: &AnyEvent) -> Result<Merge, String> {
-        let mut guard = self.client().await?;
-        let client = guard.as_mut().expect("client() connects");
+        let db = self.db.as_ref().map_err(Clone::clone)?;
         let order_id = Uuid::parse_str(&event.key()).map_err(|e| e.to_string())?;
-        let tx = client.transaction().await.map_err(|e| e.to_string())?;
-        let row = tx
-            .query_opt(
-                "SELECT status, version, sources, last_event_at, projected_at, status_since FROM orderflow_order_status WHERE order_id = $1 FOR UPDATE",
-                &[&order_id],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let current = row.map(|r| view_of(order_id, &r)).transpose()?;
-        let merged = merge(current.as_ref(), event, now_millis());
-        if let Merge::Applied(view) = &merged {
-            let sources = serde_json::to_string(&view.sources).expect("sources serialize");
-            tx.execute(
-                "INSERT INTO orderflow_order_status (order_id, status, version, sources, last_event_at, projected_at, status_since) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO UPDATE SET \
-                 status = $2, version = $3, sources = $4, last_event_at = $5, projected_at = $6, status_since = $7",
-                &[&order_id, &view.status, &view.version, &sources, &view.last_event_at, &view.projected_at, &view.status_since],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
+        let conn = db.get().await.map_err(|e| e.to_string())?;
+        let client = conn.client();
+        let work = async {
+            client.batch_execute("BEGIN").await?;
+            let row = client
+                .query_opt(
+                    "SELECT status, version, sources, last_event_at, projected_at, status_since FROM orderflow_order_status WHERE order_id = $1 FOR UPDATE",
+                    &[&order_id],
+                )
+                .await?;
+            let current = match row.map(|r| view_of(order_id, &r)).transpose() {
+                Ok(current) => current,
+                Err(e) => return Ok(Err(e)),
+            };
+            let merged = merge(current.as_ref(), event, now_millis());
+            if let Merge::Applied(view) = &merged {
+                let sources = serde_json::to_string(&view.sources).expect("sources serialize");
+                client.execute(
+                    "INSERT INTO orderflow_order_status (order_id, status, version, sources, last_event_at, projected_at, status_since) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO UPDATE SET \
+                     status = $2, version = $3, sources = $4, last_event_at = $5, projected_at = $6, status_since = $7",
+                    &[&order_id, &view.status, &view.version, &sources, &view.last_event_at, &view.projected_at, &view.status_since],
+                )
+                .await?;
+            }
+            client.batch_execute("COMMIT").await?;
+            Ok(Ok(merged))
+        };
+        match conn.timed(work).await {
+            Ok(Ok(merged)) => Ok(merged),
+            // Left inside a transaction: the connection is not reused.
+            Ok(Err(e)) => {
+                conn.discard();
+                Err(e)
+            }
+            Err(e) => {
+                conn.discard();
+                Err(e.to_string())
+            }
         }
-        tx.commit().await.map_err(|e| e.to_string())?;
-        Ok(merged)
     }
 }
 
@@ -256,8 +240,12 @@ fn view_of(order_id: Uuid, row: &tokio_postgres::Row) -> Result<OrderView, Strin
     })
 }
 
-/// Reads one order's view with `client` (the intake's connection); `None` when not projected.
-pub async fn find(client: &Client, order_id: Uuid) -> Result<Option<OrderView>, String> {
+/// Reads one order's view with `client` (bound it with [`crate::database::Conn::timed`]);
+/// `None` when not projected.
+pub async fn find(
+    client: &tokio_postgres::Client,
+    order_id: Uuid,
+) -> Result<Option<OrderView>, String> {
     let row = client
         .query_opt(
             "SELECT status, version, sources, last_event_at, projected_at, status_since FROM orderflow_order_status WHERE order_id = $1",
@@ -308,6 +296,8 @@ impl Handler for OrderStatusHandler {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::contracts::OrderCreated;
 

@@ -1,0 +1,156 @@
+//! The database module and the dedup store over it, against real PostgreSQL: a server that is
+//! down or frozen (SIGSTOP) makes every call fail within a bound, and calls work again once it is
+//! back, without a new store; concurrent `seen` calls are answered right and share round trips.
+//! The down and frozen servers are throwaway ones of the test's own (tests/pg), never the stack's.
+
+mod common;
+mod pg;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orderflow::runtime::dedup::{DedupError, DedupStore};
+use uuid::Uuid;
+
+/// Longest a dedup call may take when the database is down or frozen: a connection (2 s) and a
+/// statement (2 s plus margin), as the store's own caller-side bound.
+const BOUND: Duration = Duration::from_secs(6);
+
+/// `calls` concurrent `seen` calls; each must fail within [`BOUND`]. Returns the slowest.
+async fn all_fail_fast(
+    store: &Arc<DedupStore>,
+    group: &str,
+    calls: usize,
+    phase: &str,
+) -> Duration {
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..calls {
+        let (store, group) = (store.clone(), group.to_string());
+        tasks.spawn(async move {
+            let at = Instant::now();
+            let r: Result<bool, DedupError> = store.seen(&group, Uuid::now_v7()).await;
+            (r, at.elapsed())
+        });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(done) = tasks.join_next().await {
+        let (result, took) = done.unwrap();
+        let e = result.expect_err(phase);
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(took < BOUND, "a call took {took:?}: {e}");
+        slowest = slowest.max(took);
+    }
+    assert!(started.elapsed() < BOUND + Duration::from_secs(1));
+    slowest
+}
+
+/// Waits (30 s at most) until `seen` works again; returns how long that took.
+async fn until_it_works(store: &DedupStore, group: &str, marked: Uuid) -> Duration {
+    let started = Instant::now();
+    loop {
+        match store.seen(group, marked).await {
+            Ok(seen) => {
+                assert!(seen, "the mark made before the outage is still there");
+                return started.elapsed();
+            }
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "not working 30 s after the database came back: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dedup_fails_fast_while_the_database_is_down_or_frozen_and_recovers_by_itself() {
+    let mut server = pg::Pg::start().await;
+    let store = Arc::new(DedupStore::connect(&server.url).await.unwrap());
+    let group = format!("it-dedup-{}", Uuid::new_v4().simple());
+    let marked = Uuid::now_v7();
+    store.mark(&group, marked).await.unwrap();
+    assert!(store.seen(&group, marked).await.unwrap());
+    assert!(!store.seen(&group, Uuid::now_v7()).await.unwrap());
+
+    // Down: connections refused.
+    server.down();
+    let down = all_fail_fast(&store, &group, 20, "down").await;
+    let started = Instant::now();
+    let mark = store.mark_many(&group, &[Uuid::now_v7()]).await;
+    assert!(mark.is_err() && started.elapsed() < BOUND, "{mark:?}");
+    server.up().await;
+    let back_after_down = until_it_works(&store, &group, marked).await;
+
+    // Frozen: the server accepts TCP connections (the kernel does) but answers nothing.
+    server.freeze();
+    let frozen = all_fail_fast(&store, &group, 20, "frozen").await;
+    let again = all_fail_fast(&store, &group, 5, "still frozen").await;
+    let started = Instant::now();
+    let mark = store.mark_many(&group, &[Uuid::now_v7()]).await;
+    let mark_frozen = started.elapsed();
+    assert!(mark.is_err() && mark_frozen < BOUND, "{mark:?}");
+    server.thaw();
+    let back_after_frozen = until_it_works(&store, &group, marked).await;
+    let fresh = Uuid::now_v7();
+    store.mark(&group, fresh).await.unwrap();
+    assert!(store.seen(&group, fresh).await.unwrap());
+    eprintln!(
+        "slowest failing call: down {down:?}, frozen {frozen:?} then {again:?}, mark while frozen \
+         {mark_frozen:?}; working again {back_after_down:?} after the restart, \
+         {back_after_frozen:?} after SIGCONT"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seen_from_200_concurrent_callers_is_right_and_shares_round_trips() {
+    let store = Arc::new(DedupStore::connect(&common::database_url()).await.unwrap());
+    let group = format!("it-dedup-batch-{}", Uuid::new_v4().simple());
+    let ids: Vec<Uuid> = (0..200).map(|_| Uuid::now_v7()).collect();
+    // Every other id handled, marked by 20 concurrent calls.
+    let handled: HashSet<Uuid> = ids.iter().step_by(2).copied().collect();
+    let chunks: Vec<Vec<Uuid>> = handled
+        .iter()
+        .copied()
+        .collect::<Vec<_>>()
+        .chunks(5)
+        .map(<[Uuid]>::to_vec)
+        .collect();
+    let marks: Vec<_> = chunks
+        .into_iter()
+        .map(|chunk| {
+            let (store, group) = (store.clone(), group.clone());
+            tokio::spawn(async move { store.mark_many(&group, &chunk).await })
+        })
+        .collect();
+    for m in marks {
+        m.await.unwrap().unwrap();
+    }
+    let before = store.stats();
+
+    let calls: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let (store, group, id) = (store.clone(), group.clone(), *id);
+            tokio::spawn(async move { (id, store.seen(&group, id).await) })
+        })
+        .collect();
+    for call in calls {
+        let (id, seen) = call.await.unwrap();
+        assert_eq!(seen.unwrap(), handled.contains(&id), "{id}");
+    }
+    let after = store.stats();
+    let queries = after.seen_queries - before.seen_queries;
+    eprintln!(
+        "200 concurrent seen calls: {queries} SELECT statement(s); 20 concurrent mark_many \
+         calls: {} INSERT statement(s)",
+        before.mark_statements
+    );
+    assert_eq!(after.seen_calls - before.seen_calls, 200);
+    assert!(queries <= 20, "{queries} statements for 200 calls");
+    assert!(before.mark_statements <= 20);
+    // Another group's marks are not this group's.
+    let other = format!("{group}-other");
+    assert!(!store.seen(&other, ids[0]).await.unwrap());
+}
