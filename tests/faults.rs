@@ -540,24 +540,67 @@ async fn poison_inputs_land_in_the_dlq_and_the_partition_moves_on() {
         .await
         .unwrap();
     let running = Running::start(&prefix, &dir).await;
+    // Well-formed headers whose numbers are out of range: each used to abort the process, pause
+    // the partition for ever or address a partition that does not exist. Then a valid, due retry
+    // record, which must get through behind them.
+    let now = orderflow::contracts::events::now_millis();
+    let (now_text, far) = (now.to_string(), (now + 10 * 86_400_000).to_string());
+    let retried = OrderCreated::sample("faults");
+    let retried_key = retried.data.order_id.to_string();
+    let failure_headers = |attempt: &str, tier: &str, partition: &str, due: &str| {
+        with_headers(&[
+            ("orderflow.attempt", attempt),
+            ("orderflow.original.topic", &topic),
+            ("orderflow.original.partition", partition),
+            ("orderflow.original.offset", "0"),
+            ("orderflow.first-failure.time", &now_text),
+            ("orderflow.retry.tier", tier),
+            ("orderflow.due.time", due),
+        ])
+    };
+    let retry_poison = [
+        (
+            "bad-headers",
+            with_headers(&[("orderflow.attempt", "many"), ("orderflow.retry.tier", "x")]),
+        ),
+        (
+            "tier-huge",
+            failure_headers("1", "4000000000", "0", &now_text),
+        ),
+        ("due-far", failure_headers("1", "1", "0", &far)),
+        ("no-partition", failure_headers("1", "1", "7", &now_text)),
+        (
+            "attempts-absurd",
+            failure_headers("4000000000", "1", "0", &now_text),
+        ),
+    ];
+    for (key, headers) in &retry_poison {
+        producer
+            .send(
+                FutureRecord::to(&retry_topic)
+                    .key(*key)
+                    .payload(&good)
+                    .headers(headers.clone()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
     producer
         .send(
             FutureRecord::to(&retry_topic)
-                .key("bad-headers")
-                .payload(&good)
-                .headers(with_headers(&[
-                    ("orderflow.attempt", "many"),
-                    ("orderflow.retry.tier", "x"),
-                ])),
+                .key(&retried_key)
+                .payload(&valid(&retried).await)
+                .headers(failure_headers("1", "1", "0", &now_text)),
             Duration::from_secs(10),
         )
         .await
         .unwrap();
-    let poisoned = poison.iter().filter(|p| p.3.is_some()).count() + 1;
+    let poisoned = poison.iter().filter(|p| p.3.is_some()).count() + retry_poison.len();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = running.telemetry["analytics"].snapshot();
-        if s.succeeded == 3 && s.dead_lettered == poisoned as u64 && s.duplicates == 1 {
+        if s.succeeded == 4 && s.dead_lettered == poisoned as u64 && s.duplicates == 1 {
             break;
         }
         assert!(Instant::now() < deadline, "{s:?}");
@@ -569,6 +612,7 @@ async fn poison_inputs_land_in_the_dlq_and_the_partition_moves_on() {
         first.data.order_id.to_string(),
         no_headers.data.order_id.to_string(),
         last.data.order_id.to_string(),
+        retried_key,
     ];
     expected.sort();
     assert_eq!(
@@ -594,18 +638,20 @@ async fn poison_inputs_land_in_the_dlq_and_the_partition_moves_on() {
             );
         }
     }
-    assert_eq!(
-        kinds.get("bad-headers").map(String::as_str),
-        Some("business_rule"),
-        "{kinds:?}"
-    );
+    for (key, _) in &retry_poison {
+        assert_eq!(
+            kinds.get(*key).map(String::as_str),
+            Some("bad_retry_headers"),
+            "{key}: {kinds:?}"
+        );
+    }
     for m in &dlq {
         assert!(header(m, "orderflow.error.message").is_some_and(|t| !t.is_empty()));
         assert!(header(m, "orderflow.original.topic").is_some());
     }
     eprintln!(
         "| poison inputs | analytics | {} | {} kinds of poison, 1 repeated id | 0 | 0 | {} | 0 |",
-        poison.len() + 1,
+        poison.len() + retry_poison.len() + 1,
         poisoned,
         dlq.len()
     );

@@ -98,6 +98,8 @@ struct State {
     done_tx: mpsc::UnboundedSender<Done>,
     resume_tx: mpsc::UnboundedSender<(TopicPartition, u64)>,
     batch: Batch,
+    /// Stopping: records already running finish, none starts.
+    draining: bool,
 }
 
 impl Engine {
@@ -113,6 +115,7 @@ impl Engine {
             done_tx,
             resume_tx,
             batch: Batch::default(),
+            draining: false,
         };
         let transactional = self.worker.transactional;
         while !*shutdown.borrow() {
@@ -134,6 +137,11 @@ impl Engine {
                 message = self.consumer.recv() => match message {
                     Ok(message) => {
                         let message = message.detach();
+                        // librdkafka ran any rebalance callback inside this recv, before the
+                        // message: apply those first, so the message meets its new assignment.
+                        while let Ok(event) = self.rebalances.try_recv() {
+                            self.rebalanced(&mut s, event);
+                        }
                         self.admit(&mut s, message).await;
                     }
                     Err(e) => tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}"),
@@ -151,6 +159,12 @@ impl Engine {
         s: &mut State,
         done_rx: &mut mpsc::UnboundedReceiver<Done>,
     ) -> anyhow::Result<()> {
+        // Records waiting in a lane stay unstarted: their offsets are not stored, and whoever
+        // owns the partition next reads them.
+        s.draining = true;
+        self.worker
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let until = tokio::time::Instant::now() + self.limits.drain_timeout;
         while s.partitions.values().any(|p| !p.tasks.is_empty()) {
             tokio::select! {
@@ -302,7 +316,7 @@ impl Engine {
             return; // reset since: abandoned
         }
         state.tasks.remove(&done.offset);
-        if let Some((offset, job)) = state.lanes.finish(&done.key) {
+        if let Some((offset, job)) = state.lanes.finish(&done.key).filter(|_| !s.draining) {
             start(
                 &self.worker,
                 &s.done_tx,
@@ -316,6 +330,8 @@ impl Engine {
         let staged = match done.finished {
             Finished::Written => None,
             Finished::Staged(staged) => Some(staged),
+            // Left unfinished in the window: no offset passes it.
+            Finished::Abandoned => return,
         };
         if let Err(e) = state.window.finish(done.offset, staged) {
             tracing::error!(topic = %done.tp.0, partition = done.tp.1, "finished record not in flight: {e:?}");
@@ -400,13 +416,11 @@ impl Engine {
                 }
             }
             RebalanceEvent::Assigned(tps) => {
-                for tp in tps {
-                    // Nothing of an earlier assignment carries over.
-                    if let Some(state) = s.partitions.remove(&tp) {
-                        self.abandon(s, &tp, state);
-                    }
+                // Revokes come first, so a newly assigned partition has no state yet; one that
+                // has (an eager assignment lists partitions kept) keeps it and its pauses.
+                for tp in tps.iter().filter(|tp| !s.partitions.contains_key(*tp)) {
                     // A partition paused under an earlier assignment must not stay paused.
-                    self.resume(&tp);
+                    self.resume(tp);
                 }
             }
         }

@@ -188,6 +188,11 @@ impl Processor {
             .context("initialising transactions")?;
         }
         consumer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
+        if let Some(id) = static_member_id() {
+            // Static membership: a restarted instance (a container restarted in its pod) gets
+            // its partitions back at once instead of after the dead one's session timeout.
+            consumer_config.set("group.instance.id", id);
+        }
         let (rebalance_tx, rebalances) = mpsc::unbounded_channel();
         let consumer: StreamConsumer<MeteredContext> = consumer_config
             .create_with_context(self.context.reporting_rebalances(rebalance_tx))
@@ -227,6 +232,7 @@ impl Processor {
             claims: claims::Claims::default(),
             partitions,
             transactional: self.transactional,
+            stopping: Default::default(),
         });
         let engine = Engine {
             worker,
@@ -320,6 +326,15 @@ pub async fn ensure_topics(
     let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
     kafka::ensure_topics(bootstrap_servers, &refs, replication).await?;
     Ok(wanted)
+}
+
+/// The consumers' `group.instance.id`: `ORDERFLOW_INSTANCE_ID` when set (the Kubernetes
+/// manifests set it to the pod's name). Unset, members are dynamic: two processes on one host
+/// must never share a static id, or one fences the other.
+pub fn static_member_id() -> Option<String> {
+    std::env::var("ORDERFLOW_INSTANCE_ID")
+        .ok()
+        .filter(|id| !id.is_empty())
 }
 
 /// This instance's name in transactional ids: `ORDERFLOW_INSTANCE_ID`, else the host name (a

@@ -10,6 +10,7 @@
 //! the batch's transaction. It never touches the consumer or an offset.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,8 @@ pub struct Worker {
     pub partitions: HashMap<String, i32>,
     /// Exactly once: records are handed back for the batch's transaction, not written here.
     pub transactional: bool,
+    /// Stopping: a record whose step has not started yet is abandoned (read again later).
+    pub stopping: AtomicBool,
 }
 
 /// One record, admitted by the gate (anything but a pause).
@@ -68,6 +71,9 @@ pub enum Finished {
     Written,
     /// Exactly once: its records, to be written in the batch's transaction.
     Staged(Staged),
+    /// The process is stopping and its step had not started: left unfinished, its offset is
+    /// never passed, so it is read again.
+    Abandoned,
 }
 
 /// A record's outputs waiting for the batch's transaction.
@@ -90,7 +96,9 @@ impl Worker {
     /// Runs one record to its end (see the module's comment).
     pub async fn run(self: Arc<Self>, job: Job) -> Finished {
         let topic = job.message.topic().to_string();
-        let processed = self.process(job).await;
+        let Some(processed) = self.process(job).await else {
+            return Finished::Abandoned;
+        };
         if self.transactional {
             return Finished::Staged(Staged {
                 topic,
@@ -108,7 +116,7 @@ impl Worker {
         Finished::Written
     }
 
-    async fn process(&self, job: Job) -> Processed {
+    async fn process(&self, job: Job) -> Option<Processed> {
         let Job {
             message,
             event_type,
@@ -137,14 +145,14 @@ impl Worker {
             }
             Admission::Reject { reason } => {
                 let failure = Failure::BadRetryHeaders(reason);
-                return self.failed(
+                return Some(self.failed(
                     &message,
                     &input_topic,
                     None,
                     ErrorClass::Permanent,
                     &failure,
                     Route::DeadLetter,
-                );
+                ));
             }
             Admission::Pause { .. } => unreachable!("the engine pauses, it does not dispatch"),
         };
@@ -154,9 +162,10 @@ impl Worker {
             seconds: started.elapsed().as_secs_f64(),
         });
         match result {
-            Ok(processed) => processed,
-            Err((class, failure, route)) => {
-                self.failed(&message, &input_topic, context, class, &failure, route)
+            Ok(processed) => Some(processed),
+            Err(Unhandled::Abandoned) => None,
+            Err(Unhandled::Failed(class, failure, route)) => {
+                Some(self.failed(&message, &input_topic, context, class, &failure, route))
             }
         }
     }
@@ -190,13 +199,13 @@ impl Worker {
         event_type: &str,
         message: &OwnedMessage,
         context: Option<&FailureContext>,
-    ) -> Result<Processed, (ErrorClass, Failure, Route)> {
+    ) -> Result<Processed, Unhandled> {
         let tier = context.map_or(0, |c| c.tier);
         let tiers = self.pipeline.retry.tiers.len();
         let final_route = |failure: Failure| {
             let class = self.pipeline.classifier.classify(&failure);
             let route = failure::route(class, u32::MAX, 0, tier, tiers);
-            (failure::promoted(class), failure, route)
+            Unhandled::Failed(failure::promoted(class), failure, route)
         };
         let event = AnyEvent::decode(&self.codec, event_type, message.payload())
             .await
@@ -217,6 +226,9 @@ impl Worker {
         let outcome = loop {
             let result = {
                 let _permit = self.permits.acquire().await.expect("permits stay open");
+                if attempts == 0 && self.stopping.load(Ordering::Relaxed) {
+                    return Err(Unhandled::Abandoned);
+                }
                 self.step.run(&event).await
             };
             match result {
@@ -235,7 +247,9 @@ impl Worker {
                             // Waits in this lane only, without a permit.
                             tokio::time::sleep(jittered_backoff(attempts)).await;
                         }
-                        route => return Err((failure::promoted(class), failure, route)),
+                        route => {
+                            return Err(Unhandled::Failed(failure::promoted(class), failure, route))
+                        }
                     }
                 }
             }
@@ -363,6 +377,14 @@ impl Worker {
             }),
         }
     }
+}
+
+/// Why a record has no outputs of its own.
+enum Unhandled {
+    /// Failed: to the next tier or the dead-letter topic, with the class it is reported with.
+    Failed(ErrorClass, Failure, Route),
+    /// Stopping before its step started.
+    Abandoned,
 }
 
 fn duplicate(event_id: uuid::Uuid) -> Processed {

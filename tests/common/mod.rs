@@ -135,6 +135,8 @@ struct Script {
     /// Per service: delay of every answer.
     delay: HashMap<String, Duration>,
     calls: Vec<(String, Call)>,
+    /// Per service: calls answered.
+    answered: HashMap<String, usize>,
 }
 
 #[derive(Clone, Default)]
@@ -213,6 +215,13 @@ async fn answer(
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
+    *downstream
+        .0
+        .lock()
+        .unwrap()
+        .answered
+        .entry(service.clone())
+        .or_default() += 1;
     let body = match (service.as_str(), status) {
         ("payments", 200) => {
             json!({"order_id": order_id, "payment_id": uuid::Uuid::now_v7().to_string(), "amount": order["data"]["total"]})
@@ -365,6 +374,24 @@ pub fn database_url() -> String {
 }
 
 impl Downstream {
+    /// Order ids of the calls the service received since `since`.
+    pub fn calls_since(&self, service: &str, since: Instant) -> Vec<String> {
+        let script = self.0.lock().unwrap();
+        script
+            .calls
+            .iter()
+            .filter(|(s, c)| s == service && c.at >= since)
+            .map(|(_, c)| c.order_id.clone())
+            .collect()
+    }
+
+    /// Calls of the service not answered yet: in flight now.
+    pub fn in_flight(&self, service: &str) -> usize {
+        let script = self.0.lock().unwrap();
+        let calls = script.calls.iter().filter(|(s, _)| s == service).count();
+        calls - script.answered.get(service).copied().unwrap_or(0)
+    }
+
     /// Distinct idempotency keys the service saw, and the number of calls.
     pub fn keys_and_calls(&self, service: &str) -> (usize, usize) {
         let script = self.0.lock().unwrap();
@@ -472,13 +499,15 @@ impl Running {
 // ---- `orderflow run` as a process ------------------------------------------------------------
 
 /// `orderflow run --all` over the pipelines of `dir`, topics under `prefix`, stderr to `log`.
+/// `orderflow run --all`; a restart (same prefix) is the same static member of its groups, so
+/// it gets its partitions back at once, as a restarted container in its pod does.
 pub fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
     spawn_orderflow(
         &["run", "--all", "--report-every", "0s"],
         prefix,
         dir,
         log,
-        &[],
+        &[("ORDERFLOW_INSTANCE_ID", &format!("{prefix}member"))],
     )
 }
 
@@ -505,7 +534,10 @@ pub fn spawn_orderflow(
             "ORDERFLOW_SCHEMAS_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
         )
-        .env("ORDERFLOW_LOG", "info")
+        .env(
+            "ORDERFLOW_LOG",
+            std::env::var("ORDERFLOW_TEST_LOG").unwrap_or("info".into()),
+        )
         // Several runs at once: each serves its metrics on a free port unless told otherwise.
         .env("ORDERFLOW_METRICS_LISTEN", "127.0.0.1:0");
     for (k, v) in env {
