@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -19,38 +18,6 @@ use orderflow::simulate::{self, Behaviour};
 use orderflow::telemetry::saga::SagaTelemetry;
 use rdkafka::Message;
 use tokio::sync::watch;
-
-/// The repository's pipelines and saga, their URLs pointing at `addr`; `edit` may change a
-/// file's text (by file name) before it is written.
-fn saga_dir(addr: SocketAddr, edit: impl Fn(&str, String) -> String) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-    let dir = pipeline_files(&[]);
-    std::fs::create_dir_all(dir.join("sagas")).unwrap();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&repo)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.push(repo.join("sagas/order.yaml"));
-    for file in files {
-        let relative = file.strip_prefix(&repo).unwrap();
-        let text: String = std::fs::read_to_string(&file)
-            .unwrap()
-            .lines()
-            .map(|line| match line.split_once("${") {
-                // url: ${ORDERFLOW_X_URL:-http://127.0.0.1:18090/path}
-                Some((head, rest)) if head.trim() == "url:" => {
-                    let path = rest.split_once("18090/").unwrap().1.trim_end_matches('}');
-                    format!("{head}http://{addr}/{path}\n")
-                }
-                _ => format!("{line}\n"),
-            })
-            .collect();
-        let text = edit(relative.to_str().unwrap(), text);
-        std::fs::write(dir.join(relative), text).unwrap();
-    }
-    dir
-}
 
 /// The simulated services (1-5 ms per call) with `behaviour`, and the repository's pipelines
 /// and saga pointed at them (see [`saga_dir`] for `edit`).
