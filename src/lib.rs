@@ -11,7 +11,16 @@
 //!   [`kafka::Publisher`] that validates, encodes, adds CloudEvents headers and waits for acks.
 //! - [`database`]: the PostgreSQL pool (timeouts, reconnection) and the schema of every table,
 //!   used by the dedup store, the intake and the read model.
-//! - [`cli`]: the `orderflow` command; uses only the modules above.
+//! - [`pipeline`]: the pipeline files of `pipelines/`, validated (every problem at once).
+//! - [`failure`]: the classification of every failure and the route it takes (retry now, a
+//!   retry tier, the dead-letter topic).
+//! - [`steps`]: what a pipeline does with one event (route, HTTP call, custom handler).
+//! - [`runtime`]: runs a pipeline; its stages are listed in its own `# Stages` (engine, gate,
+//!   lanes and offsets, work, route, transactions).
+//! - [`saga`], [`intake`], [`projection`], [`dlq`], [`simulate`], [`demo`], [`telemetry`]: the
+//!   order saga, the intake API, the read model, dead-letter tools, the simulated downstreams,
+//!   the demo and the metrics.
+//! - [`cli`]: the `orderflow` command.
 
 pub mod cli;
 pub mod contracts;
