@@ -172,6 +172,81 @@ proptest! {
     }
 }
 
+/// A header value as a writer (or an attacker) might set it: in range, at the edges, huge,
+/// negative, or not a number.
+fn header_number() -> impl Strategy<Value = Option<String>> {
+    prop_oneof![
+        (0i64..5).prop_map(|n| Some(n.to_string())),
+        any::<i64>().prop_map(|n| Some(n.to_string())),
+        Just(Some("4000000000".to_string())),
+        Just(Some("-1".to_string())),
+        "[a-z0-9 ]{0,6}".prop_map(Some),
+        Just(None),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: cases(),
+        // Integration tests have no lib.rs beside them: name the file.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/fuzz.txt"),
+        ))),
+        ..ProptestConfig::default()
+    })]
+
+    /// From headers to the action taken: whatever a retry record carries, the gate either
+    /// rejects it or acts within the pipeline's bounds (a wait no longer than its tier plus the
+    /// margin, a tier it has, a partition the input has), and the record it routes on goes to a
+    /// tier or DLQ the pipeline has, addressed to a partition that exists.
+    #[test]
+    fn any_failure_headers_lead_to_a_bounded_action(
+        attempt in header_number(),
+        partition in header_number(),
+        offset in header_number(),
+        tier in header_number(),
+        due_in in prop_oneof![(-5_000i64..120_000).prop_map(Some), any::<i64>().prop_map(Some), Just(None)],
+        topic_is_input in any::<bool>(),
+        source_tier in 1usize..=2,
+    ) {
+        use orderflow::runtime::gate::{self, Admission, GateRules, Source};
+        let now = 1_700_000_000_000i64;
+        let due = due_in.map(|d| now.saturating_add(d).to_string());
+        let mut pairs: Vec<(&str, Option<String>)> = vec![
+            ("orderflow.attempt", attempt),
+            ("orderflow.original.partition", partition),
+            ("orderflow.original.offset", offset),
+            ("orderflow.retry.tier", tier),
+            ("orderflow.due.time", due),
+            ("orderflow.first-failure.time", Some(now.to_string())),
+        ];
+        pairs.push(("orderflow.original.topic", Some(if topic_is_input { "in" } else { "other" }.into())));
+        let headers = pairs.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header { key: k, value: v.as_deref() })
+        });
+        let tiers = vec![std::time::Duration::from_secs(1), std::time::Duration::from_secs(16)];
+        let rules = GateRules { tiers: tiers.clone() };
+        let source = Source::Retry { tier: source_tier, input_topic: "in", input_partitions: 3 };
+        let context = FailureContext::read(Some(&headers));
+        match gate::admit(source, context, now, &rules) {
+            Admission::Reject { reason } => prop_assert!(!reason.is_empty()),
+            Admission::Pause { resume_in } => {
+                prop_assert!(resume_in <= tiers[source_tier - 1] + gate::DUE_MARGIN);
+            }
+            Admission::Hold { context, wait } => {
+                prop_assert!(wait <= gate::HOLD_WITHIN);
+                prop_assert!(context.tier == source_tier && (0..3).contains(&context.original_partition));
+            }
+            Admission::Run { context, late_ms } => {
+                let c = context.expect("a retry record runs with its context");
+                prop_assert!(c.tier == source_tier && (0..3).contains(&c.original_partition));
+                prop_assert!(c.attempt >= 1 && c.attempt <= gate::MAX_ATTEMPTS);
+                prop_assert!(late_ms.is_none_or(|l| l >= 0));
+            }
+        }
+    }
+}
+
 #[test]
 fn the_valid_payload_decodes() {
     let codec = offline_codec();
