@@ -309,6 +309,33 @@ impl Publisher {
     }
 }
 
+/// More partitions than this in one topic is taken as a broken answer, not a size to follow.
+pub const MAX_PARTITIONS: i32 = 10_000;
+
+/// Grows `topic` to `partitions` partitions.
+pub async fn grow_partitions(
+    bootstrap_servers: &str,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+
+    anyhow::ensure!(
+        (1..=MAX_PARTITIONS).contains(&partitions),
+        "{partitions} partitions for {topic} is out of range"
+    );
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap_servers).create()?;
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let grow = NewPartitions::new(topic, partitions as usize);
+    for result in admin.create_partitions(&[grow], &options).await? {
+        if let Err((topic, code)) = result {
+            anyhow::bail!("growing {topic} to {partitions} partitions failed: {code}");
+        }
+    }
+    Ok(())
+}
+
 /// Creates each topic that does not exist yet (an existing one is left as it is).
 pub async fn ensure_topics(
     bootstrap_servers: &str,

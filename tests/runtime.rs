@@ -363,3 +363,29 @@ async fn a_repeated_event_id_has_no_second_effect_even_after_a_restart() {
     assert_eq!(read_topic(&format!("{prefix}analytics.orders")).len(), 1);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn retry_and_dlq_topics_with_fewer_partitions_than_their_input_are_grown() {
+    let prefix = prefix("grow");
+    let topic = format!("{prefix}order.created");
+    let retry = format!("{topic}.copy.retry.1");
+    let dlq = format!("{topic}.copy.dlq");
+    // The input gained partitions after its retry and dead-letter topics were made.
+    kafka::ensure_topics(&bootstrap(), &[(&topic, 4), (&retry, 1), (&dlq, 2)], 1)
+        .await
+        .unwrap();
+    let dir = pipeline_files(&[(
+        "copy.yaml",
+        "name: copy\ngroup: copy\ninputs: [order.created]\nstep: {route: {to: [copies]}}\nretry: {tiers: [1s]}\n",
+    )]);
+    let running = Running::start(&prefix, &dir).await;
+    let client: BaseConsumer = kafka::client_config(&bootstrap()).create().unwrap();
+    for t in [&retry, &dlq] {
+        let metadata = client
+            .fetch_metadata(Some(t), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(metadata.topics()[0].partitions().len(), 4, "{t}");
+    }
+    running.stop().await;
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -307,16 +307,21 @@ pub async fn ensure_topics(
             .topics()
             .first()
             .map(|t| t.partitions().len() as i32)
-            .filter(|n| *n > 0)
+            .filter(|n| (1..=kafka::MAX_PARTITIONS).contains(n))
             .unwrap_or(DEFAULT_PARTITIONS);
         partitions_of.insert(input.topic.clone(), partitions);
     }
+    // Retry and DLQ topics follow their input's partition count, so a record keeps its partition.
+    let mut follow_input = Vec::new();
     let wanted: Vec<(String, i32)> = plan
         .into_iter()
         .map(|t| {
             let partitions = match (t.role, &t.input) {
                 ("dlq-audit", _) => 1,
-                (_, Some(input)) => partitions_of[input],
+                (_, Some(input)) => {
+                    follow_input.push((t.topic.clone(), input.clone(), partitions_of[input]));
+                    partitions_of[input]
+                }
                 ("input", None) => partitions_of[&t.topic],
                 _ => DEFAULT_PARTITIONS,
             };
@@ -325,7 +330,39 @@ pub async fn ensure_topics(
         .collect();
     let refs: Vec<(&str, i32)> = wanted.iter().map(|(t, p)| (t.as_str(), *p)).collect();
     kafka::ensure_topics(bootstrap_servers, &refs, replication).await?;
+    grow_to_inputs(bootstrap_servers, &client, &follow_input).await?;
     Ok(wanted)
+}
+
+/// Grows retry and DLQ topics that have fewer partitions than their input (an input that gained
+/// partitions after them), or refuses to start, naming the topic and the command to run.
+async fn grow_to_inputs(
+    bootstrap_servers: &str,
+    client: &rdkafka::consumer::BaseConsumer,
+    follow_input: &[(String, String, i32)],
+) -> anyhow::Result<()> {
+    for (topic, input, want) in follow_input {
+        let metadata = client
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of {topic}"))?;
+        let have = metadata
+            .topics()
+            .first()
+            .map_or(0, |t| t.partitions().len() as i32);
+        if have >= *want {
+            continue;
+        }
+        tracing::warn!(%topic, have, want, %input, "growing a retry/DLQ topic to its input's partition count");
+        kafka::grow_partitions(bootstrap_servers, topic, *want)
+            .await
+            .with_context(|| {
+                format!(
+                    "{topic} has {have} partitions, fewer than its input {input} ({want}), and \
+                     growing it failed; run: kafka-topics.sh --alter --topic {topic} --partitions {want}"
+                )
+            })?;
+    }
+    Ok(())
 }
 
 /// The consumers' `group.instance.id`: `ORDERFLOW_INSTANCE_ID` when set (the Kubernetes
