@@ -89,6 +89,7 @@ pub struct Engine {
     pub roles: HashMap<String, Role>,
     pub limits: Limits,
     pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
+    pub gate_rules: GateRules,
 }
 
 struct State {
@@ -263,10 +264,7 @@ impl Engine {
                 FailureContext::read(message.headers()),
             ),
         };
-        let rules = GateRules {
-            tiers: self.worker.pipeline.retry.tiers.clone(),
-        };
-        let admission = gate::admit(source, context, now_millis(), &rules);
+        let admission = gate::admit(source, context, now_millis(), &self.gate_rules);
         if let Admission::Pause { resume_in } = admission {
             state.retry_pause = Some(offset);
             let generation = state.generation;

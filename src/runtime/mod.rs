@@ -235,6 +235,9 @@ impl Processor {
             stopping: Default::default(),
         });
         let engine = Engine {
+            gate_rules: gate::GateRules {
+                tiers: worker.pipeline.retry.tiers.clone(),
+            },
             worker,
             consumer: Arc::new(consumer),
             roles: self.roles,
