@@ -204,3 +204,45 @@ async fn blocking(
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::route::Ending;
+
+    fn staged() -> Staged {
+        Staged {
+            topic: "in".into(),
+            records: Vec::new(),
+            ending: Ending::Duplicate {
+                event_id: uuid::Uuid::new_v4(),
+            },
+            claim: None,
+        }
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_count_and_a_revoked_partition_leaves_it_whole() {
+        let mut batch = Batch::default();
+        assert!(batch.is_empty() && batch.deadline().is_none());
+        let (a, b) = (("in".to_string(), 0), ("in".to_string(), 1));
+        batch.add(&a, 10, staged());
+        batch.add(&a, 11, staged());
+        batch.add(&b, 3, staged());
+        assert!(
+            batch.deadline().is_some(),
+            "the interval runs from the first input"
+        );
+        assert_eq!(batch.parts[&a].first_offset, 10);
+        assert_eq!(batch.parts[&a].last_offset, 11);
+        batch.remove(&a);
+        assert_eq!(batch.inputs, 1, "only b's input is left");
+        batch.remove(&b);
+        assert!(batch.is_empty() && batch.deadline().is_none());
+        for offset in 0..MAX_INPUTS as i64 {
+            assert!(!batch.is_full());
+            batch.add(&a, offset, staged());
+        }
+        assert!(batch.is_full());
+    }
+}
