@@ -581,7 +581,7 @@ pub async fn expire_read_model(
         READ_MODEL_TABLE,
         "order_id",
         "SELECT order_id FROM orderflow_order_status WHERE status IN ('confirmed', 'cancelled') \
-         AND status_since < ($1 * 1000)::bigint ORDER BY status_since LIMIT $2",
+         AND status_since < ($1::float8 * 1000)::bigint ORDER BY status_since LIMIT $2",
         horizon,
     )
     .await?;
