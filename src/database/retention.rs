@@ -86,11 +86,19 @@ fn check(
         return Err(RetentionError(format!(
             "{what}={} is out of bounds: between {} and {}",
             humantime::format_duration(d),
-            humantime::format_duration(min),
-            humantime::format_duration(max)
+            plain(min),
+            plain(max)
         )));
     }
     Ok(d)
+}
+
+/// A bound as people write it (`365d`, not humantime's months).
+fn plain(d: Duration) -> String {
+    match d.as_secs() {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s => humantime::format_duration(Duration::from_secs(s)).to_string(),
+    }
 }
 
 /// The window a setting declares: the environment variable, else `default`.
@@ -612,7 +620,17 @@ pub async fn measure_dedup(
 ) -> Result<Vec<Held>, tokio_postgres::Error> {
     let now = db_now(client).await?;
     let parts = partitions(client).await?;
-    let rows = parts.iter().map(|p| p.rows.max(0)).sum();
+    let mut rows: i64 = parts.iter().map(|p| p.rows.max(0)).sum();
+    if parts.is_empty() {
+        // Not migrated yet (a table of an earlier version under this name): its rows.
+        rows = client
+            .query_one(
+                "SELECT coalesce(pg_stat_get_live_tuples(to_regclass($1)), 0)",
+                &[&DEDUP_TABLE],
+            )
+            .await?
+            .get(0);
+    }
     let oldest = parts
         .iter()
         .filter(|p| p.rows > 0)
