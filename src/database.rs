@@ -6,7 +6,10 @@
 //!
 //! It also owns the schema of every table orderflow keeps (dedup marks, intake keys, the
 //! order-status read model), created once per [`Database`] on its first good connection, and the
-//! redaction of the URL's password in every message.
+//! redaction of the URL's password in every message. How long each table keeps its rows, and the
+//! expiry that keeps it so, is [`retention`].
+
+pub mod retention;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,15 +42,11 @@ impl Default for Timeouts {
 /// Connections a [`Database`] keeps at most: a few; the dedup store batches its queries.
 pub const DEFAULT_POOL_SIZE: usize = 4;
 
-/// The tables orderflow owns, each `CREATE ... IF NOT EXISTS` (and additive `ALTER`s).
+/// The tables orderflow owns, each `CREATE ... IF NOT EXISTS` (and additive `ALTER`s), except
+/// the dedup marks (partitioned: see [`retention::prepare_dedup`]).
 pub const SCHEMA: &[&str] = &[
-    // Dedup: which events a consumer group has handled.
-    "CREATE TABLE IF NOT EXISTS orderflow_processed (
-        consumer_group text NOT NULL,
-        event_id uuid NOT NULL,
-        processed_at timestamptz NOT NULL DEFAULT now(),
-        PRIMARY KEY (consumer_group, event_id)
-    )",
+    // Dedup marks (`orderflow_processed`) are partitioned by time: [`retention::prepare_dedup`]
+    // creates (or migrates) them, with the width of their partitions.
     // Intake: each accepted request under its idempotency key, with its event.
     "CREATE TABLE IF NOT EXISTS orderflow_intake (
         idempotency_key text PRIMARY KEY,

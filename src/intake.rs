@@ -16,6 +16,10 @@
 //!   [`crate::database`], which reconnects by itself); never a hang, and never a 202 for an
 //!   order that is not on the topic.
 //! - `GET /orders/{id}`: what the intake knows (read-your-writes for the caller that placed it).
+//! - Key retention: a key is remembered for the window a client may retry in
+//!   (`ORDERFLOW_INTAKE_KEY_RETENTION`, default 24 h). A key older than that is free again: the
+//!   same key then places a new order. The intake deletes expired keys itself, in bounded batches
+//!   (see [`crate::database::retention`]), and serves their gauges on `/metrics`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -34,6 +38,7 @@ use uuid::Uuid;
 use crate::contracts::{
     Address, Envelope, Event, Money, OrderCreated, OrderCreatedData, OrderItem,
 };
+use crate::database::retention::{self, DEFAULT_INTAKE_WINDOW, INTAKE_SETTING};
 use crate::database::Database;
 use crate::kafka::{PublishError, Publisher};
 
@@ -62,6 +67,8 @@ pub struct Intake {
     publisher: Publisher,
     topic: String,
     db: Database,
+    /// How long an idempotency key holds its order.
+    key_retention: Duration,
 }
 
 impl Intake {
@@ -72,12 +79,51 @@ impl Intake {
         topic: String,
         database_url: &str,
     ) -> anyhow::Result<Intake> {
+        let key_retention = retention::window_from_env(INTAKE_SETTING, DEFAULT_INTAKE_WINDOW)?;
         let db = Database::connect(database_url).await?;
         Ok(Intake {
             publisher,
             topic,
             db,
+            key_retention,
         })
+    }
+
+    /// How long a key holds its order (1 s ..= 365 d; the setting allows 1 min at least).
+    pub fn with_key_retention(mut self, window: Duration) -> anyhow::Result<Intake> {
+        if !(retention::MIN_WINDOW..=retention::MAX_WINDOW).contains(&window) {
+            anyhow::bail!(
+                "intake key retention {} is out of bounds (1s to 365d)",
+                humantime::format_duration(window)
+            );
+        }
+        self.key_retention = window;
+        Ok(self)
+    }
+
+    /// Deletes the keys past their retention now (what the server does by itself every few
+    /// minutes) and updates the gauges; returns the keys deleted.
+    pub async fn expire_keys(&self) -> Result<u64, crate::database::DbError> {
+        expire_keys(&self.db, self.key_retention).await
+    }
+}
+
+async fn expire_keys(db: &Database, window: Duration) -> Result<u64, crate::database::DbError> {
+    let conn = db.get().await?;
+    let deleted = conn
+        .timed(retention::expire_intake(conn.client(), window))
+        .await?;
+    conn.timed(retention::measure_intake(conn.client(), window))
+        .await?;
+    Ok(deleted)
+}
+
+/// Aborts a task when dropped: the expiry lives as long as the server.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -86,14 +132,39 @@ pub async fn serve(
     listen: SocketAddr,
     intake: Intake,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let (db, window) = (intake.db.clone(), intake.key_retention);
     let app = Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(order_status))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    crate::telemetry::metrics::encode(),
+                )
+            }),
+        )
         .with_state(Arc::new(intake));
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
+    let expiry = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(retention::period(window));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = expire_keys(&db, window).await {
+                tracing::warn!("intake key expiry did not run: {e}");
+            }
+        }
+    });
+    let expiry = AbortOnDrop(expiry.abort_handle());
     let task = tokio::spawn(async move {
+        let _expiry = expiry;
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("intake server stopped: {e}");
         }
@@ -204,7 +275,14 @@ async fn create_order(
     let event = serde_json::to_string(&order).expect("events serialize");
     let remembered = tokio::time::timeout(
         DATABASE_BUDGET,
-        remember(&intake.db, &key, &order, &canonical_request, &event),
+        remember(
+            &intake.db,
+            &key,
+            &order,
+            &canonical_request,
+            &event,
+            intake.key_retention,
+        ),
     )
     .await;
     let (order, state) = match remembered {
@@ -290,20 +368,26 @@ enum Remembered {
     },
 }
 
-/// Inserts the request under its key, or returns what the key already holds.
+/// Inserts the request under its key, or returns what the key already holds. A key past its
+/// retention (not deleted yet) is taken as new: the row is replaced.
 async fn remember(
     db: &Database,
     key: &str,
     order: &OrderCreated,
     request: &str,
     event: &str,
+    retention: Duration,
 ) -> Result<Remembered, crate::database::DbError> {
     let conn = db.get().await?;
+    let window = retention.as_secs_f64();
     let inserted = conn
         .timed(conn.client().execute(
             "INSERT INTO orderflow_intake (idempotency_key, order_id, request, event, state) \
-             VALUES ($1, $2, $3, $4, 'pending') ON CONFLICT (idempotency_key) DO NOTHING",
-            &[&key, &order.data.order_id, &request, &event],
+             VALUES ($1, $2, $3, $4, 'pending') ON CONFLICT (idempotency_key) DO UPDATE SET \
+             order_id = EXCLUDED.order_id, request = EXCLUDED.request, event = EXCLUDED.event, \
+             state = 'pending', received_at = now(), accepted_at = NULL \
+             WHERE orderflow_intake.received_at < now() - $5 * interval '1 second'",
+            &[&key, &order.data.order_id, &request, &event, &window],
         ))
         .await?;
     if inserted == 1 {

@@ -13,9 +13,16 @@
 //! Why PostgreSQL: one row per order read by id, a compare-and-set update under a row lock
 //! (`SELECT ... FOR UPDATE`) so replicas of the pipeline cannot overwrite each other, and it is
 //! already the store of the dedup marks and the intake's idempotency keys.
+//!
+//! Retention: a finished order (confirmed or cancelled) is kept for a window after it became
+//! final (`ORDERFLOW_READ_MODEL_RETENTION`, default 30 days), then deleted in bounded batches by
+//! the pipeline itself (every few minutes) or `orderflow retention run`. An order in flight is
+//! never deleted. A setting out of bounds is logged and nothing is deleted (keeping is the safe
+//! side); `retention run` refuses it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::FutureExt;
@@ -24,7 +31,7 @@ use uuid::Uuid;
 
 use crate::contracts::events::now_millis;
 use crate::contracts::AnyEvent;
-use crate::database::Database;
+use crate::database::{retention, Database};
 use crate::failure::Failure;
 use crate::steps::Handler;
 use crate::telemetry::projection::{ProjectionEvent, ProjectionTelemetry};
@@ -260,20 +267,84 @@ pub async fn find(
 pub struct OrderStatusHandler {
     store: Arc<OrderStatusStore>,
     telemetry: ProjectionTelemetry,
+    /// How long finished orders are kept; None: kept for ever (the setting was refused).
+    retention: Option<Duration>,
+    /// The periodic expiry, started by the first event (inside the runtime), stopped on drop.
+    expiry: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
 
 impl OrderStatusHandler {
+    /// Finished orders kept for `ORDERFLOW_READ_MODEL_RETENTION` (default 30 days).
     pub fn new(database_url: &str) -> OrderStatusHandler {
+        let retention = match retention::window_from_env(
+            retention::READ_MODEL_SETTING,
+            retention::DEFAULT_READ_MODEL_WINDOW,
+        ) {
+            Ok(window) => Some(window),
+            Err(e) => {
+                tracing::error!("{e}; finished orders are kept until the setting is fixed");
+                None
+            }
+        };
+        OrderStatusHandler::with_retention(database_url, retention)
+    }
+
+    /// Finished orders kept for `retention` after they became final (None: for ever).
+    pub fn with_retention(database_url: &str, retention: Option<Duration>) -> OrderStatusHandler {
         OrderStatusHandler {
             store: Arc::new(OrderStatusStore::new(database_url)),
             telemetry: ProjectionTelemetry::new("order-status"),
+            retention,
+            expiry: std::sync::OnceLock::new(),
         }
     }
+
+    fn start_expiry(&self) {
+        let (Some(window), Ok(db)) = (self.retention, self.store.db.clone()) else {
+            return;
+        };
+        self.expiry.get_or_init(|| {
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(retention::period(window));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    if let Err(e) = expire_finished(&db, window).await {
+                        tracing::warn!("read-model expiry did not run: {e}");
+                    }
+                }
+            })
+            .abort_handle()
+        });
+    }
+}
+
+impl Drop for OrderStatusHandler {
+    fn drop(&mut self) {
+        if let Some(expiry) = self.expiry.get() {
+            expiry.abort();
+        }
+    }
+}
+
+/// Deletes the finished orders past `window` (bounded batches), then updates the gauges.
+pub async fn expire_finished(
+    db: &Database,
+    window: Duration,
+) -> Result<u64, crate::database::DbError> {
+    let conn = db.get().await?;
+    let deleted = conn
+        .timed(retention::expire_read_model(conn.client(), window))
+        .await?;
+    conn.timed(retention::measure_read_model(conn.client(), window))
+        .await?;
+    Ok(deleted)
 }
 
 impl Handler for OrderStatusHandler {
     fn handle<'a>(&'a self, event: &'a AnyEvent) -> BoxFuture<'a, Result<Vec<AnyEvent>, Failure>> {
         async move {
+            self.start_expiry();
             match self.store.apply(event).await.map_err(Failure::Dependency)? {
                 Merge::Applied(view) => self.telemetry.emit(ProjectionEvent::Applied {
                     status: view.status,
@@ -296,8 +367,6 @@ impl Handler for OrderStatusHandler {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::contracts::OrderCreated;
 

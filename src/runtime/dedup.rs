@@ -4,10 +4,17 @@
 //! down or hung, never a hang), and concurrent callers share round trips instead of queueing
 //! behind one connection.
 //!
-//! Kept in PostgreSQL (`orderflow_processed`, created by [`crate::database`]): it survives
-//! restarts and every replica of a processor sees the same rows. An event is marked only after
-//! all of its outputs are acknowledged, so a crash can at worst repeat work (at least once), never
-//! skip it. Events that failed (retry tier or DLQ) are not marked: a replay handles them again.
+//! Kept in PostgreSQL (`orderflow_processed`, created by [`crate::database::retention`]): it
+//! survives restarts and every replica of a processor sees the same rows. An event is marked only
+//! after all of its outputs are acknowledged, so a crash can at worst repeat work (at least once),
+//! never skip it. Events that failed (retry tier or DLQ) are not marked: a replay handles them
+//! again.
+//!
+//! Retention: a mark counts for a declared window ([`DedupRetention`], 7 days unless
+//! `ORDERFLOW_DEDUP_RETENTION` says otherwise): `seen` ignores older marks, so a duplicate that
+//! comes back after the window is handled again. The table is partitioned by time and the store
+//! runs its own expiry every few minutes (whole partitions dropped, never rows deleted; the
+//! `retention run` command does the same), so its size follows the window, not the history.
 //!
 //! Batching: `seen` and `mark_many` put their request on a channel. A batcher task takes the
 //! first request, waits for a free pooled connection, then takes whatever else is queued (no
@@ -15,13 +22,15 @@
 //! while the pool is busy, requests pile up and go together next. No lock is held across a query.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use crate::database::retention::{self, DedupLayout};
+pub use crate::database::retention::{DedupExpiry, DedupRetention};
 use crate::database::{Conn, Database, DbError};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -44,8 +53,15 @@ impl From<DbError> for DedupError {
 const MAX_SEEN_BATCH: usize = 2_000;
 const MAX_MARK_BATCH: usize = 10_000;
 
-const SEEN_SQL: &str =
-    "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 AND event_id = ANY($2)";
+/// `$3`: the window in seconds; older marks do not count (their partition may not be dropped
+/// yet). The partitions wholly before the window are pruned at execution.
+const SEEN_SQL: &str = "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
+     AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second'";
+/// The same, also reading the table of an earlier version until it is dropped.
+const SEEN_LEGACY_SQL: &str = "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
+     AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second' \
+     UNION ALL SELECT event_id FROM orderflow_processed_legacy WHERE consumer_group = $1 \
+     AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second'";
 const MARK_SQL: &str = "INSERT INTO orderflow_processed (consumer_group, event_id) \
      SELECT $1, unnest($2::uuid[]) ON CONFLICT DO NOTHING";
 
@@ -54,8 +70,44 @@ pub struct DedupStore {
     seen: mpsc::UnboundedSender<SeenRequest>,
     marks: mpsc::UnboundedSender<MarkRequest>,
     counters: Arc<Counters>,
+    shared: Arc<Shared>,
     /// Longest a caller waits for its answer: a connection, then a statement, and a margin.
     call_limit: Duration,
+    /// The periodic expiry, stopped with the store.
+    expiry: tokio::task::AbortHandle,
+}
+
+/// What the batchers and the expiry task share.
+struct Shared {
+    retention: DedupRetention,
+    /// The table as prepared on first use (created or migrated).
+    layout: tokio::sync::OnceCell<Layout>,
+}
+
+struct Layout {
+    bucket_secs: i64,
+    /// The table of an earlier version is still there and read.
+    legacy: AtomicBool,
+}
+
+impl Shared {
+    /// The layout, preparing the table on `conn` the first time.
+    async fn layout(&self, conn: &Conn) -> Result<&Layout, DbError> {
+        self.layout
+            .get_or_try_init(|| async {
+                let l: DedupLayout = conn
+                    .timed(retention::prepare_dedup(
+                        conn.client(),
+                        self.retention.bucket,
+                    ))
+                    .await?;
+                Ok(Layout {
+                    bucket_secs: l.bucket_secs,
+                    legacy: AtomicBool::new(l.legacy),
+                })
+            })
+            .await
+    }
 }
 
 struct SeenRequest {
@@ -90,19 +142,58 @@ struct Counters {
 }
 
 impl DedupStore {
-    /// Connects and creates the table when missing. Fails when the database cannot be reached,
-    /// so a processor does not start without its dedup state.
+    /// Connects and creates (or migrates) the table when needed, with the window of
+    /// `ORDERFLOW_DEDUP_RETENTION` (default 7 days). Fails when the database cannot be reached or
+    /// the setting is out of bounds, so a processor does not start without its dedup state.
     pub async fn connect(url: &str) -> Result<DedupStore, DedupError> {
-        Ok(DedupStore::with_database(Database::connect(url).await?))
+        let retention = DedupRetention::from_env().map_err(|e| DedupError {
+            url: crate::database::redact(url),
+            detail: e.to_string(),
+        })?;
+        DedupStore::with_retention(url, retention).await
     }
 
-    /// A store over a pool of the caller's (its timeouts bound every call).
+    /// [`DedupStore::connect`] with a retention of the caller's (e.g. a window shortened for a
+    /// test; the partition width applies only if the table is created now).
+    pub async fn with_retention(
+        url: &str,
+        retention: DedupRetention,
+    ) -> Result<DedupStore, DedupError> {
+        let store =
+            DedupStore::with_database_and_retention(Database::connect(url).await?, retention);
+        let conn = store.db.get().await?;
+        store.shared.layout(&conn).await?;
+        Ok(store)
+    }
+
+    /// A store over a pool of the caller's (its timeouts bound every call), default retention.
     pub fn with_database(db: Database) -> DedupStore {
+        DedupStore::with_database_and_retention(db, DedupRetention::default())
+    }
+
+    /// A store over a pool of the caller's with a retention of the caller's. The table is
+    /// prepared on first use; the store expires its own marks every few minutes.
+    pub fn with_database_and_retention(db: Database, retention: DedupRetention) -> DedupStore {
         let counters = Arc::new(Counters::default());
+        let shared = Arc::new(Shared {
+            retention,
+            layout: tokio::sync::OnceCell::new(),
+        });
         let (seen, seen_rx) = mpsc::unbounded_channel();
         let (marks, marks_rx) = mpsc::unbounded_channel();
-        tokio::spawn(seen_batcher(db.clone(), seen_rx, counters.clone()));
-        tokio::spawn(mark_batcher(db.clone(), marks_rx, counters.clone()));
+        tokio::spawn(seen_batcher(
+            db.clone(),
+            seen_rx,
+            counters.clone(),
+            shared.clone(),
+        ));
+        tokio::spawn(mark_batcher(
+            db.clone(),
+            marks_rx,
+            counters.clone(),
+            shared.clone(),
+        ));
+        let expiry = tokio::spawn(expire_periodically(db.clone(), shared.clone())).abort_handle();
         let t = db.timeouts();
         DedupStore {
             call_limit: t.connect + t.statement + Duration::from_secs(1),
@@ -110,7 +201,20 @@ impl DedupStore {
             seen,
             marks,
             counters,
+            shared,
+            expiry,
         }
+    }
+
+    /// The window and partition width this store was given.
+    pub fn retention(&self) -> DedupRetention {
+        self.shared.retention
+    }
+
+    /// Runs expiry now (what the store does by itself every few minutes): creates the
+    /// partitions ahead, drops those wholly older than the window, updates the gauges.
+    pub async fn expire_now(&self) -> Result<DedupExpiry, DedupError> {
+        Ok(expire_once(&self.db, &self.shared).await?)
     }
 
     /// True when `group` has already handled `event_id`.
@@ -179,6 +283,42 @@ impl DedupStore {
     }
 }
 
+impl Drop for DedupStore {
+    fn drop(&mut self) {
+        self.expiry.abort();
+    }
+}
+
+/// One expiry run on a pooled connection, then the gauges.
+async fn expire_once(db: &Database, shared: &Shared) -> Result<DedupExpiry, DbError> {
+    let conn = db.get().await?;
+    shared.layout(&conn).await?;
+    let window = shared.retention.window;
+    let expiry = conn
+        .timed(retention::expire_dedup(conn.client(), window))
+        .await?;
+    conn.timed(retention::measure_dedup(conn.client(), window))
+        .await?;
+    Ok(expiry)
+}
+
+/// The store's own expiry: at start, then every [`retention::period`] of its bucket or window.
+/// Only one process at a time does the work (an advisory lock); failures are retried next time.
+async fn expire_periodically(db: Database, shared: Arc<Shared>) {
+    let span = shared.retention.bucket.min(shared.retention.window);
+    let mut tick = tokio::time::interval(retention::period(span));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = expire_once(&db, &shared).await {
+            tracing::warn!(
+                "dedup expiry did not run (next attempt in {:?}): {e}",
+                tick.period()
+            );
+        }
+    }
+}
+
 /// Takes the first request, a connection, then everything queued meanwhile (up to `max`).
 async fn next_batch<R>(
     db: &Database,
@@ -202,6 +342,7 @@ async fn seen_batcher(
     db: Database,
     mut requests: mpsc::UnboundedReceiver<SeenRequest>,
     counters: Arc<Counters>,
+    shared: Arc<Shared>,
 ) {
     while let Some((conn, batch)) = next_batch(&db, &mut requests, MAX_SEEN_BATCH).await {
         match conn {
@@ -213,43 +354,34 @@ async fn seen_batcher(
             }
             // The query runs beside the batcher, so the next batch can use another connection.
             Ok(conn) => {
-                tokio::spawn(answer_seen(conn, batch, counters.clone()));
+                tokio::spawn(answer_seen(conn, batch, counters.clone(), shared.clone()));
             }
         }
     }
 }
 
-async fn answer_seen(mut conn: Conn, batch: Vec<SeenRequest>, counters: Arc<Counters>) {
+async fn answer_seen(
+    mut conn: Conn,
+    batch: Vec<SeenRequest>,
+    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+) {
     let mut by_group: HashMap<&str, Vec<Uuid>> = HashMap::new();
     for r in &batch {
         by_group.entry(&r.group).or_default().push(r.event_id);
     }
-    let result = async {
-        let statement = conn.prepared(SEEN_SQL).await?;
-        counters
-            .seen_queries
-            .fetch_add(by_group.len() as u64, Ordering::Relaxed);
-        // One statement per group, pipelined on the one connection.
-        let queries = by_group.iter().map(|(group, ids)| {
-            let statement = &statement;
-            let client = conn.client();
-            async move {
-                let rows = client.query(statement, &[group, ids]).await?;
-                Ok::<_, tokio_postgres::Error>((
-                    *group,
-                    rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>(),
-                ))
+    let window = shared.retention.window.as_secs_f64();
+    let mut result = seen_query(&mut conn, &by_group, window, &counters, &shared).await;
+    if let Err(e) = &result {
+        // Another process dropped the legacy table between our look and our query.
+        let layout = shared.layout.get();
+        if e.server && e.detail.contains(retention::LEGACY_DEDUP_TABLE) {
+            if let Some(layout) = layout {
+                layout.legacy.store(false, Ordering::Relaxed);
+                result = seen_query(&mut conn, &by_group, window, &counters, &shared).await;
             }
-        });
-        let found = conn.timed(futures::future::try_join_all(queries)).await?;
-        Ok::<_, DbError>(
-            found
-                .into_iter()
-                .flat_map(|(g, ids)| ids.into_iter().map(move |id| (g.to_string(), id)))
-                .collect::<std::collections::HashSet<(String, Uuid)>>(),
-        )
+        }
     }
-    .await;
     drop(by_group);
     match result {
         Ok(found) => {
@@ -267,10 +399,46 @@ async fn answer_seen(mut conn: Conn, batch: Vec<SeenRequest>, counters: Arc<Coun
     }
 }
 
+/// The `(group, event id)` pairs of `by_group` marked within `window` seconds.
+async fn seen_query(
+    conn: &mut Conn,
+    by_group: &HashMap<&str, Vec<Uuid>>,
+    window: f64,
+    counters: &Counters,
+    shared: &Shared,
+) -> Result<std::collections::HashSet<(String, Uuid)>, DbError> {
+    {
+        let legacy = shared.layout(conn).await?.legacy.load(Ordering::Relaxed);
+        let sql = if legacy { SEEN_LEGACY_SQL } else { SEEN_SQL };
+        let statement = conn.prepared(sql).await?;
+        counters
+            .seen_queries
+            .fetch_add(by_group.len() as u64, Ordering::Relaxed);
+        // One statement per group, pipelined on the one connection.
+        let queries = by_group.iter().map(|(group, ids)| {
+            let statement = &statement;
+            let client = conn.client();
+            async move {
+                let rows = client.query(statement, &[group, ids, &window]).await?;
+                Ok::<_, tokio_postgres::Error>((
+                    *group,
+                    rows.iter().map(|r| r.get::<_, Uuid>(0)).collect::<Vec<_>>(),
+                ))
+            }
+        });
+        let found = conn.timed(futures::future::try_join_all(queries)).await?;
+        Ok(found
+            .into_iter()
+            .flat_map(|(g, ids)| ids.into_iter().map(move |id| (g.to_string(), id)))
+            .collect())
+    }
+}
+
 async fn mark_batcher(
     db: Database,
     mut requests: mpsc::UnboundedReceiver<MarkRequest>,
     counters: Arc<Counters>,
+    shared: Arc<Shared>,
 ) {
     while let Some((conn, batch)) = next_batch(&db, &mut requests, MAX_MARK_BATCH).await {
         match conn {
@@ -281,13 +449,18 @@ async fn mark_batcher(
                 }
             }
             Ok(conn) => {
-                tokio::spawn(write_marks(conn, batch, counters.clone()));
+                tokio::spawn(write_marks(conn, batch, counters.clone(), shared.clone()));
             }
         }
     }
 }
 
-async fn write_marks(mut conn: Conn, batch: Vec<MarkRequest>, counters: Arc<Counters>) {
+async fn write_marks(
+    mut conn: Conn,
+    batch: Vec<MarkRequest>,
+    counters: Arc<Counters>,
+    shared: Arc<Shared>,
+) {
     let mut by_group: HashMap<&str, Vec<Uuid>> = HashMap::new();
     for r in &batch {
         by_group
@@ -295,7 +468,37 @@ async fn write_marks(mut conn: Conn, batch: Vec<MarkRequest>, counters: Arc<Coun
             .or_default()
             .extend_from_slice(&r.event_ids);
     }
-    let result = async {
+    let mut result = insert_marks(&mut conn, &by_group, &counters, &shared).await;
+    if let (Err(e), Some(layout)) = (&result, shared.layout.get()) {
+        // No partition for now (the store's expiry had not run for a while): create it, again.
+        if e.server && e.detail.contains("no partition") {
+            let created = conn
+                .timed(retention::create_partitions(
+                    conn.client(),
+                    layout.bucket_secs,
+                ))
+                .await;
+            if created.is_ok() {
+                result = insert_marks(&mut conn, &by_group, &counters, &shared).await;
+            }
+        }
+    }
+    drop(by_group);
+    let result = result.map_err(DedupError::from);
+    for r in batch {
+        let _ = r.reply.send(result.clone());
+    }
+}
+
+/// One `INSERT` per group, pipelined on `conn`.
+async fn insert_marks(
+    conn: &mut Conn,
+    by_group: &HashMap<&str, Vec<Uuid>>,
+    counters: &Counters,
+    shared: &Shared,
+) -> Result<(), DbError> {
+    {
+        shared.layout(conn).await?;
         let statement = conn.prepared(MARK_SQL).await?;
         counters
             .mark_statements
@@ -306,12 +509,6 @@ async fn write_marks(mut conn: Conn, batch: Vec<MarkRequest>, counters: Arc<Coun
             async move { client.execute(statement, &[group, ids]).await }
         });
         conn.timed(futures::future::try_join_all(inserts)).await?;
-        Ok::<_, DbError>(())
-    }
-    .await;
-    drop(by_group);
-    let result = result.map_err(DedupError::from);
-    for r in batch {
-        let _ = r.reply.send(result.clone());
+        Ok(())
     }
 }

@@ -317,6 +317,7 @@ fn exported() -> &'static Exported {
             "From an event's occurred_at to its change being in the read model",
             m.read_model_lag_seconds.clone(),
         );
+        super::retention::register(&mut r);
         Exported {
             metrics: m,
             registry: r,

@@ -4,9 +4,11 @@
 //!
 //! - [`metrics`]: the Prometheus families and their text exposition.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`retention`]: what each retained table holds (dedup marks, intake keys, read model).
 
 pub mod metrics;
 pub mod projection;
+pub mod retention;
 pub mod saga;
 pub mod server;
 
