@@ -60,13 +60,12 @@ impl SeqDownstream {
     }
 
     async fn start(&self) -> SocketAddr {
-        let app = Router::new()
-            .route("/{service}", post(answer))
-            .with_state(self.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
+        serve(
+            Router::new()
+                .route("/{service}", post(answer))
+                .with_state(self.clone()),
+        )
+        .await
     }
 
     fn calls(&self) -> Vec<(String, u32)> {

@@ -93,15 +93,21 @@ fn classified(result: Result<OrderCreated, DecodeError>) {
     }
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig {
+/// 10,000 cases per target (or ORDERFLOW_FUZZ_CASES); failures persist in the named file.
+fn config() -> ProptestConfig {
+    ProptestConfig {
         cases: cases(),
         // Integration tests have no lib.rs beside them: name the file.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/fuzz.txt"),
-        ))),
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/proptest-regressions/fuzz.txt"
+        )))),
         ..ProptestConfig::default()
-    })]
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
 
     #[test]
     fn the_wire_header_split_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
@@ -186,14 +192,7 @@ fn header_number() -> impl Strategy<Value = Option<String>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig {
-        cases: cases(),
-        // Integration tests have no lib.rs beside them: name the file.
-        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
-            concat!(env!("CARGO_MANIFEST_DIR"), "/proptest-regressions/fuzz.txt"),
-        ))),
-        ..ProptestConfig::default()
-    })]
+    #![proptest_config(config())]
 
     /// From headers to the action taken: whatever a retry record carries, the gate either
     /// rejects it or acts within the pipeline's bounds (a wait no longer than its tier plus the

@@ -171,14 +171,21 @@ impl Downstream {
     }
 
     pub async fn start(&self) -> SocketAddr {
-        let app = Router::new()
-            .route("/{service}", post(answer))
-            .with_state(self.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
+        serve(
+            Router::new()
+                .route("/{service}", post(answer))
+                .with_state(self.clone()),
+        )
+        .await
     }
+}
+
+/// Serves `app` on a free loopback port, in the background.
+pub async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
 }
 
 async fn answer(
