@@ -654,7 +654,7 @@ async fn registry_outage_new_schema_ids_wait_in_retry_and_recover() {
         &bootstrap(),
         &prefix,
         known,
-        Duration::from_millis((8000 / known as u64).max(1)),
+        Duration::from_millis((5000 / known as u64).max(1)),
         true,
     );
     // The registry goes away while events flow: some handled, more coming.
@@ -1196,7 +1196,7 @@ async fn postgres_outage(hung: bool) {
         &bootstrap(),
         &prefix,
         events,
-        Duration::from_millis((8000 / events as u64).max(1)),
+        Duration::from_millis((6000 / events as u64).max(1)),
         false,
     );
     wait_for(
@@ -1313,7 +1313,7 @@ async fn processors_joining_and_leaving_lose_nothing() {
         &bootstrap(),
         &prefix,
         at_least,
-        Duration::from_millis((8000 / at_least as u64).max(1)),
+        Duration::from_millis((5000 / at_least as u64).max(1)),
         true,
     );
     let progress = Duration::from_secs(60);
@@ -1440,7 +1440,7 @@ async fn a_broker_and_the_controller_leader_killed_mid_run_lose_nothing() {
         &cluster_bootstrap,
         &prefix,
         at_least,
-        Duration::from_millis((10_000 / at_least as u64).max(1)),
+        Duration::from_millis((6000 / at_least as u64).max(1)),
         true,
     );
     // Each kill and restart once every pipeline has made progress since the previous one: a
