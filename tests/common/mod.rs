@@ -841,3 +841,57 @@ pub fn saga_dir(addr: SocketAddr, edit: impl Fn(&str, String) -> String) -> Path
     }
     dir
 }
+
+// ---- the fault suite's helpers (tests/faults.rs) ---------------------------------------------
+
+impl Downstream {
+    /// Per order id: the calls the service received for it, and the distinct `Idempotency-Key`s
+    /// they carried.
+    pub fn calls_per_order(
+        &self,
+        service: &str,
+    ) -> HashMap<String, (usize, std::collections::HashSet<String>)> {
+        let script = self.0.lock().unwrap();
+        let mut per: HashMap<String, (usize, std::collections::HashSet<String>)> = HashMap::new();
+        for (_, call) in script.calls.iter().filter(|(s, _)| s == service) {
+            let entry = per.entry(call.order_id.clone()).or_default();
+            entry.0 += 1;
+            entry.1.insert(call.idempotency_key.clone());
+        }
+        per
+    }
+
+    /// When each call of the service since `since` arrived, with its order id.
+    pub fn calls_at_since(&self, service: &str, since: Instant) -> Vec<(String, Instant)> {
+        let script = self.0.lock().unwrap();
+        script
+            .calls
+            .iter()
+            .filter(|(s, c)| s == service && c.at >= since)
+            .map(|(_, c)| (c.order_id.clone(), c.at))
+            .collect()
+    }
+}
+
+impl Running {
+    /// Like [`Running::start_with`]; `dedup: false` builds the processors without the dedup
+    /// store (`orderflow run --no-dedup`), so a repeated event id is handled, and seen, again.
+    pub async fn start_dedup(connect: Connect, dir: &Path, dedup: bool) -> Running {
+        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
+        let processors = processors(&connect, pipelines, dedup).await.unwrap();
+        let telemetry = processors
+            .iter()
+            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+            .collect();
+        let (stop, stopped) = watch::channel(false);
+        let mut tasks = tokio::task::JoinSet::new();
+        for p in processors {
+            tasks.spawn(p.run(stopped.clone()));
+        }
+        Running {
+            telemetry,
+            stop,
+            tasks,
+        }
+    }
+}
