@@ -5,13 +5,17 @@
 //! its inputs decided, every saga state they changed (to the compacted state topic, on the
 //! partition the input came from) and the offsets past its inputs. A crash anywhere leaves either
 //! all of it or none, so no command is sent twice and no state is lost; an aborted batch is read
-//! again from its first input, and the states in memory are only ever committed ones.
+//! again from its first input. The states in memory are committed ones and those of the batch
+//! being committed; when that commit aborts, every state is forgotten and loaded again.
 //!
 //! Batches are bounded by count ([`MAX_BATCH`] inputs) and by time ([`COMMIT_INTERVAL`] after
-//! the first input, like Kafka Streams' `commit.interval.ms`). Inputs are applied as they come and
-//! their commands handed to the open transaction at once, so a commit only adds the states, the
-//! offsets and the commit round trip. Every call to librdkafka that waits for the broker
-//! (`init_transactions`, `send_offsets_to_transaction`, `commit_transaction`,
+//! the first input, like Kafka Streams' `commit.interval.ms`, or when the previous commit ends if
+//! that is later: the loop does not stop taking inputs to wait for a commit unless the batch is
+//! full). Inputs are applied as they come; a due batch is committed by a background task (its
+//! records sent, their delivery awaited, the offsets added, the commit round trip) while the next
+//! batch builds on its states, so the loop's time goes to applying inputs, not to round trips.
+//! At most one batch is being committed and one is open. Every call to librdkafka that waits for
+//! the broker (`init_transactions`, `send_offsets_to_transaction`, `commit_transaction`,
 //! `abort_transaction`, `seek`, reading the state topic) runs on the blocking pool, never on an
 //! async worker.
 //!
@@ -424,7 +428,9 @@ impl Orchestrator {
                 biased;
                 _ = shutdown.changed() => Next::Stop,
                 result = committed(&mut committing), if committing.is_some() => Next::Committed(result),
-                _ = sleep_until(due), if due.is_some() => Next::Commit,
+                // While a commit runs the open batch keeps taking inputs; it is committed as
+                // soon as that commit ends (or, full, waits for it).
+                _ = sleep_until(due), if due.is_some() && committing.is_none() => Next::Commit,
                 _ = tick.tick() => Next::Tick,
                 message = consumer.recv() => Next::Input(message.map(|m| m.detach())),
             };
@@ -454,6 +460,13 @@ impl Orchestrator {
                     let c = committing.take().expect("selected only when committing");
                     self.settle(&consumer, &mut known, &mut open, c, result)
                         .await?;
+                    if open
+                        .as_ref()
+                        .is_some_and(|o| o.batch.opened.elapsed() >= COMMIT_INTERVAL)
+                    {
+                        self.start_commit(&consumer, &mut known, &mut open, &mut committing)
+                            .await?;
+                    }
                 }
                 Next::Commit => {
                     self.start_commit(&consumer, &mut known, &mut open, &mut committing)
