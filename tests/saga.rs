@@ -331,7 +331,28 @@ async fn a_step_without_reply_times_out_and_its_late_reply_changes_nothing() {
         assert!(Instant::now() < deadline, "shipping did not answer");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The saga has read and committed every late reply.
+    let replies = events(&prefix, "shipment.scheduled").await.len() as i64;
+    let (group, topic) = (
+        format!("{prefix}order-saga"),
+        format!("{prefix}shipment.scheduled"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (group, topic) = (group.clone(), topic.clone());
+        let read = tokio::task::spawn_blocking(move || committed_inputs(&group, &topic))
+            .await
+            .unwrap();
+        if read >= replies {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{read} of {replies} late replies read: {}",
+            late.saga.summary()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     late.stop().await;
     assert_eq!(events(&prefix, "order.cancelled").await.len(), 3);
     assert!(events(&prefix, "order.confirmed").await.is_empty());
@@ -424,9 +445,44 @@ async fn wait_all_ended(prefix: &str, count: usize, within: Duration, log: &Path
     }
 }
 
+/// One orchestrator process's own progress, read from its metrics: decisions committed since it
+/// started (sagas started, steps ended, compensations sent: each wrote a command or an end
+/// event) and sagas in flight in its partitions. `None` until its metrics answer.
+async fn progress(port: u16) -> Option<(u64, u64)> {
+    let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let (mut written, mut in_flight) = (0.0, 0.0);
+    for line in text.lines().filter(|l| l.contains("saga=\"order\"")) {
+        let value: f64 = line.rsplit(' ').next()?.parse().ok()?;
+        if line.starts_with("orderflow_sagas_started_total")
+            || line.starts_with("orderflow_saga_compensations_total")
+            || line.starts_with("orderflow_saga_step_duration_seconds_count")
+        {
+            written += value;
+        } else if line.starts_with("orderflow_sagas_in_flight") {
+            in_flight = value;
+        }
+    }
+    Some((written as u64, in_flight as u64))
+}
+
+/// What one SIGKILL interrupted.
+struct Kill {
+    /// From the (re)start to its first committed decision.
+    to_first_progress: Duration,
+    /// Decisions committed by the killed process since it started.
+    written: u64,
+    /// Sagas in flight in its partitions when it was killed.
+    in_flight: u64,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigkilled_at_random_points_every_saga_still_ends_once() {
-    const ORDERS: usize = 150;
+    const MIN_ORDERS: usize = 150;
     const KILLS: usize = 8;
     let prefix = prefix("saga-kill");
     let behaviour = Behaviour {
@@ -438,22 +494,78 @@ async fn sigkilled_at_random_points_every_saga_still_ends_once() {
     // The step pipelines run here; their topics and the saga's are created first.
     let steps = SagaRun::start(&prefix, &dir, &NOT_STEPS, false).await;
     let log = dir.join("saga.log");
-    let mut child = spawn_saga(&prefix, &dir, "kill-test", "127.0.0.1:0", &log);
+    // Orders keep coming until the last kill, so that every kill finds work to interrupt.
+    let (kills_done, mut until_done) = watch::channel(false);
     let publishing = {
         let prefix = prefix.clone();
-        tokio::spawn(async move { publish_paced(&prefix, ORDERS, Duration::from_millis(20)).await })
+        tokio::spawn(async move {
+            let mut orders = Vec::new();
+            while orders.len() < MIN_ORDERS || !*until_done.borrow_and_update() {
+                orders.extend(publish_paced(&prefix, 5, Duration::from_millis(20)).await);
+            }
+            orders
+        })
     };
+    let mut kills = Vec::new();
     for _ in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1500))).await;
+        // The same instance id each time: static membership gives the partitions back at once.
+        let port = free_port();
+        let started = Instant::now();
+        let mut child = spawn_saga(
+            &prefix,
+            &dir,
+            "kill-test",
+            &format!("127.0.0.1:{port}"),
+            &log,
+        );
+        // Killed only once it has made progress since it started, at a random point after.
+        let deadline = started + Duration::from_secs(60);
+        loop {
+            if progress(port).await.is_some_and(|(written, _)| written > 0) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the restarted orchestrator made no progress within 60 s; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let to_first_progress = started.elapsed();
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..400))).await;
+        let (written, in_flight) = progress(port).await.unwrap_or((0, 0));
         kill(&mut child, libc::SIGKILL);
-        child = spawn_saga(&prefix, &dir, "kill-test", "127.0.0.1:0", &log);
+        kills.push(Kill {
+            to_first_progress,
+            written,
+            in_flight,
+        });
     }
+    kills_done.send(true).unwrap();
     let orders = publishing.await.unwrap();
-    wait_all_ended(&prefix, ORDERS, Duration::from_secs(120), &log).await;
+    let mut child = spawn_saga(&prefix, &dir, "kill-test", "127.0.0.1:0", &log);
+    wait_all_ended(&prefix, orders.len(), Duration::from_secs(120), &log).await;
     kill(&mut child, libc::SIGTERM);
     steps.stop().await;
     let (confirmed, cancelled) = assert_consistent(&prefix, &orders).await;
-    eprintln!("{ORDERS} sagas, {KILLS} SIGKILLs: {confirmed} confirmed, {cancelled} cancelled");
+    for (i, k) in kills.iter().enumerate() {
+        eprintln!(
+            "kill {}: first progress {:.1} s after the restart, {} decisions committed, {} sagas in flight",
+            i + 1,
+            k.to_first_progress.as_secs_f64(),
+            k.written,
+            k.in_flight
+        );
+    }
+    let interrupted = kills
+        .iter()
+        .filter(|k| k.written > 0 && k.in_flight > 0)
+        .count();
+    eprintln!(
+        "{} sagas, {KILLS} SIGKILLs, {interrupted} of them mid-work: {confirmed} confirmed, {cancelled} cancelled",
+        orders.len()
+    );
+    assert_eq!(interrupted, KILLS, "every kill must interrupt work");
     assert!(cancelled > 0 && confirmed > 0);
 }
 
@@ -507,7 +619,15 @@ async fn two_replicas_share_the_sagas_across_rebalances() {
         &format!("127.0.0.1:{port_b}"),
         &log,
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = reqwest::get(format!("http://127.0.0.1:{port_b}/readyz")).await;
+        if ready.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica b never got partitions");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let second = publish_paced(&prefix, ORDERS / 2, Duration::from_millis(20)).await;
     wait_all_ended(&prefix, ORDERS, Duration::from_secs(90), &log).await;
     // A process running only the saga is ready once it holds partitions.

@@ -5,7 +5,10 @@
 //!   that carry out the commands.
 //! - [`commands`]: builders of the command events, from the order and earlier replies.
 //! - [`state`]: one saga's state and how each input moves it (pure, so every path is tested).
-//! - [`orchestrator`]: the Kafka side: inputs, state topic and commands in one transaction.
+//! - [`batch`]: the states in memory and the open batch on top of them (no Kafka calls).
+//! - [`orchestrator`]: the Kafka side: a batch of inputs, its commands, states and input
+//!   offsets in one transaction, batches bounded by count and time, committed in the background
+//!   while the next batch takes inputs.
 //!
 //! Orchestrated, not choreographed: one place knows the order of steps and what undoes each.
 //! The steps themselves are ordinary pipelines (`http` steps with retry tiers and a DLQ): a
@@ -18,7 +21,15 @@
 //! a replica holds in memory the states of the partitions it owns, finished sagas included
 //! (about 2 KiB each) until compaction is complemented by a retention policy; a rebalance
 //! reloads each partition's states before its next input.
+//!
+//! Membership is static: `group.instance.id` is the instance id (`ORDERFLOW_INSTANCE_ID`, the
+//! pod name in the Kubernetes manifests), so an orchestrator restarted in place (a crash, an OOM
+//! kill) takes its partitions back at once instead of after its predecessor's 10 s session. An
+//! instance that leaves for good (scale-down, a rollout) holds its partitions for that session
+//! before the others take them: for a saga whose steps time out after a minute, a short pause on
+//! a planned change is the better trade than one on every crash.
 
+pub mod batch;
 pub mod commands;
 pub mod definition;
 pub mod orchestrator;

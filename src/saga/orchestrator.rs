@@ -1,33 +1,53 @@
 //! Runs a saga: one consumer in the saga's group over the start topic, the reply topics and the
 //! dead-letter topics of the step pipelines; one transactional producer.
 //!
-//! Inputs are taken in small batches. For each batch, in one Kafka transaction: the commands
-//! and end events decided, every changed saga state (to the compacted state topic, on the
-//! partition the input came from) and the input offsets. A crash anywhere leaves either all of
-//! it or none, so no command is sent twice and no state is lost; an aborted batch is read again.
+//! Invariant: each batch of inputs is one Kafka transaction holding the commands and end events
+//! its inputs decided, every saga state they changed (to the compacted state topic, on the
+//! partition the input came from) and the offsets past its inputs. A crash anywhere leaves either
+//! all of it or none, so no command is sent twice and no state is lost; an aborted batch is read
+//! again from its first input. The states in memory are committed ones and those of the batch
+//! being committed; when that commit aborts, every state is forgotten and loaded again.
+//!
+//! Batches are bounded by count ([`MAX_BATCH`] inputs) and by time ([`COMMIT_INTERVAL`] after
+//! the first input, like Kafka Streams' `commit.interval.ms`, or when the previous commit ends if
+//! that is later: the loop does not stop taking inputs to wait for a commit unless the batch is
+//! full). Inputs are applied as they come; a due batch is committed by a background task (its
+//! records sent, their delivery awaited, the offsets added, the commit round trip) while the next
+//! batch builds on its states, so the loop's time goes to applying inputs, not to round trips.
+//! At most one batch is being committed and one is open. Every call to librdkafka that waits for
+//! the broker (`init_transactions`, `send_offsets_to_transaction`, `commit_transaction`,
+//! `abort_transaction`, `seek`, reading the state topic) runs on the blocking pool, never on an
+//! async worker.
 //!
 //! State lives in Kafka only. All inputs are keyed by order id, every topic has the same number
 //! of partitions and the group uses the range assignor, so partition `p` of every input belongs
 //! to one replica, which reads partition `p` of the state topic (up to the last committed
-//! transaction) before handling its first input, and forgets it at the next rebalance.
+//! transaction) before handling its first input. A rebalance drops the open batch uncommitted
+//! and every state in memory; the new assignment starts from the committed offsets. Membership
+//! is static (`group.instance.id` from the instance id), so a restarted instance takes its
+//! partitions back without a rebalance.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::future::join_all;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::util::Timeout;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::batch::{Batch, Known};
 use super::definition::{Saga, Source};
-use super::state::{self, FailedBy, Happening, Input, Outcome, SagaState, SagaStatus};
+use super::state::{self, FailedBy, Happening, Input, Outcome, SagaState, Transition};
 use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, DecodeError, EventCodec, Naming, OrderCreated};
 use crate::kafka;
@@ -35,12 +55,205 @@ use crate::runtime::headers;
 use crate::telemetry::saga::{SagaEvent, SagaTelemetry};
 
 /// Most inputs in one transaction.
-const MAX_BATCH: usize = 500;
-/// How long a batch waits for more inputs once it has one.
-const BATCH_WINDOW: Duration = Duration::from_millis(20);
+pub const MAX_BATCH: usize = 1000;
+/// Longest a batch stays open after its first input (Kafka Streams commits exactly-once tasks
+/// every 100 ms by default): the cost of a commit is shared by every input of the interval.
+pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// How often overdue replies are looked for.
 const TICK_EVERY: Duration = Duration::from_millis(500);
 const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where an orchestrator's time goes, counted as it runs (for benchmarks and `saga` tests):
+/// every field only grows.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Transactions committed with at least one input or timeout.
+    pub batches: AtomicU64,
+    /// Inputs in those transactions.
+    pub inputs: AtomicU64,
+    /// Saga states written by them.
+    pub states: AtomicU64,
+    /// Spent applying inputs and handing their commands to the producer, in microseconds.
+    pub apply_micros: AtomicU64,
+    /// Spent committing (sending the records, offsets, the commit round trip) in the
+    /// background while the next batch takes inputs, in microseconds.
+    pub commit_micros: AtomicU64,
+    /// Spent by the loop waiting for a commit to end before starting the next, in microseconds.
+    pub commit_wait_micros: AtomicU64,
+    /// Batches aborted and read again.
+    pub aborted: AtomicU64,
+}
+
+impl BatchStats {
+    /// One line: batches, inputs per batch, time per commit and where the time went.
+    pub fn summary(&self, seconds: f64) -> String {
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let batches = n(&self.batches).max(1) as f64;
+        let apply = n(&self.apply_micros) as f64 / 1e6;
+        let commit = n(&self.commit_micros) as f64 / 1e6;
+        let wait = n(&self.commit_wait_micros) as f64 / 1e6;
+        format!(
+            "{} batches ({} aborted), {:.0} inputs and {:.0} states per batch, commit {:.1} ms per batch \
+             in the background ({commit:.2} s in all); of {seconds:.1} s the loop spent {apply:.2} s \
+             applying inputs, {wait:.2} s waiting for a commit to end and {:.2} s waiting for inputs",
+            n(&self.batches),
+            n(&self.aborted),
+            n(&self.inputs) as f64 / batches,
+            n(&self.states) as f64 / batches,
+            commit * 1000.0 / batches,
+            (seconds - apply - wait).max(0.0),
+        )
+    }
+}
+
+/// What the loop does next.
+enum Next {
+    Stop,
+    /// The batch being committed is committed or aborted.
+    Committed(Result<(), TransactionError>),
+    /// The open batch is due.
+    Commit,
+    Tick,
+    Input(Result<OwnedMessage, KafkaError>),
+}
+
+/// A record of a batch's transaction: a command, an end event or a saga state.
+struct OutRecord {
+    topic: String,
+    partition: Option<i32>,
+    key: String,
+    payload: Vec<u8>,
+    headers: Option<OwnedHeaders>,
+}
+
+/// The batch taking inputs, and the records its inputs decided (sent when it is committed).
+struct Open {
+    batch: Batch,
+    records: Vec<OutRecord>,
+}
+
+impl Open {
+    fn new() -> Open {
+        Open {
+            batch: Batch::new(std::time::Instant::now()),
+            records: Vec::new(),
+        }
+    }
+}
+
+/// The batch whose transaction is being committed in the background.
+struct Committing {
+    batch: Batch,
+    states: u64,
+    started: std::time::Instant,
+    /// A rebalance came while it was being committed: if it aborts, a partition that cannot be
+    /// sought back gets its position from the new assignment.
+    rebalanced: bool,
+    task: tokio::task::JoinHandle<Result<(), TransactionError>>,
+}
+
+/// The result of the commit in `committing` (which must be `Some`); a commit task that
+/// panicked is fatal.
+async fn committed(committing: &mut Option<Committing>) -> Result<(), TransactionError> {
+    let c = committing.as_mut().expect("only called when committing");
+    match (&mut c.task).await {
+        Ok(result) => result,
+        Err(e) => Err(Fatal(anyhow::anyhow!("the saga commit task failed: {e}"))),
+    }
+}
+
+/// One batch's transaction: begins it, sends its records, waits for their delivery, adds the
+/// input offsets and commits; aborts it on an abortable error. The calls that wait for the
+/// broker run on the blocking pool.
+async fn commit_transaction(
+    producer: FutureProducer,
+    records: Vec<OutRecord>,
+    offsets: TopicPartitionList,
+    metadata: Option<ConsumerGroupMetadata>,
+) -> Result<(), TransactionError> {
+    // Local to librdkafka: no round trip.
+    producer.begin_transaction().map_err(classify)?;
+    let mut deliveries = Vec::with_capacity(records.len());
+    let mut failed = None;
+    for r in &records {
+        let mut record = FutureRecord::to(&r.topic).key(&r.key).payload(&r.payload);
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if let Some(h) = &r.headers {
+            record = record.headers(h.clone());
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                // A full queue is waited on, asynchronously.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if failed.is_some() {
+            break;
+        }
+    }
+    // Awaited here rather than left to commit_transaction's own flush, which waits in steps of
+    // 100 ms while the producer's polling thread serves the delivery reports.
+    for delivery in join_all(deliveries).await {
+        match delivery {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => failed = failed.or(Some(e)),
+            Err(_) => failed = failed.or(Some(KafkaError::Canceled)),
+        }
+    }
+    tokio::task::spawn_blocking(move || {
+        let result = match failed {
+            Some(e) => Err(classify(e)),
+            None => (|| {
+                if offsets.count() > 0 {
+                    let metadata =
+                        metadata.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::State))?;
+                    producer.send_offsets_to_transaction(
+                        &offsets,
+                        &metadata,
+                        TRANSACTION_TIMEOUT,
+                    )?;
+                }
+                producer.commit_transaction(TRANSACTION_TIMEOUT)
+            })()
+            .map_err(classify),
+        };
+        if let Err(Abortable(_)) = &result {
+            if let Err(abort) = producer.abort_transaction(TRANSACTION_TIMEOUT) {
+                return Err(Fatal(anyhow::anyhow!(
+                    "aborting the saga transaction failed: {abort}"
+                )));
+            }
+        }
+        result
+    })
+    .await
+    .unwrap_or_else(|e| Err(Fatal(anyhow::anyhow!("the saga commit failed: {e}"))))
+}
+
+fn add_micros(counter: &AtomicU64, since: std::time::Instant) {
+    counter.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// Sleeps until `at`, or forever without it.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Notes rebalances, so the loop forgets the states of partitions it may no longer own.
 #[derive(Clone, Default)]
@@ -71,15 +284,6 @@ impl ConsumerContext for RebalanceContext {
 /// Saga states of one partition, loaded from the state topic.
 type PartitionStates = HashMap<Uuid, SagaState>;
 
-/// A record to write in the batch's transaction.
-struct OutRecord {
-    topic: String,
-    partition: Option<i32>,
-    key: String,
-    payload: Vec<u8>,
-    headers: OwnedHeaders,
-}
-
 pub struct Orchestrator {
     saga: Saga,
     naming: Naming,
@@ -91,7 +295,10 @@ pub struct Orchestrator {
     sources: HashMap<String, Source>,
     state_topic: String,
     group_id: String,
+    /// This instance in the group (`group.instance.id`) and in transactions.
+    member_id: String,
     producer: FutureProducer,
+    stats: Arc<BatchStats>,
 }
 
 impl Orchestrator {
@@ -104,20 +311,16 @@ impl Orchestrator {
         let group_id = saga.group_id(&naming);
         let steps: Vec<&str> = saga.steps.iter().map(|s| s.name.as_str()).collect();
         let telemetry = SagaTelemetry::new(&saga.name, &group_id, &steps);
+        let member_id = format!("{group_id}.{}", crate::runtime::instance_id());
         let mut producer_config = kafka::producer_config(bootstrap_servers);
         producer_config
             // One id per instance: a restarted instance fences its predecessor and aborts what it
             // left open, so readers do not wait for the transaction timeout.
-            .set(
-                "transactional.id",
-                format!("{group_id}.{}", crate::runtime::instance_id()),
-            )
+            .set("transactional.id", &member_id)
             // A zombie that never comes back blocks read_committed readers at most this long.
             .set("transaction.timeout.ms", "10000")
             // librdkafka requires a record's delivery timeout within the transaction's.
-            .set("message.timeout.ms", "10000")
-            // Commands go out with the batch's commit; no extra batching window.
-            .set("linger.ms", "1");
+            .set("message.timeout.ms", "10000");
         Ok(Orchestrator {
             source: format!("orderflow/saga-{}", saga.name),
             sources: saga.sources(&naming).into_iter().collect(),
@@ -128,6 +331,8 @@ impl Orchestrator {
             telemetry,
             bootstrap_servers: bootstrap_servers.to_string(),
             group_id,
+            member_id,
+            stats: Arc::default(),
             saga,
             naming,
             codec,
@@ -136,6 +341,11 @@ impl Orchestrator {
 
     pub fn telemetry(&self) -> SagaTelemetry {
         self.telemetry.clone()
+    }
+
+    /// Where its time goes, shared with the running loop.
+    pub fn stats(&self) -> Arc<BatchStats> {
+        self.stats.clone()
     }
 
     pub fn saga(&self) -> &Saga {
@@ -174,7 +384,7 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Orchestrates until `shutdown` turns true; the batch in hand is committed or aborted.
+    /// Orchestrates until `shutdown` turns true; the open batch is then committed.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let producer = self.producer.clone();
         tokio::task::spawn_blocking(move || producer.init_transactions(TRANSACTION_TIMEOUT))
@@ -188,205 +398,459 @@ impl Orchestrator {
             // Only committed commands, replies and states are read.
             .set("isolation.level", "read_committed")
             // Partition p of every topic to the same replica: one order's events meet there.
-            .set("partition.assignment.strategy", "range");
-        let consumer: StreamConsumer<RebalanceContext> = config
-            .create_with_context(context.clone())
-            .context("creating the saga consumer")?;
+            .set("partition.assignment.strategy", "range")
+            // Static membership: a restarted instance (same ORDERFLOW_INSTANCE_ID, e.g. the same
+            // pod after a crash or an OOM kill) takes its partitions back at once, without a
+            // rebalance and without waiting out its predecessor's session. The price: an
+            // instance that goes away for good (scale-down, a rollout that renames pods) holds
+            // its partitions until session.timeout.ms (10 s) has passed, since static members
+            // do not leave the group on close.
+            .set("group.instance.id", &self.member_id);
+        let consumer: Arc<StreamConsumer<RebalanceContext>> = Arc::new(
+            config
+                .create_with_context(context.clone())
+                .context("creating the saga consumer")?,
+        );
         let topics: Vec<&str> = self.sources.keys().map(String::as_str).collect();
         consumer.subscribe(&topics).context("subscribing")?;
-        tracing::info!(saga = %self.saga.name, group = %self.group_id, ?topics, "saga orchestrator started");
-        let mut loaded: HashMap<i32, PartitionStates> = HashMap::new();
+        tracing::info!(saga = %self.saga.name, group = %self.group_id, member = %self.member_id, ?topics, "saga orchestrator started");
+        let mut known = Known::default();
+        let mut open: Option<Open> = None;
+        let mut committing: Option<Committing> = None;
+        let mut ready = None;
         let mut tick = tokio::time::interval(TICK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            let batch: Vec<OwnedMessage> = tokio::select! {
+            let due = open
+                .as_ref()
+                .map(|o| tokio::time::Instant::from_std(o.batch.opened + COMMIT_INTERVAL));
+            let next = tokio::select! {
                 biased;
-                _ = shutdown.changed() => break,
-                _ = tick.tick() => Vec::new(),
-                first = consumer.recv() => match first {
-                    Ok(m) => {
-                        let mut batch = vec![m.detach()];
-                        let until = tokio::time::Instant::now() + BATCH_WINDOW;
-                        while batch.len() < MAX_BATCH {
-                            match tokio::time::timeout_at(until, consumer.recv()).await {
-                                Ok(Ok(m)) => batch.push(m.detach()),
-                                Ok(Err(e)) => { tracing::warn!("saga consumer error: {e}"); break }
-                                Err(_) => break,
-                            }
-                        }
-                        batch
-                    }
-                    Err(e) => { tracing::warn!("saga consumer error: {e}"); continue }
-                },
+                _ = shutdown.changed() => Next::Stop,
+                result = committed(&mut committing), if committing.is_some() => Next::Committed(result),
+                // While a commit runs the open batch keeps taking inputs; it is committed as
+                // soon as that commit ends (or, full, waits for it).
+                _ = sleep_until(due), if due.is_some() && committing.is_none() => Next::Commit,
+                _ = tick.tick() => Next::Tick,
+                message = consumer.recv() => Next::Input(message.map(|m| m.detach())),
             };
+            // The rebalance callbacks run inside recv(). What was taken before a rebalance is
+            // dropped uncommitted: the assignment that follows starts every partition at its
+            // committed offset (eager range assignor; a transaction being committed is waited
+            // for, as the consumer reads committed offsets only once they are stable), and every
+            // state is loaded again.
             if context.rebalanced.swap(false, Ordering::SeqCst) {
-                loaded.clear();
+                if let Some(o) = open.take() {
+                    tracing::info!(saga = %self.saga.name, inputs = o.batch.inputs(), "rebalance: the open batch is dropped and read again");
+                    self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                }
+                if let Some(c) = committing.as_mut() {
+                    c.rebalanced = true;
+                }
+                known.clear();
             }
-            self.telemetry.emit(SagaEvent::Ready {
-                ready: context.in_group.load(Ordering::SeqCst),
-            });
-            if batch.is_empty() && !context.in_group.load(Ordering::SeqCst) {
-                continue;
+            let in_group = context.in_group.load(Ordering::SeqCst);
+            if ready != Some(in_group) {
+                self.telemetry.emit(SagaEvent::Ready { ready: in_group });
+                ready = Some(in_group);
             }
-            self.handle_batch(&consumer, &context, &mut loaded, batch)
-                .await?;
+            match next {
+                Next::Stop => break,
+                Next::Committed(result) => {
+                    let c = committing.take().expect("selected only when committing");
+                    self.settle(&consumer, &mut known, &mut open, c, result)
+                        .await?;
+                    if open
+                        .as_ref()
+                        .is_some_and(|o| o.batch.opened.elapsed() >= COMMIT_INTERVAL)
+                    {
+                        self.start_commit(&consumer, &mut known, &mut open, &mut committing)
+                            .await?;
+                    }
+                }
+                Next::Commit => {
+                    self.start_commit(&consumer, &mut known, &mut open, &mut committing)
+                        .await?;
+                }
+                Next::Tick => {
+                    if in_group {
+                        let started = std::time::Instant::now();
+                        let timed_out = self.time_out(&known, &mut open).await;
+                        add_micros(&self.stats.apply_micros, started);
+                        if let Err(e) = timed_out {
+                            self.retry_later(&consumer, &mut known, &mut open, &mut committing, e)
+                                .await?;
+                        }
+                    }
+                }
+                Next::Input(Ok(message)) => {
+                    // Noted before anything can fail, so that a retried batch reads it again.
+                    open.get_or_insert_with(Open::new).batch.take(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                    );
+                    if !known.is_loaded(message.partition()) && committing.is_some() {
+                        // The state topic is read up to its last stable offset: the batch being
+                        // committed must have ended, or its states would be missed.
+                        self.finish_commit(&consumer, &mut known, &mut open, &mut committing)
+                            .await?;
+                    }
+                    // Gone with an aborted commit: read again.
+                    let Some(o) = open.as_mut() else { continue };
+                    let started = std::time::Instant::now();
+                    let taken = self.take(&mut known, o, &message).await;
+                    add_micros(&self.stats.apply_micros, started);
+                    if let Err(e) = taken {
+                        self.retry_later(&consumer, &mut known, &mut open, &mut committing, e)
+                            .await?;
+                        continue;
+                    }
+                    if o.batch.inputs() >= MAX_BATCH {
+                        self.start_commit(&consumer, &mut known, &mut open, &mut committing)
+                            .await?;
+                    }
+                }
+                Next::Input(Err(e)) => {
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        anyhow::bail!("saga consumer failed for good ({code:?}): {reason}");
+                    }
+                    tracing::warn!(saga = %self.saga.name, "saga consumer error: {e}");
+                }
+            }
         }
+        // The batch in hand is committed, after the one being committed.
+        self.start_commit(&consumer, &mut known, &mut open, &mut committing)
+            .await?;
+        self.finish_commit(&consumer, &mut known, &mut open, &mut committing)
+            .await?;
         self.telemetry.emit(SagaEvent::Ready { ready: false });
         tracing::info!(saga = %self.saga.name, "saga orchestrator stopping");
         Ok(())
     }
 
-    /// Applies a batch (or, when empty, the timeouts) and commits the result in one transaction.
-    async fn handle_batch(
+    /// Applies one input (already noted in the batch) on top of the batch and keeps what it
+    /// decided for the batch's transaction. `Err` when it cannot be done yet (the registry or
+    /// the state topic out of reach): the batch, this input included, is to be read again.
+    async fn take(
         &self,
-        consumer: &StreamConsumer<RebalanceContext>,
-        context: &RebalanceContext,
-        loaded: &mut HashMap<i32, PartitionStates>,
-        batch: Vec<OwnedMessage>,
+        known: &mut Known,
+        open: &mut Open,
+        message: &OwnedMessage,
     ) -> anyhow::Result<()> {
-        let now = now_millis();
-        // Changed states by (partition, order), and everything to publish.
-        let mut changed: HashMap<(i32, Uuid), SagaState> = HashMap::new();
-        let mut emitted: Vec<(i32, AnyEvent)> = Vec::new();
-        let mut happenings: Vec<(Uuid, Happening)> = Vec::new();
-        let mut ignored: Vec<(String, &'static str)> = Vec::new();
-        let mut offsets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
-        for message in &batch {
-            let partition = message.partition();
-            if let std::collections::hash_map::Entry::Vacant(e) = loaded.entry(partition) {
-                e.insert(self.load_partition(partition).await?);
-            }
-            let input = match self.decode(message).await {
-                Ok(Some(input)) => input,
-                Ok(None) => {
-                    ignored.push((message.topic().to_string(), "undecodable"));
-                    note_offset(&mut offsets, message);
-                    continue;
-                }
-                Err(e) => {
-                    // The registry is out of reach and the schema not cached: read it again.
-                    tracing::warn!(saga = %self.saga.name, "cannot decode yet, retrying the batch: {e}");
-                    self.rewind(consumer, &batch, loaded);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return Ok(());
-                }
-            };
-            note_offset(&mut offsets, message);
-            let order_id = input.order_id();
-            let states = loaded.get_mut(&partition).expect("loaded above");
-            let current = changed
-                .get(&(partition, order_id))
-                .or_else(|| states.get(&order_id));
-            match state::apply(&self.saga, current, input.as_input(), now, &self.source) {
-                Outcome::Changed(t) => {
-                    emitted.extend(t.emit.into_iter().map(|e| (partition, e)));
-                    happenings.extend(t.happenings.into_iter().map(|h| (order_id, h)));
-                    changed.insert((partition, order_id), t.state);
-                }
-                Outcome::Ignored(reason) => ignored.push((message.topic().to_string(), reason)),
-            }
+        let partition = message.partition();
+        if !known.is_loaded(partition) {
+            known.load(partition, self.load_partition(partition).await?);
         }
-        if batch.is_empty() {
-            // Timeouts: only of sagas this instance still owns.
-            for (partition, states) in loaded.iter() {
-                for (order_id, saga) in states {
-                    if saga.status.is_final() || state::next_deadline(saga).is_none_or(|d| d > now)
-                    {
-                        continue;
-                    }
-                    if let Outcome::Changed(t) =
-                        state::apply(&self.saga, Some(saga), Input::Tick, now, &self.source)
-                    {
-                        emitted.extend(t.emit.into_iter().map(|e| (*partition, e)));
-                        happenings.extend(t.happenings.into_iter().map(|h| (*order_id, h)));
-                        changed.insert((*partition, *order_id), t.state);
-                    }
-                }
-            }
-            if changed.is_empty() {
+        let input = match self.decode(message).await? {
+            Some(input) => input,
+            None => {
+                open.batch
+                    .ignored
+                    .push((message.topic().to_string(), "undecodable"));
                 return Ok(());
             }
+        };
+        let order_id = input.order_id();
+        let outcome = state::apply(
+            &self.saga,
+            open.batch.current(known, partition, &order_id),
+            input.as_input(),
+            now_millis(),
+            &self.source,
+        );
+        match outcome {
+            Outcome::Changed(t) => {
+                let Transition {
+                    state,
+                    emit,
+                    happenings,
+                } = *t;
+                self.encode_events(&emit, &mut open.records).await?;
+                open.batch.change(partition, state, happenings);
+            }
+            Outcome::Ignored(reason) => open
+                .batch
+                .ignored
+                .push((message.topic().to_string(), reason)),
         }
-        let mut records = Vec::new();
+        Ok(())
+    }
+
+    /// Fails the steps whose reply is overdue, in the open batch.
+    async fn time_out(&self, known: &Known, open: &mut Option<Open>) -> anyhow::Result<()> {
+        let now = now_millis();
+        let overdue: Vec<(i32, Uuid)> = known
+            .unfinished()
+            .filter(|(_, s)| state::next_deadline(s).is_some_and(|d| d <= now))
+            .map(|(p, s)| (p, s.order_id))
+            .collect();
+        for (partition, order_id) in overdue {
+            let o = open.get_or_insert_with(Open::new);
+            let Some(current) = o.batch.current(known, partition, &order_id) else {
+                continue;
+            };
+            if current.status.is_final() || state::next_deadline(current).is_none_or(|d| d > now) {
+                continue;
+            }
+            if let Outcome::Changed(t) =
+                state::apply(&self.saga, Some(current), Input::Tick, now, &self.source)
+            {
+                let Transition {
+                    state,
+                    emit,
+                    happenings,
+                } = *t;
+                self.encode_events(&emit, &mut o.records).await?;
+                o.batch.change(partition, state, happenings);
+                o.batch.ticked = true;
+            }
+        }
+        if open.as_ref().is_some_and(|o| o.batch.is_empty()) {
+            *open = None;
+        }
+        Ok(())
+    }
+
+    /// Encodes `events` into records of the batch's transaction.
+    async fn encode_events(
+        &self,
+        events: &[AnyEvent],
+        records: &mut Vec<OutRecord>,
+    ) -> anyhow::Result<()> {
+        for event in events {
+            let topic = self.naming.topic(event.event_type());
+            let payload = event
+                .encode(&self.codec, &topic)
+                .await
+                .with_context(|| format!("encoding {}", event.event_type()))?;
+            records.push(OutRecord {
+                topic,
+                partition: None,
+                key: event.key(),
+                payload,
+                headers: Some(kafka::cloudevents_headers(event.envelope())),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts committing the open batch in the background, once the batch being committed (if
+    /// any) is settled: its states become the known ones at once, so the next batch builds on
+    /// them while the commit runs.
+    async fn start_commit(
+        &self,
+        consumer: &Arc<StreamConsumer<RebalanceContext>>,
+        known: &mut Known,
+        open: &mut Option<Open>,
+        committing: &mut Option<Committing>,
+    ) -> anyhow::Result<()> {
+        self.finish_commit(consumer, known, open, committing)
+            .await?;
+        let Some(Open {
+            mut batch,
+            mut records,
+        }) = open.take()
+        else {
+            return Ok(());
+        };
+        let changed = batch.take_changed();
         for ((partition, order_id), saga) in &changed {
             records.push(OutRecord {
                 topic: self.state_topic.clone(),
                 partition: Some(*partition),
                 key: order_id.to_string(),
                 payload: serde_json::to_vec(saga).expect("saga state serializes"),
-                headers: OwnedHeaders::new(),
+                headers: None,
             });
         }
-        for (_, event) in &emitted {
-            let topic = self.naming.topic(event.event_type());
-            let payload = match event.encode(&self.codec, &topic).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(saga = %self.saga.name, "cannot encode {} yet, retrying the batch: {e}", event.event_type());
-                    self.rewind(consumer, &batch, loaded);
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                    return Ok(());
-                }
-            };
-            records.push(OutRecord {
-                topic,
-                partition: None,
-                key: event.key(),
-                payload,
-                headers: kafka::cloudevents_headers(event.envelope()),
-            });
+        let states = changed.len() as u64;
+        known.stage(changed);
+        // Offsets: of the batch's inputs and, when it holds timeouts, the current positions of
+        // the other partitions, so that the group's generation fences a replica that lost them.
+        let mut offsets = TopicPartitionList::new();
+        for (topic, partition, offset) in batch.next_offsets() {
+            offsets.add_partition_offset(topic, partition, Offset::Offset(offset))?;
         }
-        // Offsets: of the batch's inputs, or (timeouts) the current positions, so the group's
-        // generation fences a replica that lost these partitions.
-        let mut tpl = TopicPartitionList::new();
-        if batch.is_empty() {
+        if batch.ticked {
+            // Local to librdkafka: no round trip.
             if let Ok(positions) = consumer.position() {
                 for e in positions.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        let _ =
-                            tpl.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+                    if let (Offset::Offset(o), None) =
+                        (e.offset(), offsets.find_partition(e.topic(), e.partition()))
+                    {
+                        offsets.add_partition_offset(
+                            e.topic(),
+                            e.partition(),
+                            Offset::Offset(o),
+                        )?;
                     }
                 }
             }
-        } else {
-            for ((topic, partition), (_, last)) in &offsets {
-                let _ = tpl.add_partition_offset(topic, *partition, Offset::Offset(last + 1));
-            }
         }
-        match self.commit(consumer, &records, &tpl).await {
-            Ok(()) => {}
-            Err(Fatal(e)) => return Err(e),
+        let task = commit_transaction(
+            self.producer.clone(),
+            records,
+            offsets,
+            consumer.group_metadata(),
+        );
+        *committing = Some(Committing {
+            batch,
+            states,
+            started: std::time::Instant::now(),
+            rebalanced: false,
+            task: tokio::spawn(task),
+        });
+        Ok(())
+    }
+
+    /// Waits for the batch being committed, if any, and settles it.
+    async fn finish_commit(
+        &self,
+        consumer: &Arc<StreamConsumer<RebalanceContext>>,
+        known: &mut Known,
+        open: &mut Option<Open>,
+        committing: &mut Option<Committing>,
+    ) -> anyhow::Result<()> {
+        if committing.is_none() {
+            return Ok(());
+        }
+        let waited = std::time::Instant::now();
+        let result = committed(committing).await;
+        add_micros(&self.stats.commit_wait_micros, waited);
+        let c = committing.take().expect("checked above");
+        self.settle(consumer, known, open, c, result).await
+    }
+
+    /// A batch's commit ended. Committed: what happened is told. Aborted: this batch and the
+    /// open one (built on it) are read again from their first inputs, and every state is loaded
+    /// again.
+    async fn settle(
+        &self,
+        consumer: &Arc<StreamConsumer<RebalanceContext>>,
+        known: &mut Known,
+        open: &mut Option<Open>,
+        c: Committing,
+        result: Result<(), TransactionError>,
+    ) -> anyhow::Result<()> {
+        self.stats
+            .commit_micros
+            .fetch_add(c.started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        match result {
+            Ok(()) => {
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .inputs
+                    .fetch_add(c.batch.inputs() as u64, Ordering::Relaxed);
+                self.stats.states.fetch_add(c.states, Ordering::Relaxed);
+                tracing::debug!(
+                    saga = %self.saga.name,
+                    inputs = c.batch.inputs(),
+                    states = c.states,
+                    open_ms = (c.started - c.batch.opened).as_millis() as u64,
+                    commit_ms = c.started.elapsed().as_millis() as u64,
+                    "saga batch committed"
+                );
+                for (topic, reason) in &c.batch.ignored {
+                    self.telemetry.emit(SagaEvent::Ignored { topic, reason });
+                }
+                for (order_id, happening) in &c.batch.happenings {
+                    self.tell(order_id, happening);
+                }
+                self.telemetry.emit(SagaEvent::Gauges {
+                    in_flight: known.in_flight(),
+                    stuck: known.stuck(),
+                });
+                Ok(())
+            }
+            Err(Fatal(e)) => Err(e),
             Err(Abortable(e)) => {
                 tracing::warn!(saga = %self.saga.name, "saga transaction aborted, reading the batch again: {e}");
-                self.rewind(consumer, &batch, loaded);
-                loaded.clear();
+                self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                known.clear();
+                let mut batches = vec![c.batch];
+                if let Some(o) = open.take() {
+                    self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                    batches.push(o.batch);
+                }
+                // After a rebalance a partition may be between owners: the assignment sets its
+                // position from the committed offsets.
+                self.rewind(consumer, &batches, c.rebalanced).await?;
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                return Ok(());
+                Ok(())
             }
         }
-        // Committed: the new states are the known ones, and what happened is told.
-        for ((partition, order_id), saga) in changed {
-            loaded.entry(partition).or_default().insert(order_id, saga);
+    }
+
+    /// The open batch cannot be finished now: it is read again after a pause (the batch being
+    /// committed, if any, is settled first).
+    async fn retry_later(
+        &self,
+        consumer: &Arc<StreamConsumer<RebalanceContext>>,
+        known: &mut Known,
+        open: &mut Option<Open>,
+        committing: &mut Option<Committing>,
+        error: anyhow::Error,
+    ) -> anyhow::Result<()> {
+        tracing::warn!(saga = %self.saga.name, "reading the batch again in 1 s: {error:#}");
+        self.finish_commit(consumer, known, open, committing)
+            .await?;
+        if let Some(o) = open.take() {
+            self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+            self.rewind(consumer, &[o.batch], false).await?;
         }
-        for (topic, reason) in &ignored {
-            self.telemetry.emit(SagaEvent::Ignored { topic, reason });
-        }
-        for (order_id, happening) in &happenings {
-            self.tell(order_id, happening);
-        }
-        if context.rebalanced.load(Ordering::SeqCst) {
-            loaded.clear();
-        }
-        let (mut in_flight, mut stuck) = (0, 0);
-        for saga in loaded.values().flat_map(|p| p.values()) {
-            match saga.status {
-                SagaStatus::Confirmed | SagaStatus::Cancelled => {}
-                SagaStatus::Stuck => stuck += 1,
-                _ => in_flight += 1,
-            }
-        }
-        self.telemetry.emit(SagaEvent::Gauges { in_flight, stuck });
+        tokio::time::sleep(Duration::from_secs(1)).await;
         Ok(())
+    }
+
+    /// Seeks every partition the batches took inputs from back to its first one, so that they
+    /// are read again (off the async workers: a seek waits for the fetcher). A partition that
+    /// cannot be sought back is fatal if it is still assigned, unless a rebalance is under way
+    /// (`rebalancing`), whose assignment sets the positions from the committed offsets.
+    async fn rewind(
+        &self,
+        consumer: &Arc<StreamConsumer<RebalanceContext>>,
+        batches: &[Batch],
+        rebalancing: bool,
+    ) -> anyhow::Result<()> {
+        let mut firsts: HashMap<(String, i32), i64> = HashMap::new();
+        for (topic, partition, offset) in batches.iter().flat_map(Batch::first_offsets) {
+            let first = firsts
+                .entry((topic.to_string(), partition))
+                .or_insert(offset);
+            *first = (*first).min(offset);
+        }
+        if firsts.is_empty() {
+            return Ok(());
+        }
+        let consumer = consumer.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            // Local to librdkafka: no round trip.
+            let assigned = consumer.assignment()?;
+            for ((topic, partition), offset) in firsts {
+                if let Err(e) = consumer.seek(
+                    &topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) {
+                    // A partition no longer ours is read by its new owner from the committed
+                    // offset; one still ours that cannot be read again would be skipped.
+                    anyhow::ensure!(
+                        rebalancing || assigned.find_partition(&topic, partition).is_none(),
+                        "cannot seek {topic}/{partition} back to {offset}: {e}"
+                    );
+                    tracing::info!(
+                        topic,
+                        partition,
+                        offset,
+                        "not sought back ({e}): the assignment sets it"
+                    );
+                }
+            }
+            Ok(())
+        })
+        .await?
     }
 
     fn tell(&self, order_id: &Uuid, happening: &Happening) {
@@ -469,93 +933,6 @@ impl Orchestrator {
         }
     }
 
-    /// Seeks every partition of the batch back to its first input, and forgets their states
-    /// (they may hold changes that were not committed).
-    fn rewind(
-        &self,
-        consumer: &StreamConsumer<RebalanceContext>,
-        batch: &[OwnedMessage],
-        loaded: &mut HashMap<i32, PartitionStates>,
-    ) {
-        let mut first: HashMap<(&str, i32), i64> = HashMap::new();
-        for m in batch {
-            first
-                .entry((m.topic(), m.partition()))
-                .or_insert(m.offset());
-            loaded.remove(&m.partition());
-        }
-        for ((topic, partition), offset) in first {
-            if let Err(e) = consumer.seek(
-                topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(5),
-            ) {
-                tracing::warn!(topic, partition, offset, "cannot seek back: {e}");
-            }
-        }
-    }
-
-    async fn commit(
-        &self,
-        consumer: &StreamConsumer<RebalanceContext>,
-        records: &[OutRecord],
-        offsets: &TopicPartitionList,
-    ) -> Result<(), TransactionError> {
-        self.producer.begin_transaction().map_err(classify)?;
-        let sends = records.iter().map(|r| {
-            let mut record = FutureRecord::to(&r.topic)
-                .key(&r.key)
-                .payload(&r.payload)
-                .headers(r.headers.clone());
-            if let Some(p) = r.partition {
-                record = record.partition(p);
-            }
-            self.producer
-                .send(record, Timeout::After(TRANSACTION_TIMEOUT))
-        });
-        let mut failed = None;
-        for result in join_all(sends).await {
-            if let Err((e, _)) = result {
-                failed = Some(e);
-            }
-        }
-        let result = match failed {
-            Some(e) => Err(e),
-            None => tokio::task::block_in_place(|| {
-                if offsets.count() > 0 {
-                    let metadata = consumer.group_metadata().ok_or(
-                        rdkafka::error::KafkaError::ConsumerCommit(
-                            rdkafka::types::RDKafkaErrorCode::State,
-                        ),
-                    )?;
-                    self.producer.send_offsets_to_transaction(
-                        offsets,
-                        &metadata,
-                        TRANSACTION_TIMEOUT,
-                    )?;
-                }
-                self.producer.commit_transaction(TRANSACTION_TIMEOUT)
-            }),
-        };
-        match result {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let error = classify(e);
-                if let Abortable(_) = &error {
-                    if let Err(abort) = tokio::task::block_in_place(|| {
-                        self.producer.abort_transaction(TRANSACTION_TIMEOUT)
-                    }) {
-                        return Err(Fatal(anyhow::anyhow!(
-                            "aborting the saga transaction failed: {abort}"
-                        )));
-                    }
-                }
-                Err(error)
-            }
-        }
-    }
-
     /// Reads partition `partition` of the state topic up to its last committed record: the
     /// newest state of each order, newer versions winning.
     async fn load_partition(&self, partition: i32) -> anyhow::Result<PartitionStates> {
@@ -619,13 +996,6 @@ impl Decoded {
             },
         }
     }
-}
-
-fn note_offset(offsets: &mut HashMap<(String, i32), (i64, i64)>, m: &OwnedMessage) {
-    let entry = offsets
-        .entry((m.topic().to_string(), m.partition()))
-        .or_insert((m.offset(), m.offset()));
-    entry.1 = entry.1.max(m.offset());
 }
 
 enum TransactionError {
