@@ -221,6 +221,9 @@ impl Processor {
         );
         let worker = Arc::new(work::Worker {
             permits: Arc::new(Semaphore::new(self.pipeline.concurrency)),
+            unrecorded: Arc::new(Semaphore::new(work::unrecorded_window(
+                self.pipeline.concurrency,
+            ))),
             pipeline: self.pipeline,
             naming: self.naming,
             group_id: self.group_id,

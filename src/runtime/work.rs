@@ -3,11 +3,12 @@
 //! retried here, in its lane), encode the outputs; then, at least once, write them and wait for
 //! every ack and store the dedup mark.
 //!
-//! Invariant: the step runs only under one of the pipeline's `concurrency` permits, and never
-//! for an event id that another record in flight holds or has already handled. At least once,
-//! the task ends only when its records are acknowledged and its mark stored, so the engine may
-//! move the partition's offset past it; exactly once it hands its records back unwritten, for
-//! the batch's transaction. It never touches the consumer or an offset.
+//! Invariant: the step runs only under one of the pipeline's `concurrency` permits, at most
+//! [`unrecorded_window`] records are between the start of their work and their dedup mark, and a
+//! step never runs for an event id that another record in flight holds or has already handled.
+//! At least once, the task ends only when its records are acknowledged and its mark stored, so
+//! the engine may move the partition's offset past it; exactly once it hands its records back
+//! unwritten, for the batch's transaction. It never touches the consumer or an offset.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +34,13 @@ use crate::pipeline::Pipeline;
 use crate::steps::StepRunner;
 use crate::telemetry::{ProcessorEvent, Telemetry};
 
+/// Records between the start of their work and their dedup mark, per processor: enough to keep
+/// every step permit busy while earlier records wait for their acks and marks, few enough that a
+/// crash repeats a bounded number.
+pub fn unrecorded_window(concurrency: usize) -> usize {
+    (concurrency * 4).max(256)
+}
+
 /// Longest pause between two attempts to write refused records or to store a dedup mark.
 const MAX_REPEAT_PAUSE: Duration = Duration::from_secs(5);
 
@@ -49,6 +57,9 @@ pub struct Worker {
     pub claims: Claims,
     /// One per step allowed to run at once (the pipeline's `concurrency`).
     pub permits: Arc<Semaphore>,
+    /// One per record between the start of its work and its dedup mark (at least once) or its
+    /// staging (exactly once): what a crash can make run again is at most this many records.
+    pub unrecorded: Arc<Semaphore>,
     /// Partition count of every topic the pipeline reads or writes.
     pub partitions: HashMap<String, i32>,
     /// Exactly once: records are handed back for the batch's transaction, not written here.
@@ -95,6 +106,12 @@ struct Processed {
 impl Worker {
     /// Runs one record to its end (see the module's comment).
     pub async fn run(self: Arc<Self>, job: Job) -> Finished {
+        let _unrecorded = self
+            .unrecorded
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("permits stay open");
         let topic = job.message.topic().to_string();
         let Some(processed) = self.process(job).await else {
             return Finished::Abandoned;
