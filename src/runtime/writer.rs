@@ -13,6 +13,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 
 use super::context::MeteredContext;
+use rdkafka::client::ClientContext;
 
 /// How long to wait before offering a record to a full producer queue again.
 const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
@@ -59,8 +60,8 @@ pub fn copy_headers(headers: Option<&rdkafka::message::OwnedHeaders>) -> OwnedHe
 
 /// Offers a record to the producer, waiting while its queue is full; the returned delivery
 /// resolves with the ack. Errors other than a full queue are returned at once.
-pub async fn enqueue(
-    producer: &FutureProducer<MeteredContext>,
+pub async fn enqueue<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
     record: &OutRecord,
 ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
     loop {

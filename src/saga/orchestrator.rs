@@ -39,7 +39,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, Stre
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::message::{Headers, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -52,6 +52,8 @@ use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, DecodeError, EventCodec, Naming, OrderCreated};
 use crate::kafka;
 use crate::runtime::headers;
+use crate::runtime::transactions::TransactionError;
+use crate::runtime::writer::{self, OutRecord};
 use crate::telemetry::saga::{SagaEvent, SagaTelemetry};
 
 /// Most inputs in one transaction.
@@ -117,15 +119,6 @@ enum Next {
     Input(Result<OwnedMessage, KafkaError>),
 }
 
-/// A record of a batch's transaction: a command, an end event or a saga state.
-struct OutRecord {
-    topic: String,
-    partition: Option<i32>,
-    key: String,
-    payload: Vec<u8>,
-    headers: Option<OwnedHeaders>,
-}
-
 /// The batch taking inputs, and the records its inputs decided (sent when it is committed).
 struct Open {
     batch: Batch,
@@ -172,36 +165,19 @@ async fn commit_transaction(
     metadata: Option<ConsumerGroupMetadata>,
 ) -> Result<(), TransactionError> {
     // Local to librdkafka: no round trip.
-    producer.begin_transaction().map_err(classify)?;
+    producer
+        .begin_transaction()
+        .map_err(TransactionError::from_kafka)?;
     let mut deliveries = Vec::with_capacity(records.len());
     let mut failed = None;
     for r in &records {
-        let mut record = FutureRecord::to(&r.topic).key(&r.key).payload(&r.payload);
-        if let Some(p) = r.partition {
-            record = record.partition(p);
-        }
-        if let Some(h) = &r.headers {
-            record = record.headers(h.clone());
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                // A full queue is waited on, asynchronously.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    record = back;
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => {
-                    failed = Some(e);
-                    break;
-                }
+        // A full queue is waited on, asynchronously.
+        match writer::enqueue(&producer, r).await {
+            Ok(delivery) => deliveries.push(delivery),
+            Err(e) => {
+                failed = Some(e);
+                break;
             }
-        }
-        if failed.is_some() {
-            break;
         }
     }
     // Awaited here rather than left to commit_transaction's own flush, which waits in steps of
@@ -215,7 +191,7 @@ async fn commit_transaction(
     }
     tokio::task::spawn_blocking(move || {
         let result = match failed {
-            Some(e) => Err(classify(e)),
+            Some(e) => Err(TransactionError::from_kafka(e)),
             None => (|| {
                 if offsets.count() > 0 {
                     let metadata =
@@ -228,7 +204,7 @@ async fn commit_transaction(
                 }
                 producer.commit_transaction(TRANSACTION_TIMEOUT)
             })()
-            .map_err(classify),
+            .map_err(TransactionError::from_kafka),
         };
         if let Err(Abortable(_)) = &result {
             if let Err(abort) = producer.abort_transaction(TRANSACTION_TIMEOUT) {
@@ -627,9 +603,9 @@ impl Orchestrator {
             records.push(OutRecord {
                 topic,
                 partition: None,
-                key: event.key(),
-                payload,
-                headers: Some(kafka::cloudevents_headers(event.envelope())),
+                key: Some(event.key().into_bytes()),
+                payload: Some(payload),
+                headers: kafka::cloudevents_headers(event.envelope()),
             });
         }
         Ok(())
@@ -659,9 +635,9 @@ impl Orchestrator {
             records.push(OutRecord {
                 topic: self.state_topic.clone(),
                 partition: Some(*partition),
-                key: order_id.to_string(),
-                payload: serde_json::to_vec(saga).expect("saga state serializes"),
-                headers: None,
+                key: Some(order_id.to_string().into_bytes()),
+                payload: Some(serde_json::to_vec(saga).expect("saga state serializes")),
+                headers: OwnedHeaders::new(),
             });
         }
         let states = changed.len() as u64;
@@ -998,20 +974,7 @@ impl Decoded {
     }
 }
 
-enum TransactionError {
-    Abortable(String),
-    Fatal(anyhow::Error),
-}
 use TransactionError::{Abortable, Fatal};
-
-fn classify(error: rdkafka::error::KafkaError) -> TransactionError {
-    match &error {
-        rdkafka::error::KafkaError::Transaction(e) if e.is_fatal() => {
-            Fatal(anyhow::Error::new(error))
-        }
-        _ => Abortable(error.to_string()),
-    }
-}
 
 /// A record's key and value.
 pub type KeyValue = (Option<Vec<u8>>, Option<Vec<u8>>);
