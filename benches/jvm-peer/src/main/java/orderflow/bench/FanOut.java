@@ -401,11 +401,11 @@ public final class FanOut {
 
   // --- set-up -----------------------------------------------------------------------------------
 
-  /** Creates the outputs up front (broker's default partitions and replicas) if missing. */
+  /** Creates the outputs up front if missing: 3 partitions (orderflow's), default replicas. */
   static void createTopics(String bootstrap, List<String> topics) throws Exception {
     try (Admin admin = Admin.create(Map.of(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap))) {
       List<NewTopic> wanted = new ArrayList<>();
-      for (String t : topics) wanted.add(new NewTopic(t, Optional.empty(), Optional.empty()));
+      for (String t : topics) wanted.add(new NewTopic(t, Optional.of(3), Optional.empty()));
       for (var result : admin.createTopics(wanted).values().values()) {
         try {
           result.get();
