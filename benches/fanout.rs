@@ -36,7 +36,9 @@
 //!
 //! Any participant that fails (a peer, a perf tool, a wrong count) panics: the run fails, no
 //! figure is recorded. The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
-//! ORDERFLOW_BENCH_THROUGHPUT_ONLY=1 stops after the throughput runs (for profiling).
+//! ORDERFLOW_BENCH_THROUGHPUT_ONLY=1 stops after the throughput runs; ORDERFLOW_BENCH_PROFILE=plain
+//! (or dedup) publishes N events and runs only orderflow's fan-out over them three times, for
+//! `perf record` (scripts/bench profiles it this way).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -183,8 +185,8 @@ fn throughput(events: usize, seconds: f64, cpu: f64) -> Value {
 }
 
 /// orderflow's fan-out over the already published input (its own group).
-async fn fan_out(connect: &Connect, events: usize, dedup: bool) -> Value {
-    let group = format!("fanout-{}", if dedup { "dedup" } else { "plain" });
+async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> Value {
+    let group = format!("fanout-{}-{pass}", if dedup { "dedup" } else { "plain" });
     let (telemetry, stop, task) =
         start(connect, &FANOUT_YAML.replace("GROUP", &group), dedup).await;
     let limit = Instant::now() + Duration::from_secs(300);
@@ -338,8 +340,8 @@ async fn one_run(events: usize) -> Value {
         .await
         .unwrap();
     let raw = raw_passthrough(&connect, &input, events).await;
-    let plain = fan_out(&connect, events, false).await;
-    let dedup = fan_out(&connect, events, true).await;
+    let plain = fan_out(&connect, events, false, 0).await;
+    let dedup = fan_out(&connect, events, true, 0).await;
     let mut jvm = jvm_peer();
     jvm.args(["--input", &input, "--events", &events.to_string()])
         .args(["--warmup-events", &events.to_string()])
@@ -723,6 +725,17 @@ fn main() {
         let retry_rate = env_or("ORDERFLOW_BENCH_RETRY_RATE", 500);
         let retry_seconds = env_or("ORDERFLOW_BENCH_RETRY_SECONDS", 10);
         let footprint_seconds = env_or("ORDERFLOW_BENCH_FOOTPRINT_SECONDS", 30);
+        if let Ok(side) = std::env::var("ORDERFLOW_BENCH_PROFILE") {
+            let connect = Connect::local(&fresh_prefix());
+            publish(&connect, events).await;
+            // Three passes over the input, so the fan-out outweighs the publishing in a profile.
+            let mut passes = Vec::new();
+            for pass in 0..3 {
+                passes.push(fan_out(&connect, events, side == "dedup", pass).await);
+                eprintln!("fanout ({side}) alone: {}", passes[pass]);
+            }
+            return json!({"profile": side, "orderflow": passes});
+        }
         eprintln!("fanout: {runs} run(s) of {events} events");
         let mut throughput = Vec::new();
         for _ in 0..runs {
