@@ -36,8 +36,10 @@
 //!
 //! Any participant that fails (a peer, a perf tool, a wrong count) panics: the run fails, no
 //! figure is recorded. The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
+//! ORDERFLOW_BENCH_RAW_WINDOW (2000) bounds the raw passthrough's records in flight.
 //! ORDERFLOW_BENCH_THROUGHPUT_ONLY=1 stops after the throughput runs; ORDERFLOW_BENCH_PROFILE=plain
-//! (or dedup) publishes N events and runs only orderflow's fan-out over them three times, for
+//! (or dedup) publishes N events and runs only orderflow's fan-out over them three times (raw:
+//! the raw passthrough once), for
 //! `perf record` (scripts/bench profiles it this way).
 
 use std::collections::HashMap;
@@ -234,6 +236,7 @@ async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Value
     orderflow::kafka::ensure_topics(&connect.bootstrap_servers, &wanted, 1)
         .await
         .unwrap();
+    let window_size = env_or("ORDERFLOW_BENCH_RAW_WINDOW", RAW_WINDOW);
     let mut in_flight = FuturesOrdered::new();
     let (mut read, mut done) = (0, 0);
     let mut window = None;
@@ -246,7 +249,7 @@ async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Value
                 consumer.store_offset(input, partition, offset).expect("storing the offset");
                 done += 1;
             }
-            m = consumer.recv(), if read < events && in_flight.len() < RAW_WINDOW => {
+            m = consumer.recv(), if read < events && in_flight.len() < window_size => {
                 let m = m.expect("raw passthrough: reading");
                 window.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
                 read += 1;
@@ -727,7 +730,12 @@ fn main() {
         let footprint_seconds = env_or("ORDERFLOW_BENCH_FOOTPRINT_SECONDS", 30);
         if let Ok(side) = std::env::var("ORDERFLOW_BENCH_PROFILE") {
             let connect = Connect::local(&fresh_prefix());
-            publish(&connect, events).await;
+            let (input, _) = publish(&connect, events).await;
+            if side == "raw" {
+                let measured = raw_passthrough(&connect, &input, events).await;
+                eprintln!("raw passthrough alone: {measured}");
+                return json!({"profile": side, "raw_passthrough": measured});
+            }
             // Three passes over the input, so the fan-out outweighs the publishing in a profile.
             let mut passes = Vec::new();
             for pass in 0..3 {
