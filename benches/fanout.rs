@@ -14,9 +14,11 @@
 //!   its offset stored only once its four writes are acknowledged (auto.offset.store off, in
 //!   read order): the most a client of this library can do with the same delivery rule;
 //! - orderflow's fan-out (`route` to four topics): decode, validate, four writes, offset at
-//!   the watermark of acknowledged records; without and with the dedup store;
+//!   the watermark of acknowledged records; without and with the dedup store (the latter over
+//!   the first ORDERFLOW_BENCH_DEDUP_EVENTS of them, default N: it is far slower);
 //! - the JVM peer (`benches/jvm-peer`, kafka-clients + Avro): the same work, pipelined, commits
-//!   after the acks, warmed up on N events under another group before its measured window.
+//!   after the acks, warmed up on up to 20,000 events under another group before its measured
+//!   window.
 //!
 //! Each side's window runs from its first event read to the ack of its last event's writes;
 //! CPU is of the measuring process over that window. Every figure of a run is recorded; the
@@ -68,6 +70,8 @@ use tokio::sync::watch;
 
 /// Records in flight before the raw passthrough stops reading (orderflow's in-flight budget).
 const RAW_WINDOW: usize = 2000;
+/// Events the JVM peer handles under another group before its measured window.
+const JVM_WARMUP: usize = 20_000;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -186,7 +190,7 @@ fn throughput(events: usize, seconds: f64, cpu: f64) -> Value {
     })
 }
 
-/// orderflow's fan-out over the already published input (its own group).
+/// orderflow's fan-out over the first `events` of the already published input (its own group).
 async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> Value {
     let group = format!("fanout-{}-{pass}", if dedup { "dedup" } else { "plain" });
     let (telemetry, stop, task) =
@@ -209,10 +213,9 @@ async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> 
     stop.send(true).unwrap();
     task.await.unwrap();
     let s = telemetry.snapshot();
-    assert_eq!(
-        (s.succeeded, s.dead_lettered, s.produced),
-        (events as u64, 0, 4 * events as u64),
-        "orderflow fan-out: wrong counts"
+    assert!(
+        s.succeeded >= events as u64 && s.dead_lettered == 0 && s.produced == 4 * s.succeeded,
+        "orderflow fan-out: wrong counts: {s:?}"
     );
     throughput(events, elapsed, cpu)
 }
@@ -331,7 +334,7 @@ fn jvm_peer() -> Command {
     command
 }
 
-async fn one_run(events: usize) -> Value {
+async fn one_run(events: usize, dedup_events: usize) -> Value {
     let connect = Connect::local(&fresh_prefix());
     let (input, size) = publish(&connect, events).await;
     let mut perf = Command::new(script("kafka-perf"));
@@ -344,10 +347,11 @@ async fn one_run(events: usize) -> Value {
         .unwrap();
     let raw = raw_passthrough(&connect, &input, events).await;
     let plain = fan_out(&connect, events, false, 0).await;
-    let dedup = fan_out(&connect, events, true, 0).await;
+    let dedup = fan_out(&connect, dedup_events, true, 0).await;
+    let warmup = events.min(JVM_WARMUP);
     let mut jvm = jvm_peer();
     jvm.args(["--input", &input, "--events", &events.to_string()])
-        .args(["--warmup-events", &events.to_string()])
+        .args(["--warmup-events", &warmup.to_string()])
         .args(["--bootstrap", &connect.bootstrap_servers])
         .args(["--registry", &connect.registry_url]);
     let jvm = tokio::task::spawn_blocking(move || json_of(jvm))
@@ -371,6 +375,7 @@ async fn one_run(events: usize) -> Value {
             "events_per_second": jvm["events_per_second"],
             "cpu_seconds_per_million": jvm["cpu_seconds_first_to_last_per_million"],
             "rss_mib_end": jvm["rss_mib"],
+            "warmup_events": warmup,
         },
     });
     eprintln!("  throughput run: {run}");
@@ -723,6 +728,7 @@ fn main() {
     let result = runtime.block_on(async {
         let events = env_or("ORDERFLOW_BENCH_EVENTS", 20_000);
         let runs = env_or("ORDERFLOW_BENCH_RUNS", 3);
+        let dedup_events = env_or("ORDERFLOW_BENCH_DEDUP_EVENTS", events).min(events);
         let rate = env_or("ORDERFLOW_BENCH_RATE", 1000);
         let seconds = env_or("ORDERFLOW_BENCH_SECONDS", 10);
         let retry_rate = env_or("ORDERFLOW_BENCH_RETRY_RATE", 500);
@@ -747,7 +753,7 @@ fn main() {
         eprintln!("fanout: {runs} run(s) of {events} events");
         let mut throughput = Vec::new();
         for _ in 0..runs {
-            throughput.push(one_run(events).await);
+            throughput.push(one_run(events, dedup_events).await);
         }
         let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
         let mut result = json!({
