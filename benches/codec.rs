@@ -4,7 +4,8 @@
 //!   eval "$(scripts/stack up)" && cargo bench --bench codec
 //!
 //! ORDERFLOW_BENCH_EVENTS (default 200000) events per round, ORDERFLOW_BENCH_ROUNDS (5) rounds;
-//! prints each round and the median.
+//! prints each round and the median, and writes every round's rates as JSON to the file
+//! ORDERFLOW_BENCH_JSON (`scripts/bench` puts them in BENCHMARKS.md).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,7 +38,7 @@ fn main() {
     let topic = format!("bench-codec-{}", uuid::Uuid::new_v4().simple());
     let order = OrderCreated::sample("orderflow/bench");
 
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let payload = codec.encode(&topic, &order).await.expect("registry reachable");
         assert_eq!(codec.decode::<OrderCreated>(Some(&payload)).await.unwrap(), order);
         println!(
@@ -66,8 +67,18 @@ fn main() {
         }
         println!(
             "median:  encode {:>10.0} events/s   decode {:>10.0} events/s   (validate + Avro + Confluent framing)",
-            median(encode_rates),
-            median(decode_rates)
+            median(encode_rates.clone()),
+            median(decode_rates.clone())
         );
+        serde_json::json!({
+            "bytes": payload.len(),
+            "events_per_round": events,
+            "encode_per_second": encode_rates,
+            "decode_per_second": decode_rates,
+        })
     });
+    if let Ok(path) = std::env::var("ORDERFLOW_BENCH_JSON") {
+        std::fs::write(&path, serde_json::to_string_pretty(&result).unwrap())
+            .unwrap_or_else(|e| panic!("writing {path}: {e}"));
+    }
 }

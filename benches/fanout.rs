@@ -1,28 +1,52 @@
-//! orderflow against the limit and a JVM peer, on the running broker, in one run
-//! (`scripts/bench`, or `eval "$(scripts/stack up)" && cargo bench --bench fanout`).
+//! The fan-out benchmark: orderflow against the honest ceiling of its Kafka client and a JVM
+//! peer, on the running broker; then latency at a fixed load, retry lateness while the main
+//! topic runs at load, and the footprint of orderflow and the JVM peer as their own processes.
+//! `scripts/bench` runs it (release build) and writes BENCHMARKS.md from its JSON.
 //!
-//! Per run, N `order.created` events are published to a fresh topic; then, back to back, each
-//! of these reads all N with its own group:
-//! 1. limit: Kafka's perf tools from the broker's jars (`scripts/kafka-perf`, same count and
-//!    record size) and a raw rdkafka passthrough (consume, produce to four topics, no decode);
-//! 2. orderflow fan-out: decode + validate + four outputs + offset after the acks, without and
-//!    with the dedup store;
-//! 3. the JVM peer: the same fan-out with kafka-clients and Avro (`scripts/bench-jvm-peer`).
+//! Per run (ORDERFLOW_BENCH_RUNS, default 3), N `order.created` events (ORDERFLOW_BENCH_EVENTS,
+//! default 20000) are published to a fresh topic; then, back to back, each of these reads all N
+//! with its own consumer group and writes each event to four topics:
+//! - Kafka's perf tools (`scripts/kafka-perf`: records of the same mean size, one topic, lz4,
+//!   acks=all, a fresh JVM): they count records written once, not events written four times,
+//!   and are shown for what they are, not as a ceiling;
+//! - the raw passthrough: librdkafka alone, no decode, no validation; each record's key, value
+//!   and headers to four topics, pipelined (up to 2000 records in flight, orderflow's budget),
+//!   its offset stored only once its four writes are acknowledged (auto.offset.store off, in
+//!   read order): the most a client of this library can do with the same delivery rule;
+//! - orderflow's fan-out (`route` to four topics): decode, validate, four writes, offset at
+//!   the watermark of acknowledged records; without and with the dedup store (the latter over
+//!   the first ORDERFLOW_BENCH_DEDUP_EVENTS of them, default N: it is far slower);
+//! - the JVM peer (`benches/jvm-peer`, kafka-clients + Avro): the same work, pipelined, commits
+//!   after the acks, warmed up on up to 20,000 events under another group before its measured
+//!   window.
 //!
-//! Then, once: end-to-end latency of the fan-out at a fixed offered load below saturation
-//! (p50/p99/p999); retry lateness per tier and the main topic's p99 with 0 % and 10 % of the
-//! events going through retries; the footprint of `orderflow run` as its own process (start to
-//! ready, start to first event, resident memory at steady load).
-//! Figures are medians of the runs; ratios compare figures of the same runs.
+//! Each side's window runs from its first event read to the ack of its last event's writes;
+//! CPU is of the measuring process over that window. Every figure of a run is recorded; the
+//! generator (`scripts/bench-report`) takes medians, spreads and per-run ratios.
 //!
-//! ORDERFLOW_BENCH_EVENTS (default 20000), ORDERFLOW_BENCH_RUNS (3), ORDERFLOW_BENCH_RATE
-//! (offered load, events/s, 1000), ORDERFLOW_BENCH_SECONDS (10), ORDERFLOW_BENCH_RETRY_EVENTS
-//! (300), ORDERFLOW_BENCH_JVM (1; 0 skips the JVM peer and the perf tools),
-//! ORDERFLOW_BENCH_THROUGHPUT_ONLY (0; 1 stops after the throughput runs, for profiling).
+//! Then, ORDERFLOW_BENCH_RUNS times each:
+//! - latency: the fan-out at ORDERFLOW_BENCH_RATE events/s (1000) for ORDERFLOW_BENCH_SECONDS
+//!   (10), publish to the record read from the first output;
+//! - retries: an HTTP step at ORDERFLOW_BENCH_RETRY_RATE events/s (500) for
+//!   ORDERFLOW_BENCH_RETRY_SECONDS (10), with 0 % and with 10 % of the events failing one to three
+//!   times (tiers 1 s / 2 s / 4 s): lateness after each retry's due time, and the p99 of events
+//!   that never failed;
+//! - footprint: `orderflow run` and the JVM peer each as a process of its own, spawned with 100
+//!   events waiting; start to first event is spawn to the first output record read by this
+//!   process (the same reader for both); then RSS and CPU of that process while it handles
+//!   ORDERFLOW_BENCH_RATE events/s for ORDERFLOW_BENCH_FOOTPRINT_SECONDS (30).
+//!
+//! Any participant that fails (a peer, a perf tool, a wrong count) panics: the run fails, no
+//! figure is recorded. The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
+//! ORDERFLOW_BENCH_RAW_WINDOW (2000) bounds the raw passthrough's records in flight.
+//! ORDERFLOW_BENCH_THROUGHPUT_ONLY=1 stops after the throughput runs; ORDERFLOW_BENCH_PROFILE=plain
+//! (or dedup) publishes N events and runs only orderflow's fan-out over them three times (raw:
+//! the raw passthrough once), for
+//! `perf record` (scripts/bench profiles it this way).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,27 +54,30 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
-use futures::future::join_all;
+use futures::stream::{FuturesOrdered, StreamExt};
 use orderflow::cli::{processors, Connect};
 use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
 use orderflow::kafka::Publisher;
 use orderflow::pipeline;
 use orderflow::telemetry::Telemetry;
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Message;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+
+/// Records in flight before the raw passthrough stops reading (orderflow's in-flight budget).
+const RAW_WINDOW: usize = 2000;
+/// Events the JVM peer handles under another group before its measured window.
+const JVM_WARMUP: usize = 20_000;
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn connect(prefix: &str) -> Connect {
-    Connect::local(prefix)
 }
 
 fn fresh_prefix() -> String {
@@ -66,6 +93,32 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     t(usage.ru_utime) + t(usage.ru_stime)
+}
+
+/// CPU seconds (user + system, all threads) of another process, from /proc/PID/stat.
+fn process_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
+    // The command name may hold spaces: the fields after it follow the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+fn rss_mib(pid: u32) -> Option<f64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|kb| kb / 1024.0)
 }
 
 fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
@@ -96,8 +149,10 @@ async fn publish(connect: &Connect, count: usize) -> (String, usize) {
         bytes += codec.encode(&topic, o).await.unwrap().len();
     }
     for chunk in orders.chunks(2000) {
-        for result in join_all(chunk.iter().map(|o| publisher.publish(&topic, o))).await {
-            result.unwrap();
+        for result in
+            futures::future::join_all(chunk.iter().map(|o| publisher.publish(&topic, o))).await
+        {
+            result.expect("publishing the input");
         }
     }
     (topic, bytes / count.clamp(1, 100))
@@ -124,48 +179,54 @@ async fn start(
 
 const FANOUT_YAML: &str = "name: fanout\ngroup: GROUP\ninputs: [order.created]\nstep: {route: {to: [a.orders, b.orders, c.orders, d.orders]}}\n";
 
-/// Throughput of one consumer: events/s from its first to its last event, and CPU seconds of
-/// this process per million events over that window.
-#[derive(Debug, Clone, Copy, Default)]
-struct Throughput {
-    events_per_second: f64,
-    cpu_per_million: f64,
+/// Events/s from the first event read to the last one's acks, and CPU seconds of the measuring
+/// process per million events over that window.
+fn throughput(events: usize, seconds: f64, cpu: f64) -> Value {
+    json!({
+        "events": events,
+        "seconds": seconds,
+        "events_per_second": events as f64 / seconds,
+        "cpu_seconds_per_million": cpu / events as f64 * 1e6,
+    })
 }
 
-/// orderflow's fan-out over the already published input (its own group).
-async fn fan_out(connect: &Connect, events: usize, dedup: bool) -> Throughput {
-    let group = format!("fanout-{}", if dedup { "dedup" } else { "plain" });
+/// orderflow's fan-out over the first `events` of the already published input (its own group).
+async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> Value {
+    let group = format!("fanout-{}-{pass}", if dedup { "dedup" } else { "plain" });
     let (telemetry, stop, task) =
         start(connect, &FANOUT_YAML.replace("GROUP", &group), dedup).await;
+    let limit = Instant::now() + Duration::from_secs(300);
     while telemetry.snapshot().consumed == 0 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(Instant::now() < limit, "orderflow read nothing in 300 s");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (started, cpu_started) = (Instant::now(), cpu_seconds());
     while telemetry.snapshot().succeeded < events as u64 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(
+            Instant::now() < limit,
+            "orderflow fan-out stalled: {:?}",
+            telemetry.snapshot()
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu_started);
     stop.send(true).unwrap();
     task.await.unwrap();
     let s = telemetry.snapshot();
-    assert_eq!(
-        (s.succeeded, s.dead_lettered, s.produced),
-        (events as u64, 0, 4 * events as u64)
+    assert!(
+        s.succeeded >= events as u64 && s.dead_lettered == 0 && s.produced == 4 * s.succeeded,
+        "orderflow fan-out: wrong counts: {s:?}"
     );
-    Throughput {
-        events_per_second: events as f64 / elapsed,
-        cpu_per_million: cpu / events as f64 * 1e6,
-    }
+    throughput(events, elapsed, cpu)
 }
 
-/// The limit on the client side: consume and produce each record to four topics with
-/// librdkafka alone (no decode, no validation), storing offsets once the batch is acknowledged.
-async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Throughput {
-    let mut config =
-        orderflow::kafka::consumer_config(&connect.bootstrap_servers, "raw-passthrough");
-    config.set("enable.auto.offset.store", "true");
+/// The ceiling of the client: see the file's comment.
+async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Value {
+    // orderflow's consumer settings: auto-commit of offsets stored explicitly, after the acks.
+    let config = orderflow::kafka::consumer_config(&connect.bootstrap_servers, "raw-passthrough");
     let consumer: StreamConsumer = config.create().unwrap();
     consumer.subscribe(&[input]).unwrap();
+    // orderflow's producer settings (acks=all, idempotent, lz4) with its 1 ms linger.
     let mut producer_config = orderflow::kafka::producer_config(&connect.bootstrap_servers);
     producer_config.set("linger.ms", "1");
     let producer: FutureProducer = producer_config.create().unwrap();
@@ -173,31 +234,65 @@ async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Throu
         .iter()
         .map(|o| format!("{input}.raw-{o}"))
         .collect();
-    let mut acks = Vec::with_capacity(4000);
-    let mut done = 0;
+    // Created up front with orderflow's partition count, as its processors create theirs.
+    let wanted: Vec<(&str, i32)> = outputs.iter().map(|t| (t.as_str(), 3)).collect();
+    orderflow::kafka::ensure_topics(&connect.bootstrap_servers, &wanted, 1)
+        .await
+        .unwrap();
+    let window_size = env_or("ORDERFLOW_BENCH_RAW_WINDOW", RAW_WINDOW);
+    let mut in_flight = FuturesOrdered::new();
+    let (mut read, mut done) = (0, 0);
     let mut window = None;
+    let limit = Instant::now() + Duration::from_secs(300);
     while done < events {
-        let m = consumer.recv().await.unwrap();
-        window.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
-        for topic in &outputs {
-            let mut record = FutureRecord::to(topic).payload(m.payload().unwrap_or_default());
-            if let Some(key) = m.key() {
-                record = record.key(key);
+        assert!(Instant::now() < limit, "raw passthrough stalled at {done}");
+        tokio::select! {
+            Some((partition, offset)) = in_flight.next(), if !in_flight.is_empty() => {
+                // In read order: every earlier record of the partition is acknowledged too.
+                consumer.store_offset(input, partition, offset).expect("storing the offset");
+                done += 1;
             }
-            acks.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-        done += 1;
-        if acks.len() >= 4000 || done == events {
-            for ack in join_all(acks.drain(..)).await {
-                ack.unwrap().unwrap();
+            m = consumer.recv(), if read < events && in_flight.len() < window_size => {
+                let m = m.expect("raw passthrough: reading");
+                window.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
+                read += 1;
+                let headers = m.headers().map(|h| h.detach());
+                let mut acks = Vec::with_capacity(outputs.len());
+                for topic in &outputs {
+                    let mut record = FutureRecord::to(topic).payload(m.payload().unwrap_or_default());
+                    if let Some(key) = m.key() {
+                        record = record.key(key);
+                    }
+                    if let Some(headers) = &headers {
+                        record = record.headers(headers.clone());
+                    }
+                    loop {
+                        match producer.send_result(record) {
+                            Ok(ack) => break acks.push(ack),
+                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                                record = r;
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            Err((e, _)) => panic!("raw passthrough: producing: {e}"),
+                        }
+                    }
+                }
+                let (partition, offset) = (m.partition(), m.offset());
+                in_flight.push_back(async move {
+                    for ack in acks {
+                        ack.await.expect("producer gone").expect("raw passthrough: ack");
+                    }
+                    (partition, offset)
+                });
             }
         }
     }
     let (started, cpu_started) = window.unwrap();
-    Throughput {
-        events_per_second: events as f64 / started.elapsed().as_secs_f64(),
-        cpu_per_million: (cpu_seconds() - cpu_started) / events as f64 * 1e6,
-    }
+    throughput(
+        events,
+        started.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu_started,
+    )
 }
 
 fn script(name: &str) -> PathBuf {
@@ -206,158 +301,220 @@ fn script(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// Runs a script printing one JSON line; `None` (with the reason) when it fails.
-fn json_of(mut command: Command) -> Option<Value> {
-    let out = command.stderr(Stdio::inherit()).output().ok()?;
-    if !out.status.success() {
-        eprintln!("  {command:?} failed: {}", out.status);
-        return None;
-    }
+/// Runs a command printing one JSON line last; panics (the run fails) when it fails.
+fn json_of(mut command: Command) -> Value {
+    let out = command
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?} did not start: {e}"));
+    assert!(out.status.success(), "{command:?} failed: {}", out.status);
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .rev()
         .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| panic!("{command:?} printed no JSON line"))
 }
 
-/// What one run measured.
-#[derive(Debug, Default, Clone)]
-struct Run {
-    perf_producer: f64,
-    perf_consumer: f64,
-    raw: Throughput,
-    orderflow: Throughput,
-    orderflow_dedup: Throughput,
-    jvm: Throughput,
-    jvm_rss_mib: f64,
-    jvm_start_to_first_s: f64,
+/// `java ... orderflow.bench.FanOut`, built beforehand by `scripts/bench-jvm-peer` (the
+/// script's own Java version check is left out of start-up times).
+fn jvm_peer() -> Command {
+    let build = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/jvm-peer");
+    let classpath = std::fs::read_to_string(build.join("classpath.txt"))
+        .expect("the JVM peer is built (scripts/bench-jvm-peer --help)");
+    let mut command = Command::new(std::env::var("JAVA").unwrap_or_else(|_| "java".into()));
+    command
+        .arg("-Dorg.slf4j.simpleLogger.defaultLogLevel=warn")
+        .arg("-cp")
+        .arg(format!(
+            "{}:{}",
+            build.join("classes").display(),
+            classpath.trim()
+        ))
+        .arg("orderflow.bench.FanOut");
+    command
 }
 
-async fn one_run(events: usize, with_jvm: bool) -> Run {
-    let connect = connect(&fresh_prefix());
+async fn one_run(events: usize, dedup_events: usize) -> Value {
+    let connect = Connect::local(&fresh_prefix());
     let (input, size) = publish(&connect, events).await;
-    let mut run = Run::default();
-    if with_jvm {
-        let mut perf = Command::new(script("kafka-perf"));
-        perf.args([
-            "--records",
-            &events.to_string(),
-            "--record-size",
-            &size.to_string(),
-        ])
+    let mut perf = Command::new(script("kafka-perf"));
+    perf.args(["--records", &events.to_string()])
+        .args(["--record-size", &size.to_string()])
+        .args(["--producer-props", "compression.type=lz4 linger.ms=1"])
         .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers);
-        if let Some(v) = json_of(perf) {
-            run.perf_producer = v["producer_records_per_second"].as_f64().unwrap_or(0.0);
-            run.perf_consumer = v["consumer_fetch_records_per_second"]
-                .as_f64()
-                .unwrap_or(0.0);
-        }
-    }
-    run.raw = raw_passthrough(&connect, &input, events).await;
-    run.orderflow = fan_out(&connect, events, false).await;
-    run.orderflow_dedup = fan_out(&connect, events, true).await;
-    if with_jvm {
-        let mut jvm = Command::new(script("bench-jvm-peer"));
-        jvm.args(["--input", &input, "--events", &events.to_string()])
-            .args(["--bootstrap", &connect.bootstrap_servers])
-            .args(["--registry", &connect.registry_url]);
-        if let Some(v) = json_of(jvm) {
-            let f = |k: &str| v[k].as_f64().unwrap_or(0.0);
-            run.jvm = Throughput {
-                events_per_second: f("events_per_second"),
-                cpu_per_million: f("cpu_seconds_first_to_last_per_million"),
-            };
-            run.jvm_rss_mib = f("rss_mib");
-            run.jvm_start_to_first_s = f("start_to_first_event_seconds");
-        }
-    }
-    eprintln!("  run: {run:?}");
+    let perf = tokio::task::spawn_blocking(move || json_of(perf))
+        .await
+        .unwrap();
+    let raw = raw_passthrough(&connect, &input, events).await;
+    let plain = fan_out(&connect, events, false, 0).await;
+    let dedup = fan_out(&connect, dedup_events, true, 0).await;
+    let warmup = events.min(JVM_WARMUP);
+    let mut jvm = jvm_peer();
+    jvm.args(["--input", &input, "--events", &events.to_string()])
+        .args(["--warmup-events", &warmup.to_string()])
+        .args(["--bootstrap", &connect.bootstrap_servers])
+        .args(["--registry", &connect.registry_url]);
+    let jvm = tokio::task::spawn_blocking(move || json_of(jvm))
+        .await
+        .unwrap();
+    assert_eq!(
+        (jvm["events"].as_u64(), jvm["invalid"].as_u64()),
+        (Some(events as u64), Some(0)),
+        "JVM peer: wrong counts: {jvm}"
+    );
+    let run = json!({
+        "events": events,
+        "event_bytes": size,
+        "perf_tools": perf,
+        "raw_passthrough": raw,
+        "orderflow": plain,
+        "orderflow_dedup": dedup,
+        "jvm_peer": {
+            "events": events,
+            "seconds": jvm["seconds"],
+            "events_per_second": jvm["events_per_second"],
+            "cpu_seconds_per_million": jvm["cpu_seconds_first_to_last_per_million"],
+            "rss_mib_end": jvm["rss_mib"],
+            "warmup_events": warmup,
+        },
+    });
+    eprintln!("  throughput run: {run}");
     run
 }
 
-/// End-to-end latency of the fan-out at a fixed offered load: publish time to the record in
-/// the first output, read by a consumer of its own. Returns (p50, p99, p999) in ms.
-async fn latency_at(rate: usize, seconds: usize) -> (f64, f64, f64) {
-    let connect = connect(&fresh_prefix());
-    let (telemetry, stop, task) =
-        start(&connect, &FANOUT_YAML.replace("GROUP", "latency"), false).await;
-    let output = connect.naming().topic("a.orders");
-    let samples = measure_output(&connect, &output, rate, seconds, |_| {}).await;
-    stop.send(true).unwrap();
-    task.await.unwrap();
-    let _ = telemetry;
-    let mut ms: Vec<f64> = samples.into_values().collect();
-    ms.sort_by(f64::total_cmp);
-    (
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        percentile(&ms, 0.999),
-    )
+/// Reads one output topic from its end, noting when each key arrived.
+struct OutputReader {
+    arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
-/// Publishes at `rate` for `seconds` (`on_publish` sees each order first, e.g. to script its
-/// downstream) and reads `output` until every order arrived; returns the latency of each order
-/// (publish to read, ms) by order id.
-async fn measure_output(
+impl OutputReader {
+    /// Reads the fresh topic `output` (3 partitions) from its beginning, assigned (no group
+    /// join), and returns once its first fetches are under way.
+    async fn start(connect: &Connect, output: &str) -> OutputReader {
+        orderflow::kafka::ensure_topics(&connect.bootstrap_servers, &[(output, 3)], 1)
+            .await
+            .unwrap();
+        let mut config = orderflow::kafka::consumer_config(
+            &connect.bootstrap_servers,
+            &format!("measure-{}", uuid::Uuid::new_v4().simple()),
+        );
+        config.set("fetch.wait.max.ms", "5");
+        let consumer: StreamConsumer = config.create().unwrap();
+        let mut partitions = rdkafka::TopicPartitionList::new();
+        for p in 0..3 {
+            partitions
+                .add_partition_offset(output, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&partitions).unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await;
+        let arrivals: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+        let seen = arrivals.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let m = consumer.recv().await.expect("reading the output");
+                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
+                seen.lock().unwrap().entry(key).or_insert_with(Instant::now);
+            }
+        });
+        OutputReader { arrivals, task }
+    }
+
+    fn count(&self) -> usize {
+        self.arrivals.lock().unwrap().len()
+    }
+
+    fn first(&self) -> Option<Instant> {
+        self.arrivals.lock().unwrap().values().min().copied()
+    }
+
+    async fn wait_for(&self, count: usize, what: &str) {
+        let limit = Instant::now() + Duration::from_secs(120);
+        while self.count() < count {
+            assert!(
+                Instant::now() < limit,
+                "{what}: {} of {count} records arrived",
+                self.count()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for OutputReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Publishes at `rate` for `seconds`; `on_publish` sees each order first. Returns when each
+/// order was published, by order id.
+async fn publish_paced(
     connect: &Connect,
-    output: &str,
     rate: usize,
     seconds: usize,
     mut on_publish: impl FnMut(&OrderCreated),
-) -> HashMap<String, f64> {
-    orderflow::kafka::ensure_topics(&connect.bootstrap_servers, &[(output, 3)], 1)
-        .await
-        .unwrap();
-    let mut config = orderflow::kafka::consumer_config(
-        &connect.bootstrap_servers,
-        &format!("measure-{}", uuid::Uuid::new_v4().simple()),
-    );
-    config
-        .set("auto.offset.reset", "latest")
-        .set("fetch.wait.max.ms", "5");
-    let consumer: StreamConsumer = config.create().unwrap();
-    consumer.subscribe(&[output]).unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await; // joined, positioned at the end
-    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let total = rate * seconds;
-    let reader = {
-        let sent = sent.clone();
-        tokio::spawn(async move {
-            let mut latency = HashMap::new();
-            let deadline = Instant::now() + Duration::from_secs(seconds as u64 + 120);
-            while latency.len() < total && Instant::now() < deadline {
-                let Ok(Ok(m)) = tokio::time::timeout(Duration::from_secs(1), consumer.recv()).await
-                else {
-                    continue;
-                };
-                let key = String::from_utf8_lossy(m.key().unwrap_or_default()).to_string();
-                if let Some(at) = sent.lock().unwrap().get(&key) {
-                    latency.insert(key, at.elapsed().as_secs_f64() * 1000.0);
-                }
-            }
-            latency
-        })
-    };
+) -> HashMap<String, Instant> {
     let publisher = Arc::new(Publisher::new(&connect.bootstrap_servers, codec(connect)).unwrap());
     let topic = connect.naming().topic("order.created");
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
     let mut pending = Vec::new();
-    for _ in 0..total {
+    let mut sent = HashMap::new();
+    for _ in 0..rate * seconds {
         tick.tick().await;
         let order = OrderCreated::sample("bench");
         on_publish(&order);
-        sent.lock()
-            .unwrap()
-            .insert(order.data.order_id.to_string(), Instant::now());
-        let publisher = publisher.clone();
-        let topic = topic.clone();
+        sent.insert(order.data.order_id.to_string(), Instant::now());
+        let (publisher, topic) = (publisher.clone(), topic.clone());
         pending.push(tokio::spawn(async move {
-            publisher.publish(&topic, &order).await.unwrap();
+            publisher
+                .publish(&topic, &order)
+                .await
+                .expect("publishing at the fixed rate");
         }));
     }
     for p in pending {
         p.await.unwrap();
     }
-    reader.await.unwrap()
+    sent
+}
+
+/// Milliseconds from each publish to its arrival in the reader's output.
+fn latencies(sent: &HashMap<String, Instant>, reader: &OutputReader) -> HashMap<String, f64> {
+    let arrivals = reader.arrivals.lock().unwrap();
+    sent.iter()
+        .filter_map(|(id, at)| {
+            let arrived = arrivals.get(id)?;
+            Some((id.clone(), (*arrived - *at).as_secs_f64() * 1000.0))
+        })
+        .collect()
+}
+
+fn summary(mut ms: Vec<f64>) -> Value {
+    ms.sort_by(f64::total_cmp);
+    json!({
+        "samples": ms.len(),
+        "p50_ms": percentile(&ms, 0.5),
+        "p99_ms": percentile(&ms, 0.99),
+        "p999_ms": percentile(&ms, 0.999),
+    })
+}
+
+/// End-to-end latency of the fan-out at a fixed offered load.
+async fn latency_at(rate: usize, seconds: usize) -> Value {
+    let connect = Connect::local(&fresh_prefix());
+    let (_telemetry, stop, task) =
+        start(&connect, &FANOUT_YAML.replace("GROUP", "latency"), false).await;
+    let reader = OutputReader::start(&connect, &connect.naming().topic("a.orders")).await;
+    let sent = publish_paced(&connect, rate, seconds, |_| {}).await;
+    reader.wait_for(sent.len(), "fan-out latency").await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    let mut result = summary(latencies(&sent, &reader).into_values().collect());
+    result["rate"] = json!(rate);
+    result["seconds"] = json!(seconds);
+    result
 }
 
 /// Answers 500 to an order as many times as its script says, then 200.
@@ -385,234 +542,254 @@ async fn flaky(
     )
 }
 
-/// Retry accuracy: an HTTP step at 50 events/s; with `retried_share` of the events failing one
-/// to three times first. Returns the p99 latency (ms) of the events that never failed, and the
-/// lateness samples per tier.
-async fn retries(events: usize, retried_share: usize) -> (f64, Vec<Vec<i64>>) {
-    let connect = connect(&fresh_prefix());
+/// An HTTP step at `rate` events/s for `seconds`, `retried_percent` of the events failing one
+/// to three times first: the latency of events that never failed, lateness per retry tier.
+async fn retries(rate: usize, seconds: usize, retried_percent: usize) -> Value {
+    let connect = Connect::local(&fresh_prefix());
     let failures: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
     let app = Router::new()
         .route("/notify", post(flaky))
         .with_state(failures.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let yaml = format!(
         "name: lateness\ngroup: lateness\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/notify\n    emit: {{\"2xx\": notification.sent}}\nretry:\n  tiers: [1s, 2s, 4s, 8s, 16s]\n"
     );
     let (telemetry, stop, task) = start(&connect, &yaml, false).await;
-    let output = connect.naming().topic("notification.sent");
-    let mut i = 0;
-    let mut clean = Vec::new();
+    let reader = OutputReader::start(&connect, &connect.naming().topic("notification.sent")).await;
+    let (mut i, mut clean) = (0, Vec::new());
     let scripted = failures.clone();
-    let latency = measure_output(&connect, &output, 50, events / 50, |order| {
+    let sent = publish_paced(&connect, rate, seconds, |order| {
         i += 1;
         let id = order.data.order_id.to_string();
-        if retried_share > 0 && i % (100 / retried_share) == 0 {
+        if retried_percent > 0 && i % (100 / retried_percent) == 0 {
             scripted.lock().unwrap().insert(id, 1 + (i / 10 % 3) as u32);
         } else {
             clean.push(id);
         }
     })
     .await;
+    reader.wait_for(sent.len(), "retries").await;
     stop.send(true).unwrap();
     task.await.unwrap();
-    let mut main: Vec<f64> = clean
+    server.abort();
+    let latency = latencies(&sent, &reader);
+    let main: Vec<f64> = clean
         .iter()
         .filter_map(|id| latency.get(id).copied())
         .collect();
-    main.sort_by(f64::total_cmp);
-    let lateness = (1..=3)
+    let tiers: Vec<Value> = (1..=3)
         .map(|tier| {
             let mut s = telemetry.retry_lateness_ms(tier);
             s.sort_unstable();
-            s
+            json!({"tier": tier, "samples": s.len(), "p50_ms": percentile(&s, 0.5), "p99_ms": percentile(&s, 0.99), "max_ms": s.last().copied().unwrap_or(0)})
         })
         .collect();
-    (percentile(&main, 0.99), lateness)
+    if retried_percent > 0 {
+        assert!(
+            tiers.iter().all(|t| t["samples"].as_u64() > Some(0)),
+            "a retry tier saw no retries: {tiers:?}"
+        );
+    }
+    json!({
+        "rate": rate,
+        "seconds": seconds,
+        "retried_percent": retried_percent,
+        "main": summary(main),
+        "tiers": tiers,
+    })
 }
 
-/// `orderflow run` as its own process: seconds to /readyz 200, seconds to its first event, and
-/// resident memory (MiB, median of samples) while it handles `rate` events/s.
-async fn footprint(rate: usize, seconds: usize) -> (f64, f64, f64) {
-    let prefix = fresh_prefix();
-    let connect = connect(&prefix);
-    let dir =
-        std::env::temp_dir().join(format!("bench-footprint-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("fanout.yaml"),
-        FANOUT_YAML.replace("GROUP", "footprint"),
-    )
-    .unwrap();
-    // Something to read at once, so "first event" is about starting, not about waiting.
-    publish(&connect, 100).await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
-    let spawned = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(["run", "fanout", "--report-every", "0s", "--no-dedup"])
-        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-        .env("ORDERFLOW_PIPELINES_DIR", &dir)
-        .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
-        .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
-        .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
-        .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
-        .env("ORDERFLOW_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
+        .port()
+}
+
+/// Kills a child on drop, so a failed run leaves no process behind.
+struct Spawned(Child);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// One side of the footprint comparison as its own process (see the file's comment).
+async fn footprint(side: &str, rate: usize, seconds: usize) -> Value {
+    const BACKLOG: usize = 100;
+    let prefix = fresh_prefix();
+    let connect = Connect::local(&prefix);
+    let output = connect.naming().topic("a.orders");
+    // Something to read at once, so "first event" is about starting, not about waiting.
+    let (input, _) = publish(&connect, BACKLOG).await;
+    let reader = OutputReader::start(&connect, &output).await;
+    let port = free_port();
+    let mut command = if side == "orderflow" {
+        let dir = std::env::temp_dir().join(format!("bench-footprint-{}", &prefix[6..16]));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("fanout.yaml"),
+            FANOUT_YAML.replace("GROUP", "footprint"),
+        )
         .unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+        c.args(["run", "fanout", "--report-every", "0s", "--no-dedup"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .env("ORDERFLOW_PIPELINES_DIR", &dir)
+            .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
+            .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
+            .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
+            .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
+            .env("ORDERFLOW_LOG", "warn");
+        c
+    } else {
+        let outputs: Vec<String> = ["a", "b", "c", "d"]
+            .iter()
+            .map(|o| connect.naming().topic(&format!("{o}.orders")))
+            .collect();
+        let mut c = jvm_peer();
+        c.args(["--input", &input])
+            .args(["--events", &(BACKLOG + rate * seconds).to_string()])
+            .args(["--outputs", &outputs.join(",")])
+            .args(["--bootstrap", &connect.bootstrap_servers])
+            .args(["--registry", &connect.registry_url]);
+        c
+    };
+    let spawned = Instant::now();
+    let child = Spawned(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{side} did not start: {e}")),
+    );
+    let pid = child.0.id();
+    let limit = Instant::now() + Duration::from_secs(60);
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}");
-    let (mut ready, mut first) = (None, None);
-    while ready.is_none() || first.is_none() {
+    let mut ready = None;
+    while reader.first().is_none() || (side == "orderflow" && ready.is_none()) {
+        assert!(Instant::now() < limit, "{side}: no first event in 60 s");
         assert!(
-            spawned.elapsed() < Duration::from_secs(60),
-            "orderflow run did not get ready"
+            std::fs::metadata(format!("/proc/{pid}")).is_ok(),
+            "{side} exited"
         );
-        if ready.is_none()
+        if side == "orderflow"
+            && ready.is_none()
             && client
-                .get(format!("{url}/readyz"))
+                .get(format!("http://127.0.0.1:{port}/readyz"))
                 .send()
                 .await
                 .is_ok_and(|r| r.status() == 200)
         {
             ready = Some(spawned.elapsed().as_secs_f64());
         }
-        if first.is_none() {
-            if let Ok(r) = client.get(format!("{url}/metrics")).send().await {
-                let text = r.text().await.unwrap_or_default();
-                let succeeded = text.lines().any(|l| {
-                    l.starts_with("orderflow_events_processed_total{")
-                        && l.contains("outcome=\"succeeded\"")
-                        && !l.ends_with(" 0")
-                });
-                if succeeded {
-                    first = Some(spawned.elapsed().as_secs_f64());
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let pid = child.id();
+    let first = (reader.first().unwrap() - spawned).as_secs_f64();
+    reader.wait_for(BACKLOG, side).await;
+    // At the fixed load: CPU over the publishing window, RSS sampled each second.
     let sampling = tokio::spawn(async move {
         let mut rss = Vec::new();
         for _ in 0..seconds {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if let Some(kb) = status
-                .lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-            {
-                rss.push(kb / 1024.0);
-            }
+            rss.extend(rss_mib(pid));
         }
         rss
     });
-    measure_output(
-        &connect,
-        &connect.naming().topic("a.orders"),
-        rate,
-        seconds,
-        |_| {},
-    )
-    .await;
+    let (window, cpu_started) = (Instant::now(), process_cpu_seconds(pid));
+    let sent = publish_paced(&connect, rate, seconds, |_| {}).await;
+    reader.wait_for(BACKLOG + sent.len(), side).await;
+    let cpu = process_cpu_seconds(pid) - cpu_started;
+    let wall = window.elapsed().as_secs_f64();
     let rss = sampling.await.unwrap();
-    // SAFETY: kill(2) on a child we own.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-    (ready.unwrap(), first.unwrap(), median(rss))
+    assert!(!rss.is_empty(), "{side}: no RSS sample");
+    drop(child);
+    json!({
+        "side": side,
+        "rate": rate,
+        "seconds": seconds,
+        "start_to_first_event_s": first,
+        "start_to_ready_s": ready,
+        "rss_mib_median": median(rss.clone()),
+        "rss_mib_max": rss.iter().copied().fold(0.0, f64::max),
+        "cpu_percent_of_a_core": cpu / wall * 100.0,
+        "cpu_seconds_per_million": cpu / sent.len() as f64 * 1e6,
+    })
 }
 
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let events = env_or("ORDERFLOW_BENCH_EVENTS", 20_000);
         let runs = env_or("ORDERFLOW_BENCH_RUNS", 3);
+        let dedup_events = env_or("ORDERFLOW_BENCH_DEDUP_EVENTS", events).min(events);
         let rate = env_or("ORDERFLOW_BENCH_RATE", 1000);
         let seconds = env_or("ORDERFLOW_BENCH_SECONDS", 10);
-        let retry_events = env_or("ORDERFLOW_BENCH_RETRY_EVENTS", 300);
-        let with_jvm = env_or("ORDERFLOW_BENCH_JVM", 1) == 1;
-        eprintln!("{runs} run(s) of {events} events; latency at {rate}/s for {seconds} s");
-        let mut all = Vec::new();
-        for _ in 0..runs {
-            all.push(one_run(events, with_jvm).await);
-        }
-        let m = |f: &dyn Fn(&Run) -> f64| median(all.iter().map(f).collect());
-        // Ratios per run, then their median: comparisons within one run only.
-        let ratio = |a: &dyn Fn(&Run) -> f64, b: &dyn Fn(&Run) -> f64| {
-            median(all.iter().filter(|r| b(r) > 0.0).map(|r| a(r) / b(r)).collect())
-        };
-        if env_or("ORDERFLOW_BENCH_THROUGHPUT_ONLY", 0) == 1 {
-            for r in &all {
-                println!(
-                    "raw {:.0}/s, orderflow {:.0}/s ({:.1} CPU s/M), with dedup {:.0}/s ({:.1} CPU s/M)",
-                    r.raw.events_per_second,
-                    r.orderflow.events_per_second,
-                    r.orderflow.cpu_per_million,
-                    r.orderflow_dedup.events_per_second,
-                    r.orderflow_dedup.cpu_per_million
-                );
+        let retry_rate = env_or("ORDERFLOW_BENCH_RETRY_RATE", 500);
+        let retry_seconds = env_or("ORDERFLOW_BENCH_RETRY_SECONDS", 10);
+        let footprint_seconds = env_or("ORDERFLOW_BENCH_FOOTPRINT_SECONDS", 30);
+        if let Ok(side) = std::env::var("ORDERFLOW_BENCH_PROFILE") {
+            let connect = Connect::local(&fresh_prefix());
+            let (input, _) = publish(&connect, events).await;
+            if side == "raw" {
+                let measured = raw_passthrough(&connect, &input, events).await;
+                eprintln!("raw passthrough alone: {measured}");
+                return json!({"profile": side, "raw_passthrough": measured});
             }
-            return;
+            // Three passes over the input, so the fan-out outweighs the publishing in a profile.
+            let mut passes = Vec::new();
+            for pass in 0..3 {
+                passes.push(fan_out(&connect, events, side == "dedup", pass).await);
+                eprintln!("fanout ({side}) alone: {}", passes[pass]);
+            }
+            return json!({"profile": side, "orderflow": passes});
         }
-        let (p50, p99, p999) = latency_at(rate, seconds).await;
-        let (main_p99_clean, _) = retries(retry_events, 0).await;
-        let (main_p99_retried, lateness) = retries(retry_events, 10).await;
-        let (ready_s, first_s, rss) = footprint(rate, seconds).await;
-
-        let of = |r: &Run| r.orderflow.events_per_second;
-        println!("\n| scenario | events/s | CPU s per million events | vs raw passthrough | vs JVM peer |");
-        println!("|---|---:|---:|---:|---:|");
-        println!("| kafka-producer-perf-test | {:.0} | | | |", m(&|r| r.perf_producer));
-        println!("| kafka-consumer-perf-test (fetch) | {:.0} | | | |", m(&|r| r.perf_consumer));
-        println!(
-            "| raw rdkafka passthrough x4 (no decode) | {:.0} | {:.1} | 1.00 | {:.2} |",
-            m(&|r| r.raw.events_per_second),
-            m(&|r| r.raw.cpu_per_million),
-            ratio(&|r| r.raw.events_per_second, &|r| r.jvm.events_per_second),
-        );
-        println!(
-            "| orderflow fan-out x4 (decode, validate, commit) | {:.0} | {:.1} | {:.2} | {:.2} |",
-            m(&of),
-            m(&|r| r.orderflow.cpu_per_million),
-            ratio(&of, &|r| r.raw.events_per_second),
-            ratio(&of, &|r| r.jvm.events_per_second),
-        );
-        println!(
-            "| orderflow fan-out x4 + dedup store | {:.0} | {:.1} | {:.2} | {:.2} |",
-            m(&|r| r.orderflow_dedup.events_per_second),
-            m(&|r| r.orderflow_dedup.cpu_per_million),
-            ratio(&|r| r.orderflow_dedup.events_per_second, &|r| r.raw.events_per_second),
-            ratio(&|r| r.orderflow_dedup.events_per_second, &|r| r.jvm.events_per_second),
-        );
-        println!(
-            "| JVM peer x4 (kafka-clients + Avro) | {:.0} | {:.1} | {:.2} | 1.00 |",
-            m(&|r| r.jvm.events_per_second),
-            m(&|r| r.jvm.cpu_per_million),
-            ratio(&|r| r.jvm.events_per_second, &|r| r.raw.events_per_second),
-        );
-        println!("\n| footprint | orderflow | JVM peer |");
-        println!("|---|---:|---:|");
-        println!("| start to ready (s) | {ready_s:.2} | |");
-        println!("| start to first event (s) | {first_s:.2} | {:.2} |", m(&|r| r.jvm_start_to_first_s));
-        println!("| resident memory (MiB) | {rss:.0} (at {rate}/s) | {:.0} (end of run) |", m(&|r| r.jvm_rss_mib));
-        println!("\nfan-out end-to-end latency at {rate} events/s for {seconds} s: p50 {p50:.1} ms, p99 {p99:.1} ms, p999 {p999:.1} ms");
-        println!("main topic p99 (HTTP step, 50/s): {main_p99_clean:.1} ms with 0 % retried, {main_p99_retried:.1} ms with 10 % retried");
-        for (i, s) in lateness.iter().enumerate() {
-            println!(
-                "retry tier {}: {} retries, lateness p50 {} ms, p99 {} ms",
-                i + 1,
-                s.len(),
-                percentile(s, 0.5),
-                percentile(s, 0.99)
+        eprintln!("fanout: {runs} run(s) of {events} events");
+        let mut throughput = Vec::new();
+        for _ in 0..runs {
+            throughput.push(one_run(events, dedup_events).await);
+        }
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
+        let mut result = json!({
+            "librdkafka": librdkafka,
+            "throughput": throughput,
+        });
+        if env_or("ORDERFLOW_BENCH_THROUGHPUT_ONLY", 0) == 1 {
+            return result;
+        }
+        let (mut latency, mut clean, mut retried, mut prints) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            eprintln!("fanout: latency, retries and footprint, run {}", run + 1);
+            latency.push(latency_at(rate, seconds).await);
+            clean.push(retries(retry_rate, retry_seconds, 0).await);
+            retried.push(retries(retry_rate, retry_seconds, 10).await);
+            prints.push(footprint("orderflow", rate, footprint_seconds).await);
+            prints.push(footprint("jvm_peer", rate, footprint_seconds).await);
+            eprintln!(
+                "  {}\n  {}\n  {}\n  {}\n  {}",
+                latency.last().unwrap(),
+                clean.last().unwrap(),
+                retried.last().unwrap(),
+                prints[prints.len() - 2],
+                prints.last().unwrap()
             );
         }
+        result["latency"] = json!(latency);
+        result["retries_clean"] = json!(clean);
+        result["retries"] = json!(retried);
+        result["footprint"] = json!(prints);
+        result
     });
+    let text = serde_json::to_string_pretty(&result).unwrap();
+    match std::env::var("ORDERFLOW_BENCH_JSON") {
+        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
+        Err(_) => println!("{text}"),
+    }
 }

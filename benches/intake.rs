@@ -1,14 +1,17 @@
 //! Immediate response, eventual consistency, measured side by side: `orderflow serve`,
 //! `orderflow run --all` (pipelines, saga, read model) and `orderflow simulate` run as their
-//! own processes; this process offers POST /orders at a fixed rate (open loop: a slow answer
-//! does not delay the next request) and then polls GET /orders/{id} until each order is
-//! confirmed or cancelled.
+//! own processes (the binary cargo built for this bench: release under `cargo bench`); this
+//! process offers POST /orders at a fixed rate (open loop: a slow answer does not delay the next
+//! request) and then polls GET /orders/{id} until each order is confirmed or cancelled.
 //!
-//!     eval "$(scripts/stack up)" && cargo build && cargo bench --bench intake
+//!     eval "$(scripts/stack up)" && cargo bench --bench intake
 //!
-//! ORDERFLOW_BENCH_RATE (requests/s, default 20), ORDERFLOW_BENCH_SECONDS (default 15).
-//! Reported: intake response time p50/p99 (202), and p50/p99 from the 202 to the final status
-//! in the read model.
+//! ORDERFLOW_BENCH_RATE (requests/s, default 20), ORDERFLOW_BENCH_SECONDS (default 15) per
+//! window, ORDERFLOW_BENCH_RUNS (default 3) windows one after another against the same services.
+//! Per window: intake response time p50/p99 (202), and p50/p99 from the 202 to the final status
+//! in the read model. An answer other than 202, an order that never reaches a final status or a
+//! service that exits fails the run. The JSON goes to the file ORDERFLOW_BENCH_JSON (else
+//! stdout); `scripts/bench` writes BENCHMARKS.md from it.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -33,13 +36,7 @@ fn free_port() -> u16 {
 }
 
 fn spawn(args: &[&str], prefix: &str, log: &Path) -> Child {
-    let binary = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/orderflow");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build` first",
-        binary.display()
-    );
-    Command::new(binary)
+    Command::new(env!("CARGO_BIN_EXE_orderflow"))
         .args(args)
         .env("ORDERFLOW_TOPIC_PREFIX", prefix)
         .env(
@@ -70,6 +67,7 @@ fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
 async fn main() {
     let rate = env_or("ORDERFLOW_BENCH_RATE", 20);
     let seconds = env_or("ORDERFLOW_BENCH_SECONDS", 15);
+    let runs = env_or("ORDERFLOW_BENCH_RUNS", 3);
     let prefix = format!(
         "bench-intake-{}.",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -121,6 +119,48 @@ async fn main() {
     // Let the processors join their groups before the clock starts.
     tokio::time::sleep(Duration::from_secs(8)).await;
 
+    let mut windows = Vec::new();
+    for run in 0..runs {
+        let results = window(&client, &url, rate, seconds).await;
+        for child in children.iter_mut() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "a service exited (logs: {}/bench-intake-*.log)",
+                logs.display()
+            );
+        }
+        let (p50, p99) = percentiles(results.iter().map(|r| r.0).collect());
+        let to_final: Vec<f64> = results.iter().filter_map(|r| r.1).collect();
+        assert_eq!(
+            to_final.len(),
+            results.len(),
+            "not every order reached a final status"
+        );
+        let (f50, f99) = percentiles(to_final);
+        eprintln!("intake window {}: {} orders at {rate} req/s for {seconds} s: 202 p50 {p50:.1} ms p99 {p99:.1} ms; to final p50 {f50:.1} ms p99 {f99:.1} ms", run + 1, results.len());
+        windows.push(serde_json::json!({
+            "orders": results.len(),
+            "accepted_p50_ms": p50,
+            "accepted_p99_ms": p99,
+            "final_p50_ms": f50,
+            "final_p99_ms": f99,
+        }));
+    }
+    for mut child in children {
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+    }
+    let result = serde_json::json!({"rate": rate, "seconds": seconds, "windows": windows});
+    let text = serde_json::to_string_pretty(&result).unwrap();
+    match std::env::var("ORDERFLOW_BENCH_JSON") {
+        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
+        Err(_) => println!("{text}"),
+    }
+}
+
+/// Offers `rate` orders/s for `seconds` and follows each to its final status.
+async fn window(client: &reqwest::Client, url: &str, rate: u64, seconds: u64) -> Vec<Timing> {
     let total = (rate * seconds) as usize;
     // Per order: the POST's response time, and from its 202 to the final status in the read
     // model.
@@ -129,7 +169,7 @@ async fn main() {
     let mut orders = tokio::task::JoinSet::new();
     for _ in 0..total {
         tick.tick().await;
-        let (client, url, results) = (client.clone(), url.clone(), results.clone());
+        let (client, url, results) = (client.clone(), url.to_string(), results.clone());
         orders.spawn(async move {
             let order = OrderCreated::sample("bench").data;
             let body = serde_json::json!({
@@ -177,26 +217,9 @@ async fn main() {
             results.lock().unwrap().push((ms, final_ms));
         });
     }
-    while orders.join_next().await.is_some() {}
-    let results = results.lock().unwrap().clone();
-    let (p50, p99) = percentiles(results.iter().map(|r| r.0).collect());
-    let to_final: Vec<f64> = results.iter().filter_map(|r| r.1).collect();
-    for mut child in children {
-        // SAFETY: kill(2) on a child we own.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let _ = child.wait();
+    while let Some(order) = orders.join_next().await {
+        order.expect("an order failed");
     }
-    let (f50, f99) = percentiles(to_final.clone());
-    println!("intake at {rate} req/s for {seconds} s ({} orders; load from this process, the services in three others):", results.len());
-    println!("  POST /orders -> 202            p50 {p50:>8.1} ms   p99 {p99:>8.1} ms");
-    println!(
-        "  202 -> final status (GET)      p50 {f50:>8.1} ms   p99 {f99:>8.1} ms   ({} of {} final; time from the read model's status_since)",
-        to_final.len(),
-        results.len(),
-    );
-    assert_eq!(
-        to_final.len(),
-        results.len(),
-        "not every order reached a final status"
-    );
+    let timings = results.lock().unwrap().clone();
+    timings
 }

@@ -12,15 +12,17 @@ import java.nio.ByteBuffer;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.time.Duration;
+import java.util.ArrayDeque;
 import java.util.ArrayList;
-import java.util.Collection;
 import java.util.HashMap;
 import java.util.List;
 import java.util.Locale;
 import java.util.Map;
 import java.util.Optional;
 import java.util.Properties;
+import java.util.UUID;
 import java.util.concurrent.ExecutionException;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicReference;
 import org.apache.avro.Schema;
 import org.apache.avro.generic.GenericDatumReader;
@@ -34,38 +36,52 @@ import org.apache.kafka.clients.consumer.ConsumerConfig;
 import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.apache.kafka.clients.consumer.ConsumerRecords;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
+import org.apache.kafka.clients.consumer.OffsetAndMetadata;
 import org.apache.kafka.clients.producer.KafkaProducer;
 import org.apache.kafka.clients.producer.ProducerConfig;
 import org.apache.kafka.clients.producer.ProducerRecord;
+import org.apache.kafka.common.TopicPartition;
 import org.apache.kafka.common.errors.TopicExistsException;
 import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 import org.apache.kafka.common.serialization.ByteArraySerializer;
 
 /**
- * The JVM peer of benches/fanout.rs, written plainly with kafka-clients and Avro's generic API:
- * consume order.created events (Confluent wire format), decode and validate each against its
- * writer schema from the registry, copy the original record to four topics, and commit a poll
- * batch's offsets only once all of its sends are acknowledged (at-least-once).
+ * The JVM peer of benches/fanout.rs, written as a careful Java engineer would with kafka-clients
+ * and Avro's generic API, doing per event what orderflow's fan-out does:
  *
- * <p>Stops after the expected number of events and prints one JSON line to stdout:
- * events, seconds and events_per_second (from the first event processed to the commit covering
- * the last one), cpu_seconds (the whole process lifetime, JVM start-up and JIT included) and
- * cpu_seconds_first_to_last (the measured window only, like fanout.rs), both also per million
- * events, rss_mib (VmRSS at the end) and rss_max_mib (VmHWM, the peak), and
- * start_to_first_event_seconds (JVM start to the first event processed).
+ * <ol>
+ *   <li>read the order.created record (Confluent wire format) and decode it with its writer schema
+ *       from the registry (cached by id), refusing another record type or bytes left over;
+ *   <li>validate it with the same rules as orderflow's {@code OrderCreated::validate} (envelope ids,
+ *       type, time, source, version; order id, customer, items, quantities, money, currency, the
+ *       total adding up, the address);
+ *   <li>send the original key, value and headers to four topics (acks=all, idempotent, lz4,
+ *       linger.ms=1, as orderflow's processors configure their producer);
+ *   <li>commit a partition's offset only past records whose four sends are all acknowledged (the
+ *       contiguous acknowledged prefix, committed asynchronously once a second, like
+ *       librdkafka's auto-commit of stored offsets in orderflow), at least once.
+ * </ol>
  *
- * <p>"Processed" means decoded, validated and its four sends handed to the producer.
+ * <p>Sends are pipelined: up to {@code --window} records (default 2000, orderflow's in-flight
+ * budget) may wait for their acks; when the window is full the assigned partitions are paused
+ * until half of it drains. With {@code --warmup-events W} the same code first handles W events of
+ * the input under another consumer group, so the JIT has compiled the hot path before the measured
+ * window starts.
+ *
+ * <p>Prints one JSON line to stdout: events, invalid, seconds and events_per_second (from the first
+ * measured event read to the ack of the last one's sends, like fanout.rs), cpu_seconds_first_to_last
+ * and its per-million figure (process CPU over that window), rss_mib (VmRSS at the end) and
+ * rss_max_mib (VmHWM), start_to_first_event_seconds (JVM start to the first measured event read).
  *
  * <pre>
  * FanOut --input TOPIC --events N [--bootstrap HOST:PORT] [--registry URL]
  *        [--outputs T1,T2,T3,T4 | --output-prefix P] [--group ID] [--timeout-seconds S]
+ *        [--warmup-events W] [--window N]
  * </pre>
- *
- * Defaults: ORDERFLOW_BOOTSTRAP_SERVERS / ORDERFLOW_REGISTRY_URL or the local stack's addresses;
- * outputs P{a,b,c,d}.orders with P = "INPUT."; a fresh group id per run (so it always starts
- * from the beginning of the input); a 600 s time limit.
  */
 public final class FanOut {
+
+  static final String ORDER_CREATED = "orderflow.order.OrderCreated";
 
   public static void main(String[] argv) throws Exception {
     Map<String, String> args = parseArgs(argv);
@@ -76,115 +92,265 @@ public final class FanOut {
             "registry", env("ORDERFLOW_REGISTRY_URL", "http://127.0.0.1:18081/apis/ccompat/v7"));
     String input = required(args, "input");
     long expected = Long.parseLong(required(args, "events"));
+    long warmup = Long.parseLong(args.getOrDefault("warmup-events", "0"));
+    int window = Integer.parseInt(args.getOrDefault("window", "2000"));
     String prefix = args.getOrDefault("output-prefix", input + ".");
     List<String> outputs =
         args.containsKey("outputs")
             ? List.of(args.get("outputs").split(","))
             : List.of(prefix + "a.orders", prefix + "b.orders", prefix + "c.orders", prefix + "d.orders");
     String group = args.getOrDefault("group", "orderflow-jvm-peer-" + System.currentTimeMillis());
-    long deadline = System.nanoTime() + Long.parseLong(args.getOrDefault("timeout-seconds", "600")) * 1_000_000_000L;
+    long deadline =
+        System.nanoTime() + Long.parseLong(args.getOrDefault("timeout-seconds", "600")) * 1_000_000_000L;
 
     createTopics(bootstrap, outputs);
-    SchemaCache schemas = new SchemaCache(registry);
+    Worker worker = new Worker(new SchemaCache(registry), outputs, window, deadline);
+    try (KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(producerProps(bootstrap))) {
+      if (warmup > 0) {
+        try (KafkaConsumer<byte[], byte[]> consumer =
+            new KafkaConsumer<>(consumerProps(bootstrap, group + "-warmup"))) {
+          worker.pass(consumer, producer, input, warmup);
+        }
+      }
+      try (KafkaConsumer<byte[], byte[]> consumer = new KafkaConsumer<>(consumerProps(bootstrap, group))) {
+        Pass measured = worker.pass(consumer, producer, input, expected);
+        report(measured);
+      }
+    }
+  }
 
-    Properties consumerProps = new Properties();
-    consumerProps.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
-    consumerProps.put(ConsumerConfig.GROUP_ID_CONFIG, group);
+  static Properties consumerProps(String bootstrap, String group) {
+    Properties p = new Properties();
+    p.put(ConsumerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+    p.put(ConsumerConfig.GROUP_ID_CONFIG, group);
     // Values stay bytes: we decode them ourselves and forward the original bytes unchanged.
-    consumerProps.put(ConsumerConfig.KEY_DESERIALIZER_CLASS_CONFIG, ByteArrayDeserializer.class);
-    consumerProps.put(ConsumerConfig.VALUE_DESERIALIZER_CLASS_CONFIG, ByteArrayDeserializer.class);
-    // We commit ourselves, after the outputs are acknowledged (at-least-once).
-    consumerProps.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, false);
+    p.put(ConsumerConfig.KEY_DESERIALIZER_CLASS_CONFIG, ByteArrayDeserializer.class);
+    p.put(ConsumerConfig.VALUE_DESERIALIZER_CLASS_CONFIG, ByteArrayDeserializer.class);
+    // We commit ourselves, only past acknowledged records (at-least-once).
+    p.put(ConsumerConfig.ENABLE_AUTO_COMMIT_CONFIG, false);
     // A new group starts at the beginning of the input, so the pre-published events are read.
-    consumerProps.put(ConsumerConfig.AUTO_OFFSET_RESET_CONFIG, "earliest");
+    p.put(ConsumerConfig.AUTO_OFFSET_RESET_CONFIG, "earliest");
     // Skip records of aborted transactions, like orderflow's processors.
-    consumerProps.put(ConsumerConfig.ISOLATION_LEVEL_CONFIG, "read_committed");
+    p.put(ConsumerConfig.ISOLATION_LEVEL_CONFIG, "read_committed");
+    // orderflow's consumer settings: 100 ms fetch wait, cooperative rebalancing, 10 s session.
+    p.put(ConsumerConfig.FETCH_MAX_WAIT_MS_CONFIG, 100);
+    p.put(
+        ConsumerConfig.PARTITION_ASSIGNMENT_STRATEGY_CONFIG,
+        "org.apache.kafka.clients.consumer.CooperativeStickyAssignor");
+    p.put(ConsumerConfig.SESSION_TIMEOUT_MS_CONFIG, 10_000);
+    return p;
+  }
 
-    Properties producerProps = new Properties();
-    producerProps.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
-    producerProps.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class);
-    producerProps.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class);
-    // Acknowledged only once every in-sync replica has the record.
-    producerProps.put(ProducerConfig.ACKS_CONFIG, "all");
-    // Broker-side dedup of the producer's own retries; keeps per-partition order.
-    producerProps.put(ProducerConfig.ENABLE_IDEMPOTENCE_CONFIG, true);
-    // A 1 ms batching window and lz4, as orderflow's processors configure their producer.
-    producerProps.put(ProducerConfig.LINGER_MS_CONFIG, 1);
-    producerProps.put(ProducerConfig.COMPRESSION_TYPE_CONFIG, "lz4");
+  static Properties producerProps(String bootstrap) {
+    Properties p = new Properties();
+    p.put(ProducerConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap);
+    p.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class);
+    p.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, ByteArraySerializer.class);
+    p.put(ProducerConfig.ACKS_CONFIG, "all");
+    p.put(ProducerConfig.ENABLE_IDEMPOTENCE_CONFIG, true);
+    p.put(ProducerConfig.LINGER_MS_CONFIG, 1);
+    p.put(ProducerConfig.COMPRESSION_TYPE_CONFIG, "lz4");
+    return p;
+  }
 
-    long processed = 0;
-    long invalid = 0;
-    long firstNanos = 0;
-    long firstEpochMillis = 0;
-    double firstCpu = 0;
-    AtomicReference<Exception> sendError = new AtomicReference<>();
-    BinaryDecoder decoder = null; // reused across records
+  /** One record whose sends are in flight: done when {@code remaining} reaches 0. */
+  static final class Pending {
+    final long offset;
+    final AtomicInteger remaining;
 
-    try (KafkaConsumer<byte[], byte[]> consumer = new KafkaConsumer<>(consumerProps);
-        KafkaProducer<byte[], byte[]> producer = new KafkaProducer<>(producerProps)) {
+    Pending(long offset, int sends) {
+      this.offset = offset;
+      this.remaining = new AtomicInteger(sends);
+    }
+  }
+
+  /** What a pass measured. */
+  record Pass(long events, long invalid, long firstNanos, long lastNanos, long firstEpochMillis, double cpu) {}
+
+  static final class Worker {
+    final SchemaCache schemas;
+    final List<String> outputs;
+    final int window;
+    final long deadline;
+    final AtomicReference<Exception> sendError = new AtomicReference<>();
+    BinaryDecoder decoder; // reused across records
+
+    Worker(SchemaCache schemas, List<String> outputs, int window, long deadline) {
+      this.schemas = schemas;
+      this.outputs = outputs;
+      this.window = window;
+      this.deadline = deadline;
+    }
+
+    /** Handles {@code expected} events of {@code input} with this consumer's group. */
+    Pass pass(
+        KafkaConsumer<byte[], byte[]> consumer,
+        KafkaProducer<byte[], byte[]> producer,
+        String input,
+        long expected)
+        throws Exception {
       consumer.subscribe(List.of(input));
-      while (processed < expected) {
+      Map<TopicPartition, ArrayDeque<Pending>> inFlight = new HashMap<>();
+      Map<TopicPartition, OffsetAndMetadata> toCommit = new HashMap<>();
+      AtomicReference<Exception> commitError = new AtomicReference<>();
+      long read = 0, finished = 0, invalid = 0, pending = 0;
+      long firstNanos = 0, firstEpochMillis = 0, lastCommit = System.nanoTime();
+      double firstCpu = 0;
+      boolean paused = false;
+      while (finished < expected) {
         if (System.nanoTime() > deadline) {
           throw new IllegalStateException(
-              "time limit reached after " + processed + " of " + expected + " events from " + input);
+              "time limit reached after " + finished + " of " + expected + " events from " + input);
         }
-        ConsumerRecords<byte[], byte[]> batch = consumer.poll(Duration.ofMillis(100));
-        if (batch.isEmpty()) continue;
+        if (sendError.get() != null) throw new IllegalStateException("send failed", sendError.get());
+        // The contiguous acknowledged prefix of each partition may be committed.
+        for (var entry : inFlight.entrySet()) {
+          ArrayDeque<Pending> queue = entry.getValue();
+          Pending head;
+          while ((head = queue.peekFirst()) != null && head.remaining.get() == 0) {
+            queue.pollFirst();
+            toCommit.put(entry.getKey(), new OffsetAndMetadata(head.offset + 1));
+            finished++;
+            pending--;
+          }
+        }
+        if (commitError.get() != null) throw new IllegalStateException("commit failed", commitError.get());
+        if (!toCommit.isEmpty() && System.nanoTime() - lastCommit > 1_000_000_000L) {
+          consumer.commitAsync(
+              new HashMap<>(toCommit),
+              (offsets, error) -> {
+                if (error != null) commitError.compareAndSet(null, error);
+              });
+          toCommit.clear();
+          lastCommit = System.nanoTime();
+        }
+        // Bounded in flight: pause reading while the window is full, resume at half.
+        if (!paused && pending >= window) {
+          consumer.pause(consumer.assignment());
+          paused = true;
+        } else if (paused && pending <= window / 2) {
+          consumer.resume(consumer.paused());
+          paused = false;
+        }
+        ConsumerRecords<byte[], byte[]> batch =
+            consumer.poll(Duration.ofMillis(pending > 0 ? 2 : 100));
         for (ConsumerRecord<byte[], byte[]> record : batch) {
-          byte[] value = record.value();
-          boolean valid;
-          try {
-            // Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro binary.
-            if (value == null || value.length < 5 || value[0] != 0) {
-              valid = false;
-            } else {
-              int schemaId = ByteBuffer.wrap(value, 1, 4).getInt();
-              GenericDatumReader<GenericRecord> reader = schemas.reader(schemaId);
-              decoder = DecoderFactory.get().binaryDecoder(value, 5, value.length - 5, decoder);
-              valid = isValidOrder(reader.read(null, decoder));
-            }
-          } catch (IOException | RuntimeException e) { // truncated or corrupt Avro
-            valid = false;
-          }
-          if (valid) {
-            // The original key, value and headers, unchanged, to each output.
-            for (String output : outputs) {
-              producer.send(
-                  new ProducerRecord<>(output, null, record.key(), value, record.headers()),
-                  (metadata, error) -> {
-                    if (error != null) sendError.compareAndSet(null, error);
-                  });
-            }
-          } else {
-            invalid++; // orderflow would dead-letter it; here it is only counted
-          }
-          if (processed++ == 0) {
+          if (read == expected) break; // a record past the pass: read again by the next group
+          if (read++ == 0) {
             firstNanos = System.nanoTime();
             firstEpochMillis = System.currentTimeMillis();
             firstCpu = cpuSeconds();
           }
+          boolean valid = decodeAndValidate(record.value());
+          Pending p = new Pending(record.offset(), valid ? outputs.size() : 0);
+          inFlight
+              .computeIfAbsent(new TopicPartition(record.topic(), record.partition()), tp -> new ArrayDeque<>())
+              .addLast(p);
+          pending++;
+          if (!valid) {
+            invalid++; // orderflow would dead-letter it; here it is only counted
+            continue;
+          }
+          for (String output : outputs) {
+            producer.send(
+                new ProducerRecord<>(output, null, record.key(), record.value(), record.headers()),
+                (metadata, error) -> {
+                  if (error != null) sendError.compareAndSet(null, error);
+                  p.remaining.decrementAndGet();
+                });
+          }
         }
-        // At-least-once: every send of the batch acknowledged, then its offsets committed.
-        producer.flush();
-        if (sendError.get() != null) throw new IllegalStateException("send failed", sendError.get());
-        consumer.commitSync();
       }
       long lastNanos = System.nanoTime();
-      double cpuWindow = cpuSeconds() - firstCpu;
-      report(processed, invalid, firstNanos, lastNanos, firstEpochMillis, cpuWindow);
+      double cpu = cpuSeconds() - firstCpu;
+      if (!toCommit.isEmpty()) consumer.commitSync(toCommit);
+      consumer.unsubscribe();
+      return new Pass(finished, invalid, firstNanos, lastNanos, firstEpochMillis, cpu);
+    }
+
+    /** Decodes an order.created value and checks it as orderflow does; false when refused. */
+    boolean decodeAndValidate(byte[] value) {
+      try {
+        // Confluent wire format: magic byte 0, 4-byte big-endian schema id, Avro binary.
+        if (value == null || value.length < 5 || value[0] != 0) return false;
+        int schemaId = ByteBuffer.wrap(value, 1, 4).getInt();
+        GenericDatumReader<GenericRecord> reader = schemas.reader(schemaId);
+        if (!reader.getSchema().getFullName().equals(ORDER_CREATED)) return false;
+        decoder = DecoderFactory.get().binaryDecoder(value, 5, value.length - 5, decoder);
+        GenericRecord order = reader.read(null, decoder);
+        if (!decoder.isEnd()) return false; // bytes left over after the record
+        return Validation.orderCreated(order);
+      } catch (IOException | RuntimeException e) { // truncated or corrupt Avro, a bad UUID
+        return false;
+      }
     }
   }
 
-  // --- validation -------------------------------------------------------------------------------
+  // --- validation: orderflow's rules for order.created (src/contracts/validate.rs) -------------
 
-  /** A little of what the Rust side checks: ids present, at least one item. */
-  static boolean isValidOrder(GenericRecord order) {
-    GenericRecord envelope = (GenericRecord) order.get("envelope");
-    GenericRecord data = (GenericRecord) order.get("data");
-    if (envelope == null || data == null) return false;
-    if (envelope.get("event_id") == null || data.get("order_id") == null) return false;
-    Object items = data.get("items");
-    return items instanceof Collection<?> c && !c.isEmpty();
+  static final class Validation {
+    static final long MAX_AMOUNT_MINOR = 1_000_000_000_000L;
+    static final int MAX_QUANTITY = 10_000;
+    static final UUID NIL = new UUID(0, 0);
+
+    static boolean orderCreated(GenericRecord order) {
+      GenericRecord envelope = (GenericRecord) order.get("envelope");
+      GenericRecord data = (GenericRecord) order.get("data");
+      boolean ok = id(envelope.get("event_id")) && id(envelope.get("correlation_id"));
+      Object causation = envelope.get("causation_id");
+      ok &= causation == null || id(causation);
+      ok &= "order.created".equals(envelope.get("event_type").toString());
+      ok &= (Long) envelope.get("occurred_at") > 0;
+      ok &= text(envelope.get("source"));
+      ok &= (Integer) envelope.get("schema_version") >= 1;
+
+      ok &= id(data.get("order_id")) && text(data.get("customer_id"));
+      List<?> items = (List<?>) data.get("items");
+      ok &= !items.isEmpty();
+      GenericRecord total = (GenericRecord) data.get("total");
+      String currency = total.get("currency").toString();
+      long sum = 0;
+      boolean overflow = false;
+      for (Object o : items) {
+        GenericRecord item = (GenericRecord) o;
+        int quantity = (Integer) item.get("quantity");
+        GenericRecord price = (GenericRecord) item.get("unit_price");
+        ok &= text(item.get("sku")) && quantity >= 1 && quantity <= MAX_QUANTITY && money(price);
+        ok &= price.get("currency").toString().equals(currency);
+        try {
+          sum = Math.addExact(sum, Math.multiplyExact((Long) price.get("amount_minor"), (long) quantity));
+        } catch (ArithmeticException e) {
+          overflow = true;
+        }
+      }
+      ok &= money(total) && !overflow && sum == (Long) total.get("amount_minor");
+      GenericRecord address = (GenericRecord) data.get("shipping_address");
+      ok &= text(address.get("line1")) && text(address.get("city")) && text(address.get("postal_code"));
+      ok &= upperCode(address.get("country").toString(), 2);
+      return ok;
+    }
+
+    static boolean id(Object value) {
+      return !UUID.fromString(value.toString()).equals(NIL); // a malformed id throws: refused
+    }
+
+    static boolean text(Object value) {
+      return !value.toString().isBlank();
+    }
+
+    static boolean money(GenericRecord money) {
+      long amount = (Long) money.get("amount_minor");
+      return amount >= 0 && amount <= MAX_AMOUNT_MINOR && upperCode(money.get("currency").toString(), 3);
+    }
+
+    static boolean upperCode(String code, int length) {
+      if (code.length() != length) return false;
+      for (int i = 0; i < length; i++) {
+        char c = code.charAt(i);
+        if (c < 'A' || c > 'Z') return false;
+      }
+      return true;
+    }
   }
 
   // --- schema registry --------------------------------------------------------------------------
@@ -235,11 +401,11 @@ public final class FanOut {
 
   // --- set-up -----------------------------------------------------------------------------------
 
-  /** Creates the outputs up front (broker's default partitions and replicas) if missing. */
+  /** Creates the outputs up front if missing: 3 partitions (orderflow's), default replicas. */
   static void createTopics(String bootstrap, List<String> topics) throws Exception {
     try (Admin admin = Admin.create(Map.of(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, bootstrap))) {
       List<NewTopic> wanted = new ArrayList<>();
-      for (String t : topics) wanted.add(new NewTopic(t, Optional.empty(), Optional.empty()));
+      for (String t : topics) wanted.add(new NewTopic(t, Optional.of(3), Optional.empty()));
       for (var result : admin.createTopics(wanted).values().values()) {
         try {
           result.get();
@@ -272,29 +438,24 @@ public final class FanOut {
     return -1;
   }
 
-  static void report(
-      long events, long invalid, long firstNanos, long lastNanos, long firstEpochMillis, double cpuWindow) {
-    double seconds = (lastNanos - firstNanos) / 1e9;
-    double cpu = cpuSeconds();
+  static void report(Pass p) {
+    double seconds = (p.lastNanos() - p.firstNanos()) / 1e9;
     long jvmStart = ManagementFactory.getRuntimeMXBean().getStartTime();
     System.out.println(
         String.format(
             Locale.ROOT,
-            "{\"events\":%d,\"invalid\":%d,\"seconds\":%.3f,\"events_per_second\":%.0f,"
-                + "\"cpu_seconds\":%.3f,\"cpu_seconds_per_million\":%.1f,"
+            "{\"events\":%d,\"invalid\":%d,\"seconds\":%.3f,\"events_per_second\":%.1f,"
                 + "\"cpu_seconds_first_to_last\":%.3f,\"cpu_seconds_first_to_last_per_million\":%.1f,"
                 + "\"rss_mib\":%.1f,\"rss_max_mib\":%.1f,\"start_to_first_event_seconds\":%.3f}",
-            events,
-            invalid,
+            p.events(),
+            p.invalid(),
             seconds,
-            seconds > 0 ? events / seconds : 0,
-            cpu,
-            cpu / events * 1e6,
-            cpuWindow,
-            cpuWindow / events * 1e6,
+            seconds > 0 ? p.events() / seconds : 0,
+            p.cpu(),
+            p.cpu() / p.events() * 1e6,
             procStatusMiB("VmRSS"),
             procStatusMiB("VmHWM"),
-            (firstEpochMillis - jvmStart) / 1e3));
+            (p.firstEpochMillis() - jvmStart) / 1e3));
   }
 
   // --- arguments --------------------------------------------------------------------------------
@@ -324,7 +485,8 @@ public final class FanOut {
     if (error != null) System.err.println("FanOut: " + error);
     System.err.println(
         "usage: FanOut --input TOPIC --events N [--bootstrap HOST:PORT] [--registry URL]\n"
-            + "              [--outputs T1,T2,T3,T4 | --output-prefix P] [--group ID] [--timeout-seconds S]");
+            + "              [--outputs T1,T2,T3,T4 | --output-prefix P] [--group ID] [--timeout-seconds S]\n"
+            + "              [--warmup-events W] [--window N]");
     System.exit(code);
   }
 }
