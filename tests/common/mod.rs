@@ -541,6 +541,7 @@ pub fn spawn_orderflow(
             "ORDERFLOW_SCHEMAS_DIR",
             concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
         )
+        // ORDERFLOW_TEST_LOG=debug (or a filter) makes the processes' logs more detailed.
         .env(
             "ORDERFLOW_LOG",
             std::env::var("ORDERFLOW_TEST_LOG").unwrap_or("info".into()),
