@@ -394,28 +394,6 @@ const PIPELINES: [(&str, Option<&str>, &str); 4] = [
 /// A fifth pipeline beside them in the kill test: exactly once.
 const COPY_YAML: &str = "name: copy\ngroup: copy\ninputs: [order.created]\nstep: {route: {to: [faults.copy]}}\ndelivery: exactly-once\n";
 
-/// The orders whose order.created event a group has recorded as handled in the dedup store.
-async fn marked_orders(group: &str, order_of: &HashMap<String, String>) -> HashSet<String> {
-    let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .query(
-            "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1",
-            &[&group],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|r| {
-            order_of
-                .get(&r.get::<_, uuid::Uuid>(0).to_string())
-                .cloned()
-        })
-        .collect()
-}
-
 fn millis(t: SystemTime) -> i64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()

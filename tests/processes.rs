@@ -25,28 +25,6 @@ const PIPELINES: [(&str, Option<&str>, &str); 4] = [
     ("analytics", None, "analytics.orders"),
 ];
 
-/// The orders whose order.created event a group has recorded as handled in the dedup store.
-async fn marked_orders(group: &str, order_of: &HashMap<String, String>) -> HashSet<String> {
-    let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    client
-        .query(
-            "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1",
-            &[&group],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|r| {
-            order_of
-                .get(&r.get::<_, uuid::Uuid>(0).to_string())
-                .cloned()
-        })
-        .collect()
-}
-
 /// The keys on each output topic (by its name without the prefix).
 fn outputs_by_key(prefix: &str) -> HashMap<&'static str, HashSet<String>> {
     OUTPUTS

@@ -2,7 +2,7 @@
 //! scripted HTTP downstream, pipeline files pointing at it, and reading whole topics.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -678,22 +678,7 @@ impl SwitchProxy {
 impl Running {
     /// Like [`Running::start`], with a connection of the caller's (e.g. through a proxy).
     pub async fn start_with(connect: Connect, dir: &Path) -> Running {
-        let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
-        let processors = processors(&connect, pipelines, true).await.unwrap();
-        let telemetry = processors
-            .iter()
-            .map(|p| (p.pipeline().name.clone(), p.telemetry()))
-            .collect();
-        let (stop, stopped) = watch::channel(false);
-        let mut tasks = tokio::task::JoinSet::new();
-        for p in processors {
-            tasks.spawn(p.run(stopped.clone()));
-        }
-        Running {
-            telemetry,
-            stop,
-            tasks,
-        }
+        Running::start_dedup(connect, dir, true).await
     }
 }
 
@@ -895,4 +880,27 @@ impl Running {
             tasks,
         }
     }
+}
+
+/// The orders whose order.created event `group` has recorded as handled in the dedup store
+/// (`order_of` maps event ids to order ids).
+pub async fn marked_orders(group: &str, order_of: &HashMap<String, String>) -> HashSet<String> {
+    let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query(
+            "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1",
+            &[&group],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|r| {
+            order_of
+                .get(&r.get::<_, uuid::Uuid>(0).to_string())
+                .cloned()
+        })
+        .collect()
 }
