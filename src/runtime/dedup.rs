@@ -181,17 +181,19 @@ impl DedupStore {
         });
         let (seen, seen_rx) = mpsc::unbounded_channel();
         let (marks, marks_rx) = mpsc::unbounded_channel();
-        tokio::spawn(seen_batcher(
+        let (c, sh) = (counters.clone(), shared.clone());
+        tokio::spawn(batcher(
             db.clone(),
             seen_rx,
-            counters.clone(),
-            shared.clone(),
+            MAX_SEEN_BATCH,
+            move |conn, batch| answer_seen(conn, batch, c.clone(), sh.clone()),
         ));
-        tokio::spawn(mark_batcher(
+        let (c, sh) = (counters.clone(), shared.clone());
+        tokio::spawn(batcher(
             db.clone(),
             marks_rx,
-            counters.clone(),
-            shared.clone(),
+            MAX_MARK_BATCH,
+            move |conn, batch| write_marks(conn, batch, c.clone(), sh.clone()),
         ));
         let expiry = tokio::spawn(expire_periodically(db.clone(), shared.clone())).abort_handle();
         let t = db.timeouts();
@@ -338,23 +340,45 @@ async fn next_batch<R>(
     Some((conn, batch))
 }
 
-async fn seen_batcher(
+/// A request a batch answers; without a connection it is answered with the error.
+trait Request: Send + 'static {
+    fn fail(self, e: DedupError);
+}
+
+impl Request for SeenRequest {
+    fn fail(self, e: DedupError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+impl Request for MarkRequest {
+    fn fail(self, e: DedupError) {
+        let _ = self.reply.send(Err(e));
+    }
+}
+
+/// Takes the queued requests a batch at a time, as connections free up, and answers each batch
+/// with `answer` beside the batcher, so the next batch can use another connection.
+async fn batcher<R, F, Fut>(
     db: Database,
-    mut requests: mpsc::UnboundedReceiver<SeenRequest>,
-    counters: Arc<Counters>,
-    shared: Arc<Shared>,
-) {
-    while let Some((conn, batch)) = next_batch(&db, &mut requests, MAX_SEEN_BATCH).await {
+    mut requests: mpsc::UnboundedReceiver<R>,
+    max: usize,
+    answer: F,
+) where
+    R: Request,
+    F: Fn(Conn, Vec<R>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    while let Some((conn, batch)) = next_batch(&db, &mut requests, max).await {
         match conn {
             Err(e) => {
                 let e = DedupError::from(e);
                 for r in batch {
-                    let _ = r.reply.send(Err(e.clone()));
+                    r.fail(e.clone());
                 }
             }
-            // The query runs beside the batcher, so the next batch can use another connection.
             Ok(conn) => {
-                tokio::spawn(answer_seen(conn, batch, counters.clone(), shared.clone()));
+                tokio::spawn(answer(conn, batch));
             }
         }
     }
@@ -431,27 +455,6 @@ async fn seen_query(
             .into_iter()
             .flat_map(|(g, ids)| ids.into_iter().map(move |id| (g.to_string(), id)))
             .collect())
-    }
-}
-
-async fn mark_batcher(
-    db: Database,
-    mut requests: mpsc::UnboundedReceiver<MarkRequest>,
-    counters: Arc<Counters>,
-    shared: Arc<Shared>,
-) {
-    while let Some((conn, batch)) = next_batch(&db, &mut requests, MAX_MARK_BATCH).await {
-        match conn {
-            Err(e) => {
-                let e = DedupError::from(e);
-                for r in batch {
-                    let _ = r.reply.send(Err(e.clone()));
-                }
-            }
-            Ok(conn) => {
-                tokio::spawn(write_marks(conn, batch, counters.clone(), shared.clone()));
-            }
-        }
     }
 }
 
