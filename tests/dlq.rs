@@ -253,22 +253,7 @@ async fn dead_letters(name: &str, count: usize) -> Letters {
 
 /// `orderflow <args>` to its end, failing or not: (succeeded, output).
 fn orderflow(letters: &Letters, args: &[&str]) -> (bool, String) {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orderflow"))
-        .args(args)
-        .env("ORDERFLOW_TOPIC_PREFIX", &letters.prefix)
-        .env("ORDERFLOW_PIPELINES_DIR", &letters.dir)
-        .env(
-            "ORDERFLOW_SCHEMAS_DIR",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/avro"),
-        )
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.success(), text)
+    cli_output(&letters.prefix, &letters.dir, args)
 }
 
 /// Every dead letter is on the target exactly once (records counted, not ids), audited exactly

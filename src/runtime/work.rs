@@ -29,7 +29,6 @@ use super::writer::{self, OutRecord};
 use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::failure::{self, ErrorClass, Failure, Route};
-use crate::kafka;
 use crate::pipeline::Pipeline;
 use crate::steps::StepRunner;
 use crate::telemetry::{ProcessorEvent, Telemetry};
@@ -273,18 +272,11 @@ impl Worker {
         };
         let mut records = Vec::with_capacity(outcome.events.len() + outcome.copies.len());
         for event in &outcome.events {
-            let topic = self.naming.topic(event.event_type());
-            let payload = event
-                .encode(&self.codec, &topic)
-                .await
-                .map_err(|e| final_route(Failure::Encode(e)))?;
-            records.push(OutRecord {
-                headers: kafka::cloudevents_headers(event.envelope()),
-                key: Some(event.key().into_bytes()),
-                payload: Some(payload),
-                partition: None,
-                topic,
-            });
+            records.push(
+                OutRecord::event(event, &self.codec, &self.naming)
+                    .await
+                    .map_err(|e| final_route(Failure::Encode(e)))?,
+            );
         }
         for to in &outcome.copies {
             records.push(OutRecord {

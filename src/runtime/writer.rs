@@ -44,6 +44,26 @@ impl OutRecord {
     }
 }
 
+impl OutRecord {
+    /// An event as a record of its type's topic: keyed by its aggregate, encoded with the
+    /// registry's schema, its envelope as CloudEvents headers.
+    pub async fn event(
+        event: &crate::contracts::AnyEvent,
+        codec: &crate::contracts::EventCodec,
+        naming: &crate::contracts::Naming,
+    ) -> Result<OutRecord, crate::contracts::EncodeError> {
+        let topic = naming.topic(event.event_type());
+        let payload = event.encode(codec, &topic).await?;
+        Ok(OutRecord {
+            headers: crate::kafka::cloudevents_headers(event.envelope()),
+            key: Some(event.key().into_bytes()),
+            payload: Some(payload),
+            partition: None,
+            topic,
+        })
+    }
+}
+
 /// Copies every header of a record.
 pub fn copy_headers(headers: Option<&rdkafka::message::OwnedHeaders>) -> OwnedHeaders {
     let mut out = OwnedHeaders::new();

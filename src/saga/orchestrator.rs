@@ -595,18 +595,11 @@ impl Orchestrator {
         records: &mut Vec<OutRecord>,
     ) -> anyhow::Result<()> {
         for event in events {
-            let topic = self.naming.topic(event.event_type());
-            let payload = event
-                .encode(&self.codec, &topic)
-                .await
-                .with_context(|| format!("encoding {}", event.event_type()))?;
-            records.push(OutRecord {
-                topic,
-                partition: None,
-                key: Some(event.key().into_bytes()),
-                payload: Some(payload),
-                headers: kafka::cloudevents_headers(event.envelope()),
-            });
+            records.push(
+                OutRecord::event(event, &self.codec, &self.naming)
+                    .await
+                    .with_context(|| format!("encoding {}", event.event_type()))?,
+            );
         }
         Ok(())
     }

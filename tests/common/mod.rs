@@ -556,6 +556,13 @@ pub fn spawn_orderflow(
 
 /// Runs an `orderflow` command to its end; fails the test when it fails. Returns its output.
 pub fn cli(prefix: &str, dir: &Path, args: &[&str]) -> String {
+    let (ok, text) = cli_output(prefix, dir, args);
+    assert!(ok, "orderflow {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs an `orderflow` command to its end: whether it succeeded, and its output.
+pub fn cli_output(prefix: &str, dir: &Path, args: &[&str]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_orderflow"))
         .args(args)
         .env("ORDERFLOW_TOPIC_PREFIX", prefix)
@@ -571,11 +578,7 @@ pub fn cli(prefix: &str, dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    assert!(
-        output.status.success(),
-        "orderflow {args:?} failed:\n{text}"
-    );
-    text
+    (output.status.success(), text)
 }
 
 /// Publishes `count` sample orders, pausing `every` between them.
