@@ -187,6 +187,15 @@ impl OrderStatusStore {
         let client = conn.client();
         let work = async {
             client.batch_execute("BEGIN").await?;
+            // FOR UPDATE locks nothing while the order has no row yet: two first events of one
+            // order (on different topics, handled at once) would each insert their own view and
+            // the later would erase the earlier's source. This lock serialises them.
+            client
+                .execute(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))",
+                    &[&order_id.to_string()],
+                )
+                .await?;
             let row = client
                 .query_opt(
                     "SELECT status, version, sources, last_event_at, projected_at, status_since FROM orderflow_order_status WHERE order_id = $1 FOR UPDATE",
