@@ -223,6 +223,8 @@ impl Processor {
             permits: Arc::new(Semaphore::new(self.pipeline.concurrency)),
             unrecorded: Arc::new(Semaphore::new(work::unrecorded_window(
                 self.pipeline.concurrency,
+                self.step.has_effects(),
+                IN_FLIGHT_BUDGET,
             ))),
             pipeline: self.pipeline,
             naming: self.naming,

@@ -103,16 +103,16 @@ impl FailureRouting<'_> {
         let partition = Some(context.original_partition)
             .filter(|p| *p >= 0 && self.partitions.get(&topic).is_some_and(|count| p < count));
         let record = OutRecord {
-            headers: headers::with_failure(
+            headers: Some(headers::with_failure(
                 message.headers(),
                 &context,
                 self.group_id,
                 class,
                 failure.kind(),
                 &text,
-            ),
-            key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
+            )),
+            key: message.key().map(Into::into),
+            payload: message.payload().map(Into::into),
             partition,
             topic: topic.clone(),
         };

@@ -135,10 +135,10 @@ impl Batch {
         if let Err(e) = result {
             return Err((e, starts));
         }
-        let staged: Vec<Staged> = self.parts.into_values().flat_map(|p| p.staged).collect();
+        let mut staged: Vec<Staged> = self.parts.into_values().flat_map(|p| p.staged).collect();
         let mut deliveries = Vec::new();
         let mut failed = None;
-        for record in staged.iter().flat_map(|s| &s.records) {
+        for record in staged.iter_mut().flat_map(|s| &mut s.records) {
             match writer::enqueue(&worker.producer, record).await {
                 Ok(delivery) => deliveries.push((record, delivery)),
                 Err(e) => {

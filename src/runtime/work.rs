@@ -35,9 +35,19 @@ use crate::telemetry::{ProcessorEvent, Telemetry};
 
 /// Records between the start of their work and their dedup mark, per processor: enough to keep
 /// every step permit busy while earlier records wait for their acks and marks, few enough that a
-/// crash repeats a bounded number.
-pub fn unrecorded_window(concurrency: usize) -> usize {
-    (concurrency * 4).max(256)
+/// crash repeats a bounded number of calls. A step without effects (a route: copies to topics)
+/// has no call to repeat, so only the process's in-flight budget bounds it: holding it to the
+/// effectful window would cap throughput at that window over the ack latency.
+pub fn unrecorded_window(
+    concurrency: usize,
+    step_has_effects: bool,
+    in_flight_budget: usize,
+) -> usize {
+    if step_has_effects {
+        (concurrency * 4).max(256)
+    } else {
+        in_flight_budget
+    }
 }
 
 /// Longest pause between two attempts to write refused records or to store a dedup mark.
@@ -278,13 +288,16 @@ impl Worker {
                     .map_err(|e| final_route(Failure::Encode(e)))?,
             );
         }
+        // One copy of the input's key and payload, shared by its copies.
+        let key: Option<Arc<[u8]>> = message.key().map(Arc::from);
+        let payload: Option<Arc<[u8]>> = message.payload().map(Arc::from);
         for to in &outcome.copies {
             records.push(OutRecord {
                 topic: self.naming.topic(to),
                 partition: None,
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-                headers: writer::copy_headers(message.headers()),
+                key: key.clone(),
+                payload: payload.clone(),
+                headers: Some(writer::copy_headers(message.headers())),
             });
         }
         claim.succeeded();

@@ -37,7 +37,6 @@ use futures::future::join_all;
 use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedHeaders;
 use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -160,7 +159,7 @@ async fn committed(committing: &mut Option<Committing>) -> Result<(), Transactio
 /// broker run on the blocking pool.
 async fn commit_transaction(
     producer: FutureProducer,
-    records: Vec<OutRecord>,
+    mut records: Vec<OutRecord>,
     offsets: TopicPartitionList,
     metadata: Option<ConsumerGroupMetadata>,
 ) -> Result<(), TransactionError> {
@@ -170,7 +169,7 @@ async fn commit_transaction(
         .map_err(TransactionError::from_kafka)?;
     let mut deliveries = Vec::with_capacity(records.len());
     let mut failed = None;
-    for r in &records {
+    for r in &mut records {
         // A full queue is waited on, asynchronously.
         match writer::enqueue(&producer, r).await {
             Ok(delivery) => deliveries.push(delivery),
@@ -628,9 +627,13 @@ impl Orchestrator {
             records.push(OutRecord {
                 topic: self.state_topic.clone(),
                 partition: Some(*partition),
-                key: Some(order_id.to_string().into_bytes()),
-                payload: Some(serde_json::to_vec(saga).expect("saga state serializes")),
-                headers: OwnedHeaders::new(),
+                key: Some(order_id.to_string().into_bytes().into()),
+                payload: Some(
+                    serde_json::to_vec(saga)
+                        .expect("saga state serializes")
+                        .into(),
+                ),
+                headers: None,
             });
         }
         let states = changed.len() as u64;

@@ -58,6 +58,11 @@ impl StepRunner {
         }
     }
 
+    /// Whether running the step again does something outside Kafka (a call, a database write).
+    pub fn has_effects(&self) -> bool {
+        !matches!(self, StepRunner::Route(_))
+    }
+
     pub async fn run(&self, event: &AnyEvent) -> Result<Outcome, Failure> {
         match self {
             StepRunner::Route(to) => Ok(Outcome {
