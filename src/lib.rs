@@ -20,8 +20,13 @@
 //! - [`saga`], [`intake`], [`projection`], [`dlq`], [`simulate`], [`demo`], [`telemetry`]: the
 //!   order saga, the intake API, the read model, dead-letter tools, the simulated downstreams,
 //!   the demo and the metrics.
-//! - [`cli`]: the `orderflow` command.
+//! - [`app`]: the application builder: a connection and a pipelines folder become processors,
+//!   orchestrators and the intake, run until a shutdown future resolves. The demo, the tests and
+//!   the benchmarks build through it.
+//! - [`cli`]: the `orderflow` command: parses, prints, passes SIGTERM/Ctrl-C as the shutdown.
+//!   Nothing depends on it.
 
+pub mod app;
 pub mod cli;
 pub mod contracts;
 pub mod database;

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
-use orderflow::cli::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
+use orderflow::app::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
 use orderflow::contracts::{AnyEvent, OrderCreated};
 use orderflow::saga::{find_state, SagaStatus};
 use orderflow::simulate::{self, Behaviour};
