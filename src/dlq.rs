@@ -33,7 +33,7 @@ use crate::contracts::Naming;
 use crate::kafka;
 use crate::pipeline::Pipeline;
 use crate::runtime::headers;
-use crate::runtime::monitor::replay_group;
+use crate::topology::{dlq_audit_topic, dlq_replay_group};
 
 /// Which dead letters a command applies to. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
@@ -96,10 +96,6 @@ impl DeadLetter {
             && f.from_offset.is_none_or(|o| offset >= o)
             && f.to_offset.is_none_or(|o| offset <= o)
     }
-}
-
-pub fn audit_topic(dlq: &str) -> String {
-    format!("{dlq}.audit")
 }
 
 fn reader(bootstrap: &str, group: &str) -> anyhow::Result<BaseConsumer> {
@@ -199,7 +195,7 @@ fn replay_positions(
 
 /// Positions (`partition:offset`) the audit topic records as handled.
 fn audited(consumer: &BaseConsumer, dlq: &str) -> anyhow::Result<HashSet<String>> {
-    let audit = audit_topic(dlq);
+    let audit = dlq_audit_topic(dlq);
     let starts: HashMap<i32, i64> = partitions(consumer, &audit)?
         .into_iter()
         .map(|p| (p, 0))
@@ -220,7 +216,7 @@ pub fn read(
     let mut out = Vec::new();
     for pipeline in pipelines {
         let group_id = pipeline.group_id(naming);
-        let consumer = reader(bootstrap, &replay_group(&group_id))?;
+        let consumer = reader(bootstrap, &dlq_replay_group(&group_id))?;
         for input in pipeline.input_topics(naming) {
             let dlq = pipeline.dlq_topic(&input);
             let positions = replay_positions(&consumer, &dlq)?;
@@ -412,7 +408,7 @@ impl DlqRun {
             )
         })?;
         // Fenced now: whatever an earlier run committed is visible, nothing more will be.
-        let group_reader = reader(bootstrap, &replay_group(group))?;
+        let group_reader = reader(bootstrap, &dlq_replay_group(group))?;
         let (committed, audited, beyond) = blocking(|| -> anyhow::Result<_> {
             let committed: HashMap<i32, i64> = replay_positions(&group_reader, dlq)?
                 .into_iter()
@@ -490,7 +486,7 @@ impl DlqRun {
 
     fn audit(&mut self, letter: &DeadLetter, audit: &str) -> anyhow::Result<()> {
         let key = format!("{}:{}", letter.record.partition(), letter.record.offset());
-        let topic = audit_topic(&self.dlq);
+        let topic = dlq_audit_topic(&self.dlq);
         let out = BaseRecord::to(&topic)
             .key(key.as_bytes())
             .payload(audit.as_bytes());

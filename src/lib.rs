@@ -12,6 +12,8 @@
 //! - [`database`]: the PostgreSQL pool (timeouts, reconnection) and the schema of every table,
 //!   used by the dedup store, the intake and the read model.
 //! - [`pipeline`]: the pipeline files of `pipelines/`, validated (every problem at once).
+//! - [`topology`]: every topic and group name (inputs, retry tiers, dead letters and their audit
+//!   topic and replay group, a saga's group and state topic); nothing else formats one.
 //! - [`failure`]: the classification of every failure and the route it takes (retry now, a
 //!   retry tier, the dead-letter topic).
 //! - [`steps`]: what a pipeline does with one event (route, HTTP call, custom handler).
@@ -42,3 +44,4 @@ pub mod saga;
 pub mod simulate;
 pub mod steps;
 pub mod telemetry;
+pub mod topology;

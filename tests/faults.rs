@@ -71,7 +71,7 @@ fn reconcile_at(
     let out = keys(&read(&format!("{prefix}{output}")));
     let dlq = format!("{prefix}{input}.{group}.dlq");
     // Dead letters replayed or discarded, by position (`dlq replay` records each one).
-    let handled: HashSet<String> = keys(&read(&orderflow::dlq::audit_topic(&dlq)))
+    let handled: HashSet<String> = keys(&read(&orderflow::topology::dlq_audit_topic(&dlq)))
         .into_iter()
         .collect();
     let dead: HashSet<String> = read(&dlq)
@@ -797,7 +797,7 @@ async fn a_downstream_down_past_the_tiers_is_recovered_by_one_replay() {
         [
             format!("{topic}.notification.retry.1"),
             topic.clone(),
-            orderflow::dlq::audit_topic(&dlq),
+            orderflow::topology::dlq_audit_topic(&dlq),
         ]
         .map(|t| read_topic(&t).len())
     };

@@ -50,6 +50,7 @@ use crate::kafka;
 use crate::pipeline::{Delivery, Pipeline};
 use crate::steps::{HandlerContext, StepRunner};
 use crate::telemetry::Telemetry;
+use crate::topology;
 use context::MeteredContext;
 use dedup::DedupStore;
 use engine::{Engine, Limits, Role};
@@ -129,7 +130,7 @@ impl Processor {
             producer_config
                 .set(
                     "transactional.id",
-                    format!("{}.{}", pipeline.group_id(&naming), instance_id()),
+                    topology::transactional_id(&pipeline.group_id(&naming), &instance_id()),
                 )
                 // A zombie that never comes back blocks read_committed readers at most this long.
                 .set("transaction.timeout.ms", "10000")

@@ -20,11 +20,7 @@ use crate::contracts::{EventCodec, Naming};
 use crate::kafka;
 use crate::pipeline::Pipeline;
 use crate::telemetry::{ProcessorEvent, Telemetry};
-
-/// The consumer group whose committed offsets mark dead letters as replayed or discarded.
-pub fn replay_group(group_id: &str) -> String {
-    format!("{group_id}.dlq-replay")
-}
+use crate::topology;
 
 pub struct Monitor {
     pub pipeline: Pipeline,
@@ -160,7 +156,7 @@ fn measure(
         Ok(config.create()?)
     };
     let processor_group = reader(group)?;
-    let replay = reader(&replay_group(group))?;
+    let replay = reader(&topology::dlq_replay_group(group))?;
     let mut measured = Measured {
         dlq: Vec::new(),
         backlog: Vec::new(),
