@@ -20,6 +20,7 @@ use crate::contracts::{Catalog, EventCodec, Naming, SubjectStrategy};
 use crate::intake::{self, Intake};
 use crate::kafka::{self, Publisher};
 use crate::pipeline::{self, Pipeline};
+use crate::projection::OrderStatusHandler;
 use crate::runtime::dedup::DedupStore;
 use crate::runtime::{self, Processor};
 use crate::saga::{self, Orchestrator, Saga};
@@ -197,6 +198,7 @@ pub async fn processors(
         None
     };
     let codec = codec(connect)?;
+    let handlers = handlers(connect);
     let mut processors = Vec::new();
     for p in pipelines {
         let processor = Processor::new(
@@ -205,9 +207,7 @@ pub async fn processors(
             &connect.bootstrap_servers,
             codec.clone(),
             dedup.clone(),
-            &steps::HandlerContext {
-                database_url: connect.database_url.clone(),
-            },
+            &handlers,
         )?;
         processor
             .ensure_topics(connect.replication_factor)
@@ -221,6 +221,14 @@ pub async fn processors(
         processors.push(processor);
     }
     Ok(processors)
+}
+
+/// The custom handlers pipelines may name, each built with what it needs from the connection.
+pub fn handlers(connect: &Connect) -> steps::Handlers {
+    let database_url = connect.database_url.clone();
+    steps::Handlers::default().register(steps::ORDER_STATUS, move || {
+        Arc::new(OrderStatusHandler::new(&database_url))
+    })
 }
 
 /// Fails, naming the cause librdkafka saw, when the broker cannot be reached: whatever needs the
@@ -308,4 +316,15 @@ pub async fn run(
         }
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_handler_name_a_pipeline_may_use_is_registered() {
+        let registered = handlers(&Connect::local(""));
+        assert_eq!(registered.names(), steps::HANDLER_NAMES);
+    }
 }

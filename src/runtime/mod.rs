@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::contracts::{EventCodec, Naming};
 use crate::kafka;
 use crate::pipeline::{Delivery, Pipeline};
-use crate::steps::{HandlerContext, StepRunner};
+use crate::steps::{Handlers, StepRunner};
 use crate::telemetry::Telemetry;
 use crate::topology;
 use context::MeteredContext;
@@ -91,7 +91,7 @@ impl Processor {
         bootstrap_servers: &str,
         codec: Arc<EventCodec>,
         dedup: Option<Arc<DedupStore>>,
-        handlers: &HandlerContext,
+        handlers: &Handlers,
     ) -> anyhow::Result<Processor> {
         let mut roles = HashMap::new();
         for event_type in &pipeline.inputs {
