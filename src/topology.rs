@@ -47,6 +47,11 @@ pub fn saga_state_topic(naming: &Naming, saga: &str) -> String {
     format!("{}saga.{saga}.state", naming.topic_prefix)
 }
 
+/// The transactional id of every replay or discard of dead-letter topic `dlq`.
+pub fn dlq_replay_transactional_id(dlq: &str) -> String {
+    format!("orderflow-dlq-replay.{dlq}")
+}
+
 /// A producer's `transactional.id`: its group's id and this instance's name, so a restarted
 /// instance fences its predecessor while two live instances never share an id.
 pub fn transactional_id(group_id: &str, instance: &str) -> String {

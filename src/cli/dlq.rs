@@ -10,8 +10,9 @@ use rdkafka::Message;
 
 use super::{select_pipelines, PipelinesDir};
 use crate::app::{self, load_pipelines, Connect};
+use crate::dlq;
+use crate::kafka::headers;
 use crate::pipeline::Pipeline;
-use crate::{dlq, runtime};
 
 #[derive(Debug, Subcommand)]
 pub enum DlqCommand {
@@ -161,9 +162,7 @@ pub(super) async fn dead_letters(
                         .to_string()
                     })
                     .unwrap_or_default();
-                let mut message = l
-                    .header(runtime::headers::ERROR_MESSAGE)
-                    .unwrap_or_default();
+                let mut message = l.header(headers::ERROR_MESSAGE).unwrap_or_default();
                 message.truncate(
                     message
                         .char_indices()
@@ -174,12 +173,9 @@ pub(super) async fn dead_letters(
                     "{:<44} {time:<24} {:<16} {:<9} {:<16} {:>7}  {}{message}",
                     l.position(),
                     l.header("ce_type").unwrap_or_else(|| "?".into()),
-                    l.header(runtime::headers::ERROR_CLASS)
-                        .unwrap_or_else(|| "?".into()),
-                    l.header(runtime::headers::ERROR_KIND)
-                        .unwrap_or_else(|| "?".into()),
-                    l.header(runtime::headers::ATTEMPT)
-                        .unwrap_or_else(|| "?".into()),
+                    l.header(headers::ERROR_CLASS).unwrap_or_else(|| "?".into()),
+                    l.header(headers::ERROR_KIND).unwrap_or_else(|| "?".into()),
+                    l.header(headers::ATTEMPT).unwrap_or_else(|| "?".into()),
                     if l.handled { "(handled) " } else { "" },
                 );
             }

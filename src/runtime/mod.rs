@@ -13,7 +13,7 @@
 //!   step under the `concurrency` permits (transient retries wait in the lane), encode, write
 //!   and wait for acks ([`writer`]), store the dedup mark.
 //! - [`route`]: what a failure becomes: the next retry tier or the dead-letter topic, with
-//!   [`headers`] carrying its context.
+//!   [`crate::kafka::headers`] carrying its context.
 //! - [`transactions`]: exactly once, a batch of inputs' outputs and offsets in one transaction.
 //! - [`monitor`] measures what records cannot show (DLQ depth, retry backlog, readiness);
 //!   [`context`] reports librdkafka statistics and rebalances.
@@ -27,7 +27,6 @@ pub mod context;
 pub mod dedup;
 pub mod engine;
 pub mod gate;
-pub mod headers;
 pub mod lanes;
 pub mod monitor;
 pub mod offsets;
@@ -125,17 +124,8 @@ impl Processor {
         producer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
         let transactional = pipeline.delivery == Delivery::ExactlyOnce;
         if transactional {
-            // A stable id per instance: a restarted instance fences its predecessor and aborts
-            // the transaction it left open, instead of readers waiting for it to time out.
-            producer_config
-                .set(
-                    "transactional.id",
-                    topology::transactional_id(&pipeline.group_id(&naming), &instance_id()),
-                )
-                // A zombie that never comes back blocks read_committed readers at most this long.
-                .set("transaction.timeout.ms", "10000")
-                // librdkafka requires a record's delivery timeout within the transaction's.
-                .set("message.timeout.ms", "10000");
+            let id = topology::transactional_id(&pipeline.group_id(&naming), &instance_id());
+            kafka::transactions::transactional(&mut producer_config, &id);
         }
         Ok(Processor {
             group_id: pipeline.group_id(&naming),
