@@ -7,8 +7,10 @@
 //!   - [`contracts::codec`]: Confluent wire format; validated encoding, classified decoding.
 //!   - [`contracts::registry`], [`contracts::compatibility`], [`contracts::subjects`]: the
 //!     registry's API, why a change breaks a rule, and topic/subject names.
-//! - [`kafka`]: librdkafka settings shared by producers and consumers, and the
-//!   [`kafka::Publisher`] that validates, encodes, adds CloudEvents headers and waits for acks.
+//!   - [`contracts::status`]: an order's status ([`contracts::OrderStatus`]), as stored and served.
+//! - [`kafka`]: everything asked of Kafka itself, a file per concern (its own `# Layout`):
+//!   client settings, the [`kafka::Publisher`], topic administration, transactions, reading
+//!   partitions to their end, and the failure headers of retry and dead-letter records.
 //! - [`database`]: the PostgreSQL pool (timeouts, reconnection) and the schema of every table,
 //!   used by the dedup store, the intake and the read model.
 //! - [`pipeline`]: the pipeline files of `pipelines/`, validated (every problem at once).
