@@ -55,7 +55,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use futures::stream::{FuturesOrdered, StreamExt};
-use orderflow::cli::{processors, Connect};
+use orderflow::app::{processors, Connect};
 use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
 use orderflow::kafka::Publisher;
 use orderflow::pipeline;

@@ -25,7 +25,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use orderflow::cli::{processors, Connect};
+use orderflow::app::{processors, Connect};
 use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
 use orderflow::kafka::Publisher;
 use serde_json::{json, Value};

@@ -20,7 +20,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use orderflow::cli::{codec, load_pipelines_and_sagas, orchestrators, processors, Connect};
+use orderflow::app::{codec, load_pipelines_and_sagas, orchestrators, processors, Connect};
 use orderflow::contracts::OrderCreated;
 use orderflow::simulate::{self, Behaviour};
 use tokio::sync::watch;

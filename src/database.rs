@@ -348,7 +348,7 @@ async fn create_table(client: &Client, sql: &str) -> Result<(), tokio_postgres::
 }
 
 /// The URL without its password, for messages.
-pub fn redact(url: &str) -> String {
+fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let userinfo = &url[scheme + 3..at];

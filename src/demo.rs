@@ -10,32 +10,42 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use tokio::sync::watch;
 
-use crate::cli::{load_pipelines_and_sagas, orchestrators, processors, Connect, DemoArgs};
+use crate::app::{self, Connect};
 use crate::contracts::events::now_millis;
 use crate::contracts::OrderCreated;
 use crate::intake;
-use crate::kafka::Publisher;
-use crate::simulate;
+use crate::simulate::{self, Behaviour};
 use crate::telemetry::saga::SagaTelemetry;
 use crate::telemetry::{Snapshot, Telemetry};
 
-pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> anyhow::Result<()> {
+/// What the demo runs: how many orders, how fast, and how the simulated downstreams answer.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub orders: u32,
+    /// Orders published per second.
+    pub rate: u32,
+    /// Processors use the dedup store.
+    pub dedup: bool,
+    /// Give up waiting for the report to balance after this long.
+    pub timeout: Duration,
+    pub downstreams: Behaviour,
+}
+
+pub async fn run(connect: &Connect, pipelines_dir: &Path, args: Settings) -> anyhow::Result<()> {
     // A fresh prefix per run: the counts below are this run's alone.
     let run_id = format!("demo-{}", now_millis() / 1000);
     let connect = Connect {
         topic_prefix: format!("{}{run_id}.", connect.topic_prefix),
         ..connect.clone()
     };
-    let naming = connect.naming();
 
     let (addr, served, simulator) =
-        simulate::serve("127.0.0.1:0".parse()?, args.faults.behaviour()).await?;
+        simulate::serve("127.0.0.1:0".parse()?, args.downstreams.clone()).await?;
     for (var, url) in simulate::pipeline_url_env(&format!("http://{addr}")) {
         std::env::set_var(var, url);
     }
-    let (pipelines, sagas) = load_pipelines_and_sagas(pipelines_dir)?;
+    let (pipelines, sagas) = app::load_pipelines_and_sagas(pipelines_dir)?;
     let order_consumers: Vec<String> = pipelines
         .iter()
         // One input record per order: the balance below counts them. (order-status reads every
@@ -49,40 +59,34 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
         args.rate,
         pipelines.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", "),
         sagas.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", "),
-        args.faults.latency.0,
-        args.faults.latency.1,
-        args.faults.fail_503 * 100.0,
-        args.faults.fail_500 * 100.0,
-        args.faults.fail_400 * 100.0,
-        args.faults.decline * 100.0,
-        args.faults.out_of_stock * 100.0,
-        args.faults.unshippable * 100.0,
+        args.downstreams.latency_ms.start(),
+        args.downstreams.latency_ms.end(),
+        args.downstreams.rate_503 * 100.0,
+        args.downstreams.rate_500 * 100.0,
+        args.downstreams.rate_400 * 100.0,
+        args.downstreams.rate_declined * 100.0,
+        args.downstreams.rate_out_of_stock * 100.0,
+        args.downstreams.rate_unshippable * 100.0,
     );
 
-    let processors = processors(&connect, pipelines, !args.no_dedup).await?;
+    let processors = app::processors(&connect, pipelines, args.dedup).await?;
     let telemetry: Vec<(String, Telemetry)> = processors
         .iter()
         .map(|p| (p.pipeline().name.clone(), p.telemetry()))
         .collect();
-    let codec = crate::cli::codec(&connect)?;
-    let orchestrators = orchestrators(&connect, sagas, codec.clone()).await?;
+    let codec = app::codec(&connect)?;
+    let orchestrators = app::orchestrators(&connect, sagas, codec.clone()).await?;
     let saga_telemetry: Vec<(String, SagaTelemetry)> = orchestrators
         .iter()
         .map(|o| (o.saga().name.clone(), o.telemetry()))
         .collect();
-    let (stop, stopped) = watch::channel(false);
-    let mut running = tokio::task::JoinSet::new();
-    for processor in processors {
-        running.spawn(processor.run(stopped.clone()));
-    }
-    for orchestrator in orchestrators {
-        running.spawn(orchestrator.run(stopped.clone()));
-    }
+    // Stopped once the report balances (or the timeout passes).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(app::run(processors, orchestrators, async {
+        let _ = stopped.await;
+    }));
     // Orders come in through the intake API, as customers' would.
-    let publisher =
-        Publisher::with_settings(&connect.bootstrap_servers, codec, intake::PRODUCER_SETTINGS)?;
-    let topic = naming.topic("order.created");
-    let intake_api = intake::Intake::new(publisher, topic.clone(), &connect.database_url).await?;
+    let (intake_api, topic) = app::intake(&connect, codec).await?;
     let (intake_addr, intake_server) = intake::serve("127.0.0.1:0".parse()?, intake_api).await?;
     eprintln!("intake on http://{intake_addr}/orders");
     let published = Arc::new(AtomicU64::new(0));
@@ -195,10 +199,8 @@ pub async fn run(connect: &Connect, pipelines_dir: &Path, args: DemoArgs) -> any
     if tty {
         eprintln!();
     }
-    let _ = stop.send(true);
-    while let Some(result) = running.join_next().await {
-        result??;
-    }
+    let _ = stop.send(());
+    running.await??;
     publishing.await??;
     simulator.abort();
     intake_server.abort();

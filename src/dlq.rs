@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -31,9 +31,13 @@ use serde_json::json;
 use crate::contracts::events::now_millis;
 use crate::contracts::Naming;
 use crate::kafka;
+use crate::kafka::headers;
+use crate::kafka::read::{partitions, read_to_end, reader};
 use crate::pipeline::Pipeline;
-use crate::runtime::headers;
-use crate::runtime::monitor::replay_group;
+use crate::topology::{self, dlq_audit_topic, dlq_replay_group};
+
+/// Bound of each metadata request.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Which dead letters a command applies to. Empty fields match everything.
 #[derive(Debug, Clone, Default)]
@@ -63,12 +67,7 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     pub fn header(&self, name: &str) -> Option<String> {
-        self.record
-            .headers()?
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| h.value)
-            .map(|v| String::from_utf8_lossy(v).to_string())
+        headers::text(self.record.headers(), name)
     }
 
     pub fn position(&self) -> String {
@@ -98,84 +97,13 @@ impl DeadLetter {
     }
 }
 
-pub fn audit_topic(dlq: &str) -> String {
-    format!("{dlq}.audit")
-}
-
-fn reader(bootstrap: &str, group: &str) -> anyhow::Result<BaseConsumer> {
-    let mut config = kafka::consumer_config(bootstrap, group);
-    config
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
-    Ok(config.create()?)
-}
-
-/// Reads `topic` from the given start offsets to its end as of now.
-fn read_range(
-    consumer: &BaseConsumer,
-    topic: &str,
-    starts: &HashMap<i32, i64>,
-) -> anyhow::Result<Vec<OwnedMessage>> {
-    let timeout = Duration::from_secs(10);
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    for (partition, start) in starts {
-        let (_, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
-        if high > *start {
-            tpl.add_partition_offset(topic, *partition, Offset::Offset(*start))?;
-            ends.insert(*partition, high);
-        }
-    }
-    if ends.is_empty() {
-        return Ok(Vec::new());
-    }
-    consumer.assign(&tpl)?;
-    let mut out = Vec::new();
-    let mut done = HashSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while done.len() < ends.len() {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} did not reach its end within 60 s"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let p = m.partition();
-                if m.offset() + 1 >= ends[&p] {
-                    done.insert(p);
-                }
-                if m.offset() < ends[&p] {
-                    out.push(m.detach());
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                done.insert(p);
-            }
-            Some(Err(e)) => return Err(e.into()),
-            None => {}
-        }
-    }
-    consumer.unassign()?;
-    Ok(out)
-}
-
-fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(metadata
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none())
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default())
-}
-
 /// Per partition of a dead-letter topic: (low watermark, the replay group's committed offset,
 /// or the low watermark when it has none).
 fn replay_positions(
     consumer: &BaseConsumer,
     dlq: &str,
 ) -> anyhow::Result<HashMap<i32, (i64, i64)>> {
-    let parts = partitions(consumer, dlq)?;
+    let parts = partitions(consumer, dlq, METADATA_TIMEOUT)?;
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition(dlq, *p);
@@ -199,12 +127,12 @@ fn replay_positions(
 
 /// Positions (`partition:offset`) the audit topic records as handled.
 fn audited(consumer: &BaseConsumer, dlq: &str) -> anyhow::Result<HashSet<String>> {
-    let audit = audit_topic(dlq);
-    let starts: HashMap<i32, i64> = partitions(consumer, &audit)?
+    let audit = dlq_audit_topic(dlq);
+    let starts: HashMap<i32, i64> = partitions(consumer, &audit, METADATA_TIMEOUT)?
         .into_iter()
         .map(|p| (p, 0))
         .collect();
-    Ok(read_range(consumer, &audit, &starts)?
+    Ok(read_to_end(consumer, &audit, &starts)?
         .iter()
         .filter_map(|m| m.key().map(|k| String::from_utf8_lossy(k).to_string()))
         .collect())
@@ -220,7 +148,7 @@ pub fn read(
     let mut out = Vec::new();
     for pipeline in pipelines {
         let group_id = pipeline.group_id(naming);
-        let consumer = reader(bootstrap, &replay_group(&group_id))?;
+        let consumer = reader(bootstrap, &dlq_replay_group(&group_id))?;
         for input in pipeline.input_topics(naming) {
             let dlq = pipeline.dlq_topic(&input);
             let positions = replay_positions(&consumer, &dlq)?;
@@ -243,7 +171,7 @@ pub fn read(
                 })
                 .collect();
             let audit = audited(&consumer, &dlq)?;
-            for record in read_range(&consumer, &dlq, &starts)? {
+            for record in read_to_end(&consumer, &dlq, &starts)? {
                 let handled = record.offset() < handled_below[&record.partition()]
                     || audit.contains(&format!("{}:{}", record.partition(), record.offset()));
                 let letter = DeadLetter {
@@ -289,7 +217,7 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
 /// The transactional id of every replay or discard of `dlq`: one per DLQ, so a second run
 /// fences the first (and aborts what it left open) instead of both writing.
 pub fn transactional_id(dlq: &str) -> String {
-    format!("orderflow-dlq-replay.{dlq}")
+    topology::dlq_replay_transactional_id(dlq)
 }
 
 /// Replays or discards the selected dead letters, one DLQ at a time. Per DLQ, each transaction
@@ -412,7 +340,7 @@ impl DlqRun {
             )
         })?;
         // Fenced now: whatever an earlier run committed is visible, nothing more will be.
-        let group_reader = reader(bootstrap, &replay_group(group))?;
+        let group_reader = reader(bootstrap, &dlq_replay_group(group))?;
         let (committed, audited, beyond) = blocking(|| -> anyhow::Result<_> {
             let committed: HashMap<i32, i64> = replay_positions(&group_reader, dlq)?
                 .into_iter()
@@ -425,7 +353,7 @@ impl DlqRun {
                     Some((p.parse().ok()?, o.parse().ok()?))
                 })
                 .collect();
-            let mut beyond: Vec<(i32, i64)> = read_range(&group_reader, dlq, &committed)?
+            let mut beyond: Vec<(i32, i64)> = read_to_end(&group_reader, dlq, &committed)?
                 .iter()
                 .map(|m| (m.partition(), m.offset()))
                 .collect();
@@ -465,7 +393,7 @@ impl DlqRun {
         let count = match self.partitions.get(topic) {
             Some(n) => *n,
             None => {
-                let n = blocking(|| partitions(&self.group, topic))?.len() as i32;
+                let n = blocking(|| partitions(&self.group, topic, METADATA_TIMEOUT))?.len() as i32;
                 self.partitions.insert(topic.to_string(), n);
                 n
             }
@@ -490,7 +418,7 @@ impl DlqRun {
 
     fn audit(&mut self, letter: &DeadLetter, audit: &str) -> anyhow::Result<()> {
         let key = format!("{}:{}", letter.record.partition(), letter.record.offset());
-        let topic = audit_topic(&self.dlq);
+        let topic = dlq_audit_topic(&self.dlq);
         let out = BaseRecord::to(&topic)
             .key(key.as_bytes())
             .payload(audit.as_bytes());
@@ -609,56 +537,39 @@ pub enum Action<'a> {
 
 fn replay_target(letter: &DeadLetter, pipeline: &Pipeline, to: ReplayTo) -> (String, OwnedHeaders) {
     let record = &letter.record;
-    let mut out = OwnedHeaders::new();
     let replayed_from = letter.position();
     let now = now_millis().to_string();
     let (topic, out) = match to {
         ReplayTo::Retry => {
             let topic = pipeline.retry_topic(&letter.input_topic, 1);
-            if let Some(h) = record.headers() {
-                for h in h
-                    .iter()
-                    .filter(|h| h.key != headers::DUE_TIME && h.key != headers::RETRY_TIER)
-                {
-                    out = out.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
-            out = out
-                .insert(Header {
-                    key: headers::RETRY_TIER,
-                    value: Some("1"),
-                })
-                .insert(Header {
-                    key: headers::DUE_TIME,
-                    value: Some(&now),
-                });
+            let out = headers::without(record.headers(), |key| {
+                key == headers::DUE_TIME || key == headers::RETRY_TIER
+            })
+            .insert(Header {
+                key: headers::RETRY_TIER,
+                value: Some("1"),
+            })
+            .insert(Header {
+                key: headers::DUE_TIME,
+                value: Some(&now),
+            });
             (topic, out)
         }
         ReplayTo::Original => {
             let topic = letter
                 .header(headers::ORIGINAL_TOPIC)
                 .unwrap_or_else(|| letter.input_topic.clone());
-            if let Some(h) = record.headers() {
-                for h in h.iter().filter(|h| !h.key.starts_with(headers::PREFIX)) {
-                    out = out.insert(Header {
-                        key: h.key,
-                        value: h.value,
-                    });
-                }
-            }
+            let out = headers::without(record.headers(), |key| key.starts_with(headers::PREFIX));
             (topic, out)
         }
     };
     let out = out
         .insert(Header {
-            key: "orderflow.replayed.from",
+            key: headers::REPLAYED_FROM,
             value: Some(&replayed_from),
         })
         .insert(Header {
-            key: "orderflow.replayed.time",
+            key: headers::REPLAYED_TIME,
             value: Some(&now),
         });
     (topic, out)

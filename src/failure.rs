@@ -3,11 +3,12 @@
 //!
 //! | class | examples | path |
 //! |---|---|---|
-//! | transient | timeout, 408, 429, 503, producer queue full | immediate in-process retries, jittered |
+//! | transient | timeout, 408, 429, 503 | immediate in-process retries, jittered |
 //! | service | 500, 502, 504, connection refused, registry unreachable | tiered retry topics, then the DLQ |
 //! | permanent | 400, 422, other 4xx, bad payloads, invalid events, business rules | the DLQ at once |
 //!
-//! A pipeline can override the class of an HTTP status (`classify: {"409": permanent}`).
+//! A pipeline can override the class of an HTTP status (`classify: {"409": permanent}`). A full
+//! producer queue is no failure: the writer waits for room (`runtime/writer.rs`).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -83,17 +84,12 @@ pub enum Failure {
     BadAnswer(#[from] FromDataError),
     #[error("business rule: {0}")]
     BusinessRule(String),
-    #[error("kafka producer is backed up: {0}")]
-    Backpressure(String),
     /// A store the runtime itself depends on (the dedup store) is unavailable.
     #[error("{0}")]
     Dependency(String),
     /// A retry record whose failure headers are missing, malformed or out of range.
     #[error("untrusted retry headers: {0}")]
     BadRetryHeaders(String),
-    /// A custom handler that knows best how its failure should be handled.
-    #[error("{message}")]
-    Handler { class: ErrorClass, message: String },
 }
 
 impl Failure {
@@ -107,10 +103,8 @@ impl Failure {
             Failure::Encode(_) => "encode",
             Failure::BadAnswer(_) => "bad_answer",
             Failure::BusinessRule(_) => "business_rule",
-            Failure::Backpressure(_) => "backpressure",
             Failure::Dependency(_) => "dependency_unavailable",
             Failure::BadRetryHeaders(_) => "bad_retry_headers",
-            Failure::Handler { .. } => "handler",
         }
     }
 }
@@ -133,7 +127,7 @@ impl Classifier {
                 .get(status)
                 .copied()
                 .unwrap_or_else(|| default_http_class(*status)),
-            Failure::HttpTimeout { .. } | Failure::Backpressure(_) => ErrorClass::Transient,
+            Failure::HttpTimeout { .. } => ErrorClass::Transient,
             Failure::HttpUnreachable { .. } | Failure::Dependency(_) => ErrorClass::Service,
             Failure::Decode(e) if e.is_retryable() => ErrorClass::Service,
             Failure::Encode(e) if e.is_retryable() => ErrorClass::Service,
@@ -142,7 +136,6 @@ impl Classifier {
             | Failure::BadAnswer(_)
             | Failure::BusinessRule(_)
             | Failure::BadRetryHeaders(_) => ErrorClass::Permanent,
-            Failure::Handler { class, .. } => *class,
         }
     }
 }

@@ -485,7 +485,7 @@ async fn status_of(db: &Database, order_id: Uuid) -> Result<Response, Response> 
                 StatusCode::OK,
                 json!({
                     "order_id": order_id,
-                    "status": view.status,
+                    "status": view.status.as_str(),
                     "version": view.version,
                     "pending": view.pending(),
                     "steps": steps,

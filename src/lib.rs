@@ -7,11 +7,15 @@
 //!   - [`contracts::codec`]: Confluent wire format; validated encoding, classified decoding.
 //!   - [`contracts::registry`], [`contracts::compatibility`], [`contracts::subjects`]: the
 //!     registry's API, why a change breaks a rule, and topic/subject names.
-//! - [`kafka`]: librdkafka settings shared by producers and consumers, and the
-//!   [`kafka::Publisher`] that validates, encodes, adds CloudEvents headers and waits for acks.
+//!   - [`contracts::status`]: an order's status ([`contracts::OrderStatus`]), as stored and served.
+//! - [`kafka`]: everything asked of Kafka itself, a file per concern (its own `# Layout`):
+//!   client settings, the [`kafka::Publisher`], topic administration, transactions, reading
+//!   partitions to their end, and the failure headers of retry and dead-letter records.
 //! - [`database`]: the PostgreSQL pool (timeouts, reconnection) and the schema of every table,
 //!   used by the dedup store, the intake and the read model.
 //! - [`pipeline`]: the pipeline files of `pipelines/`, validated (every problem at once).
+//! - [`topology`]: every topic and group name (inputs, retry tiers, dead letters and their audit
+//!   topic and replay group, a saga's group and state topic); nothing else formats one.
 //! - [`failure`]: the classification of every failure and the route it takes (retry now, a
 //!   retry tier, the dead-letter topic).
 //! - [`steps`]: what a pipeline does with one event (route, HTTP call, custom handler).
@@ -20,7 +24,11 @@
 //! - [`saga`], [`intake`], [`projection`], [`dlq`], [`simulate`], [`demo`], [`telemetry`]: the
 //!   order saga, the intake API, the read model, dead-letter tools, the simulated downstreams,
 //!   the demo and the metrics.
-//! - [`cli`]: the `orderflow` command.
+//! - [`app`]: the application builder: a connection and a pipelines folder become processors,
+//!   orchestrators and the intake, run until a shutdown future resolves. The demo, the tests and
+//!   the benchmarks build through it.
+//! - [`cli`]: the `orderflow` command: parses, prints, passes SIGTERM/Ctrl-C as the shutdown.
+//!   Nothing depends on it.
 
 /// Every binary built on this crate (the command, tests, benches) allocates with mimalloc: the
 /// hot path allocates and frees many short-lived buffers across threads, where glibc's malloc
@@ -28,6 +36,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod app;
 pub mod cli;
 pub mod contracts;
 pub mod database;
@@ -43,3 +52,4 @@ pub mod saga;
 pub mod simulate;
 pub mod steps;
 pub mod telemetry;
+pub mod topology;

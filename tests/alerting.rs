@@ -21,7 +21,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use common::*;
-use orderflow::cli::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
+use orderflow::app::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
 use orderflow::contracts::OrderCreated;
 use orderflow::simulate::{self, Behaviour};
 use orderflow::telemetry;

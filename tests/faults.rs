@@ -71,7 +71,7 @@ fn reconcile_at(
     let out = keys(&read(&format!("{prefix}{output}")));
     let dlq = format!("{prefix}{input}.{group}.dlq");
     // Dead letters replayed or discarded, by position (`dlq replay` records each one).
-    let handled: HashSet<String> = keys(&read(&orderflow::dlq::audit_topic(&dlq)))
+    let handled: HashSet<String> = keys(&read(&orderflow::topology::dlq_audit_topic(&dlq)))
         .into_iter()
         .collect();
     let dead: HashSet<String> = read(&dlq)
@@ -622,7 +622,7 @@ async fn registry_outage_new_schema_ids_wait_in_retry_and_recover() {
         "name: analytics\ngroup: analytics\ninputs: [order.created]\nstep: {route: {to: [analytics.orders]}}\n",
     )]);
     let proxy = SwitchProxy::start(&registry_url()).await;
-    let connect = orderflow::cli::Connect {
+    let connect = orderflow::app::Connect {
         registry_url: proxy.url.clone(),
         ..connect(&prefix)
     };
@@ -797,7 +797,7 @@ async fn a_downstream_down_past_the_tiers_is_recovered_by_one_replay() {
         [
             format!("{topic}.notification.retry.1"),
             topic.clone(),
-            orderflow::dlq::audit_topic(&dlq),
+            orderflow::topology::dlq_audit_topic(&dlq),
         ]
         .map(|t| read_topic(&t).len())
     };
@@ -1165,7 +1165,7 @@ async fn postgres_outage(hung: bool) {
     } else {
         "faults-pg-down"
     });
-    let connect = orderflow::cli::Connect {
+    let connect = orderflow::app::Connect {
         database_url: server.url.clone(),
         ..connect(&prefix)
     };
@@ -1408,7 +1408,7 @@ async fn a_broker_and_the_controller_leader_killed_mid_run_lose_nothing() {
     let addr = downstream.start().await;
     let dir = pipelines_dir(addr);
     let prefix = prefix("faults-cluster");
-    let connect = orderflow::cli::Connect {
+    let connect = orderflow::app::Connect {
         bootstrap_servers: cluster_bootstrap.clone(),
         replication_factor: 3,
         ..connect(&prefix)

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use orderflow::contracts::codec::split_wire_format;
 use orderflow::contracts::{Catalog, DecodeError, EventCodec, OrderCreated};
-use orderflow::runtime::headers::FailureContext;
+use orderflow::kafka::headers::FailureContext;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use rdkafka::message::{Header, Headers, OwnedHeaders};

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use orderflow::contracts::OrderCreated;
 use orderflow::kafka;
-use orderflow::runtime::headers;
+use orderflow::kafka::headers;
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
 };

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::*;
-use orderflow::cli::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
+use orderflow::app::{codec as codec_for, load_pipelines_and_sagas, orchestrators, processors};
 use orderflow::contracts::{AnyEvent, OrderCreated};
 use orderflow::saga::{find_state, SagaStatus};
 use orderflow::simulate::{self, Behaviour};
@@ -864,7 +864,7 @@ async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
         }
     };
     let before = projected(3).await;
-    assert_eq!((before.status, before.version), ("confirmed", 3));
+    assert_eq!((before.status.as_str(), before.version), ("confirmed", 3));
     let consumed = run.pipelines["order-status"].snapshot().consumed;
     send(&created).await;
     send(&confirmed).await;
@@ -876,7 +876,7 @@ async fn duplicates_and_out_of_order_events_leave_the_right_final_status() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let view = projected(3).await;
     run.stop().await;
-    assert_eq!(view.status, "confirmed");
+    assert_eq!(view.status.as_str(), "confirmed");
     assert_eq!(view.sources["order"].event_type, "order.confirmed");
     assert_eq!(view.sources["payment"].event_type, "payment.charged");
     // The repeats (stopped by the dedup store before the handler) and the older order.created

@@ -7,6 +7,7 @@ pub mod codec;
 pub mod compatibility;
 pub mod events;
 pub mod registry;
+pub mod status;
 pub mod subjects;
 pub mod validate;
 
@@ -15,5 +16,6 @@ pub use catalog::{Catalog, CatalogError, EventSchema};
 pub use codec::{DecodeError, EncodeError, EventCodec};
 pub use events::*;
 pub use registry::{RegisteredSchema, RegistryClient, RegistryError};
+pub use status::OrderStatus;
 pub use subjects::{Naming, SubjectStrategy};
 pub use validate::{ValidationError, Violation};

@@ -567,8 +567,11 @@ pub async fn expire_intake(
     Ok(deleted)
 }
 
-/// The statuses after which an order changes no more.
-pub const FINAL_STATUSES: [&str; 2] = ["confirmed", "cancelled"];
+/// The finished orders, in the read model's SQL: [`OrderStatus::FINAL`] (a test keeps them
+/// equal), spelled out so the partial index and the queries match it word for word.
+///
+/// [`OrderStatus::FINAL`]: crate::contracts::OrderStatus::FINAL
+const FINISHED: &str = "status IN ('confirmed', 'cancelled')";
 
 /// Deletes finished orders (confirmed or cancelled) whose status became final more than
 /// `window` ago, in bounded batches; an order in flight is never deleted. Returns the rows
@@ -580,7 +583,7 @@ pub async fn expire_read_model(
     ensure_index(
         client,
         "orderflow_order_status_finished",
-        "ON orderflow_order_status (status_since) WHERE status IN ('confirmed', 'cancelled')",
+        &format!("ON orderflow_order_status (status_since) WHERE {FINISHED}"),
     )
     .await?;
     let horizon = db_now(client).await? - window.as_secs_f64();
@@ -588,8 +591,10 @@ pub async fn expire_read_model(
         client,
         READ_MODEL_TABLE,
         "order_id",
-        "SELECT order_id FROM orderflow_order_status WHERE status IN ('confirmed', 'cancelled') \
-         AND status_since < ($1::float8 * 1000)::bigint ORDER BY status_since LIMIT $2",
+        &format!(
+            "SELECT order_id FROM orderflow_order_status WHERE {FINISHED} \
+             AND status_since < ($1::float8 * 1000)::bigint ORDER BY status_since LIMIT $2"
+        ),
         horizon,
     )
     .await?;
@@ -691,9 +696,11 @@ pub async fn measure_read_model(
 ) -> Result<Held, tokio_postgres::Error> {
     let row = client
         .query_one(
-            "SELECT pg_stat_get_live_tuples(to_regclass($1)), \
-             extract(epoch FROM now())::float8 - (SELECT min(status_since) FROM orderflow_order_status \
-               WHERE status IN ('confirmed', 'cancelled'))::float8 / 1000.0",
+            &format!(
+                "SELECT pg_stat_get_live_tuples(to_regclass($1)), \
+                 extract(epoch FROM now())::float8 - (SELECT min(status_since) FROM orderflow_order_status \
+                   WHERE {FINISHED})::float8 / 1000.0"
+            ),
             &[&READ_MODEL_TABLE],
         )
         .await?;
@@ -727,6 +734,15 @@ pub fn period(span: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_finished_filter_names_the_final_order_statuses() {
+        let statuses: Vec<String> = crate::contracts::OrderStatus::FINAL
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect();
+        assert_eq!(FINISHED, format!("status IN ({})", statuses.join(", ")));
+    }
 
     #[test]
     fn settings_are_bounded_and_refusals_name_the_setting() {

@@ -21,6 +21,7 @@ pub use config::{Delivery, HttpStepConfig, PipelineConfig, RetryConfig, StepConf
 
 use crate::contracts::{Naming, EVENT_TYPES};
 use crate::failure::{Classifier, ErrorClass};
+use crate::topology;
 
 /// A validated pipeline, ready to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,24 +110,28 @@ impl Step {
     }
 }
 
-/// Names of every topic and the group of a pipeline, for one topic prefix.
+/// Names of every topic and the group of a pipeline, for one topic prefix (the rules are
+/// [`crate::topology`]'s).
 impl Pipeline {
     pub fn group_id(&self, naming: &Naming) -> String {
-        format!("{}{}", naming.topic_prefix, self.group)
+        topology::group_id(naming, &self.group)
     }
 
     pub fn input_topics(&self, naming: &Naming) -> Vec<String> {
-        self.inputs.iter().map(|t| naming.topic(t)).collect()
+        self.inputs
+            .iter()
+            .map(|t| topology::event_topic(naming, t))
+            .collect()
     }
 
     /// `T.G.retry.N` for the (prefixed) input topic `T`, N from 1.
     pub fn retry_topic(&self, input_topic: &str, tier: usize) -> String {
-        format!("{input_topic}.{}.retry.{tier}", self.group)
+        topology::retry_topic(input_topic, &self.group, tier)
     }
 
     /// `T.G.dlq` for the (prefixed) input topic `T`.
     pub fn dlq_topic(&self, input_topic: &str) -> String {
-        format!("{input_topic}.{}.dlq", self.group)
+        topology::dlq_topic(input_topic, &self.group)
     }
 }
 
@@ -160,13 +165,13 @@ impl Pipeline {
                 out.push(of(self.retry_topic(&input, tier), "retry"));
             }
             let dlq = self.dlq_topic(&input);
-            out.push(of(format!("{dlq}.audit"), "dlq-audit"));
+            out.push(of(topology::dlq_audit_topic(&dlq), "dlq-audit"));
             out.push(of(dlq, "dlq"));
         }
         for output in self.step.outputs() {
             if !output.starts_with('(') {
                 out.push(PlannedTopic {
-                    topic: naming.topic(&output),
+                    topic: topology::event_topic(naming, &output),
                     role: "output",
                     input: None,
                 });

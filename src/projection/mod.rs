@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::contracts::events::now_millis;
-use crate::contracts::AnyEvent;
+use crate::contracts::{AnyEvent, OrderStatus};
 use crate::database::{retention, Database};
 use crate::failure::Failure;
 use crate::steps::Handler;
@@ -51,7 +51,7 @@ pub struct SourceEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrderView {
     pub order_id: Uuid,
-    pub status: &'static str,
+    pub status: OrderStatus,
     pub version: i64,
     /// By source: order, inventory, payment, shipment, notification.
     pub sources: BTreeMap<String, SourceEvent>,
@@ -91,7 +91,7 @@ pub fn merge(current: Option<&OrderView>, event: &AnyEvent, now: i64) -> Merge {
     let order_id = Uuid::parse_str(&event.key()).unwrap_or_default();
     let mut view = current.cloned().unwrap_or(OrderView {
         order_id,
-        status: "placed",
+        status: OrderStatus::Placed,
         version: 0,
         sources: BTreeMap::new(),
         last_event_at: 0,
@@ -125,11 +125,11 @@ pub fn merge(current: Option<&OrderView>, event: &AnyEvent, now: i64) -> Merge {
     Merge::Applied(view)
 }
 
-fn status_of(sources: &BTreeMap<String, SourceEvent>) -> &'static str {
+fn status_of(sources: &BTreeMap<String, SourceEvent>) -> OrderStatus {
     let latest = |s: &str| sources.get(s).map(|e| e.event_type.as_str());
     match latest("order") {
-        Some("order.confirmed") => return "confirmed",
-        Some("order.cancelled") => return "cancelled",
+        Some("order.confirmed") => return OrderStatus::Confirmed,
+        Some("order.cancelled") => return OrderStatus::Cancelled,
         _ => {}
     }
     let failed = sources.values().any(|e| {
@@ -143,11 +143,11 @@ fn status_of(sources: &BTreeMap<String, SourceEvent>) -> &'static str {
         )
     });
     if failed {
-        "cancelling"
+        OrderStatus::Cancelling
     } else if STEPS.iter().any(|s| sources.contains_key(*s)) {
-        "processing"
+        OrderStatus::Processing
     } else {
-        "placed"
+        OrderStatus::Placed
     }
 }
 
@@ -155,8 +155,8 @@ impl OrderView {
     /// The steps not done yet (none once the order is confirmed or cancelled).
     pub fn pending(&self) -> Vec<&'static str> {
         match self.status {
-            "confirmed" | "cancelled" => Vec::new(),
-            "cancelling" => vec!["cancellation"],
+            OrderStatus::Confirmed | OrderStatus::Cancelled => Vec::new(),
+            OrderStatus::Cancelling => vec!["cancellation"],
             _ => STEPS
                 .into_iter()
                 .filter(|s| !self.sources.contains_key(*s))
@@ -213,7 +213,7 @@ impl OrderStatusStore {
                     "INSERT INTO orderflow_order_status (order_id, status, version, sources, last_event_at, projected_at, status_since) \
                      VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (order_id) DO UPDATE SET \
                      status = $2, version = $3, sources = $4, last_event_at = $5, projected_at = $6, status_since = $7",
-                    &[&order_id, &view.status, &view.version, &sources, &view.last_event_at, &view.projected_at, &view.status_since],
+                    &[&order_id, &view.status.as_str(), &view.version, &sources, &view.last_event_at, &view.projected_at, &view.status_since],
                 )
                 .await?;
             }
@@ -240,13 +240,7 @@ fn view_of(order_id: Uuid, row: &tokio_postgres::Row) -> Result<OrderView, Strin
     let sources: String = row.get(2);
     Ok(OrderView {
         order_id,
-        status: match status.as_str() {
-            "confirmed" => "confirmed",
-            "cancelled" => "cancelled",
-            "cancelling" => "cancelling",
-            "processing" => "processing",
-            _ => "placed",
-        },
+        status: OrderStatus::from_stored(&status),
         version: row.get(1),
         sources: serde_json::from_str(&sources)
             .map_err(|e| format!("stored sources of {order_id} are unreadable: {e}"))?,
@@ -356,7 +350,7 @@ impl Handler for OrderStatusHandler {
             self.start_expiry();
             match self.store.apply(event).await.map_err(Failure::Dependency)? {
                 Merge::Applied(view) => self.telemetry.emit(ProjectionEvent::Applied {
-                    status: view.status,
+                    status: view.status.as_str(),
                     lag_ms: view.projected_at - event.envelope().occurred_at,
                 }),
                 Merge::Duplicate => self.telemetry.emit(ProjectionEvent::Conflict {
@@ -436,7 +430,7 @@ mod tests {
             let Merge::Applied(v) = merge(view.as_ref(), e, now_millis()) else {
                 panic!()
             };
-            statuses.push(v.status);
+            statuses.push(v.status.as_str());
             view = Some(v);
         }
         assert_eq!(
@@ -463,13 +457,13 @@ mod tests {
             let mut shuffled: Vec<&AnyEvent> = flow.iter().chain(flow.iter().take(3)).collect();
             fastrand::shuffle(&mut shuffled);
             let (view, conflicts) = project(&shuffled);
-            assert_eq!(view.status, "confirmed");
+            assert_eq!(view.status, OrderStatus::Confirmed);
             assert_eq!(view.sources, expected.sources);
             assert!(conflicts >= 3, "the three repeats at least");
         }
         // The confirmation first, then an older order.created: still confirmed.
         let (view, conflicts) = project(&[&flow[4], &flow[0]]);
-        assert_eq!((view.status, conflicts), ("confirmed", 1));
+        assert_eq!((view.status, conflicts), (OrderStatus::Confirmed, 1));
     }
 
     #[test]
@@ -488,7 +482,7 @@ mod tests {
         }
         let (view, conflicts) = project(&[&flow[0], &released, &flow[1]]);
         assert_eq!(view.sources["inventory"].event_type, "inventory.released");
-        assert_eq!((view.status, conflicts), ("cancelling", 1));
+        assert_eq!((view.status, conflicts), (OrderStatus::Cancelling, 1));
         assert_eq!(view.pending(), ["cancellation"]);
     }
 }

@@ -146,11 +146,13 @@ impl DedupStore {
     /// `ORDERFLOW_DEDUP_RETENTION` (default 7 days). Fails when the database cannot be reached or
     /// the setting is out of bounds, so a processor does not start without its dedup state.
     pub async fn connect(url: &str) -> Result<DedupStore, DedupError> {
+        let db = Database::new(url)?;
+        // The pool redacts the URL: the one place that does.
         let retention = DedupRetention::from_env().map_err(|e| DedupError {
-            url: crate::database::redact(url),
+            url: db.url(),
             detail: e.to_string(),
         })?;
-        DedupStore::with_retention(url, retention).await
+        DedupStore::connected(db, retention).await
     }
 
     /// [`DedupStore::connect`] with a retention of the caller's (e.g. a window shortened for a
@@ -159,8 +161,13 @@ impl DedupStore {
         url: &str,
         retention: DedupRetention,
     ) -> Result<DedupStore, DedupError> {
-        let store =
-            DedupStore::with_database_and_retention(Database::connect(url).await?, retention);
+        DedupStore::connected(Database::new(url)?, retention).await
+    }
+
+    /// A store over `db` once it answers, its table created or migrated.
+    async fn connected(db: Database, retention: DedupRetention) -> Result<DedupStore, DedupError> {
+        db.get().await?;
+        let store = DedupStore::with_database_and_retention(db, retention);
         let conn = store.db.get().await?;
         store.shared.layout(&conn).await?;
         Ok(store)

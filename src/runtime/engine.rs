@@ -26,12 +26,13 @@ use tokio::task::AbortHandle;
 
 use super::context::{MeteredContext, RebalanceEvent};
 use super::gate::{self, Admission, GateRules, Source};
-use super::headers::FailureContext;
 use super::lanes::{LaneKey, Lanes};
 use super::offsets::OffsetWindow;
-use super::transactions::{Batch, TransactionError};
+use super::transactions::Batch;
 use super::work::{Finished, Job, Staged, Worker};
 use crate::contracts::events::now_millis;
+use crate::kafka::headers::FailureContext;
+use crate::kafka::transactions::TransactionError;
 use crate::telemetry::ProcessorEvent;
 
 /// A partition of a subscribed topic.

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use super::headers::FailureContext;
+use crate::kafka::headers::FailureContext;
 
 /// A partition paused for a retry record resumes this long before the record is due, so the
 /// fetch already in flight (`fetch.wait.max.ms`) is not added to the record's lateness.

@@ -13,7 +13,7 @@
 //!   step under the `concurrency` permits (transient retries wait in the lane), encode, write
 //!   and wait for acks ([`writer`]), store the dedup mark.
 //! - [`route`]: what a failure becomes: the next retry tier or the dead-letter topic, with
-//!   [`headers`] carrying its context.
+//!   [`crate::kafka::headers`] carrying its context.
 //! - [`transactions`]: exactly once, a batch of inputs' outputs and offsets in one transaction.
 //! - [`monitor`] measures what records cannot show (DLQ depth, retry backlog, readiness);
 //!   [`context`] reports librdkafka statistics and rebalances.
@@ -27,7 +27,6 @@ pub mod context;
 pub mod dedup;
 pub mod engine;
 pub mod gate;
-pub mod headers;
 pub mod lanes;
 pub mod monitor;
 pub mod offsets;
@@ -48,8 +47,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::contracts::{EventCodec, Naming};
 use crate::kafka;
 use crate::pipeline::{Delivery, Pipeline};
-use crate::steps::{HandlerContext, StepRunner};
+use crate::steps::{Handlers, StepRunner};
 use crate::telemetry::Telemetry;
+use crate::topology;
 use context::MeteredContext;
 use dedup::DedupStore;
 use engine::{Engine, Limits, Role};
@@ -90,7 +90,7 @@ impl Processor {
         bootstrap_servers: &str,
         codec: Arc<EventCodec>,
         dedup: Option<Arc<DedupStore>>,
-        handlers: &HandlerContext,
+        handlers: &Handlers,
     ) -> anyhow::Result<Processor> {
         let mut roles = HashMap::new();
         for event_type in &pipeline.inputs {
@@ -124,17 +124,8 @@ impl Processor {
         producer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
         let transactional = pipeline.delivery == Delivery::ExactlyOnce;
         if transactional {
-            // A stable id per instance: a restarted instance fences its predecessor and aborts
-            // the transaction it left open, instead of readers waiting for it to time out.
-            producer_config
-                .set(
-                    "transactional.id",
-                    format!("{}.{}", pipeline.group_id(&naming), instance_id()),
-                )
-                // A zombie that never comes back blocks read_committed readers at most this long.
-                .set("transaction.timeout.ms", "10000")
-                // librdkafka requires a record's delivery timeout within the transaction's.
-                .set("message.timeout.ms", "10000");
+            let id = topology::transactional_id(&pipeline.group_id(&naming), &instance_id());
+            kafka::transactions::transactional(&mut producer_config, &id);
         }
         Ok(Processor {
             group_id: pipeline.group_id(&naming),
@@ -395,66 +386,5 @@ pub fn instance_id() -> String {
     match std::str::from_utf8(&buf[..end]) {
         Ok(host) if ok && !host.is_empty() => host.to_string(),
         _ => "orderflow".to_string(),
-    }
-}
-
-/// A long-running part of the process (a processor, a saga orchestrator), by name.
-pub type Task = (
-    String,
-    futures::future::BoxFuture<'static, anyhow::Result<()>>,
-);
-
-/// Runs the tasks `start` makes from the shutdown flag until SIGTERM or Ctrl-C, or until one
-/// fails (then the others are stopped too).
-pub async fn run_until_signal(
-    start: impl FnOnce(watch::Receiver<bool>) -> Vec<Task>,
-) -> anyhow::Result<()> {
-    let (stop, stopped) = watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for (name, task) in start(stopped) {
-        tasks.spawn(async move { (name, task.await) });
-    }
-    let signal = shutdown_signal();
-    tokio::pin!(signal);
-    let mut result = Ok(());
-    loop {
-        tokio::select! {
-            _ = &mut signal, if !*stop.borrow() => {
-                tracing::info!("shutdown requested");
-                let _ = stop.send(true);
-            }
-            joined = tasks.join_next() => match joined {
-                None => break,
-                Some(Ok((_, Ok(())))) => {}
-                Some(Ok((name, Err(e)))) => {
-                    tracing::error!(task = %name, "failed: {e:#}");
-                    let _ = stop.send(true);
-                    result = Err(e.context(name));
-                }
-                Some(Err(e)) => {
-                    let _ = stop.send(true);
-                    result = Err(anyhow::anyhow!("a task panicked: {e}"));
-                }
-            }
-        }
-    }
-    result
-}
-
-/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }

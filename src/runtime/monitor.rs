@@ -18,13 +18,10 @@ use super::context::MeteredContext;
 use crate::contracts::events::now_millis;
 use crate::contracts::{EventCodec, Naming};
 use crate::kafka;
+use crate::kafka::read::partitions;
 use crate::pipeline::Pipeline;
 use crate::telemetry::{ProcessorEvent, Telemetry};
-
-/// The consumer group whose committed offsets mark dead letters as replayed or discarded.
-pub fn replay_group(group_id: &str) -> String {
-    format!("{group_id}.dlq-replay")
-}
+use crate::topology;
 
 pub struct Monitor {
     pub pipeline: Pipeline,
@@ -111,22 +108,15 @@ fn beyond(
     group_offsets: &TopicPartitionList,
 ) -> anyhow::Result<Vec<(i32, i64, i64)>> {
     let timeout = Duration::from_secs(5);
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let Some(t) = metadata.topics().first().filter(|t| t.error().is_none()) else {
-        return Ok(Vec::new());
-    };
     let mut out = Vec::new();
-    for p in t.partitions() {
-        let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
-        let committed = match group_offsets
-            .find_partition(topic, p.id())
-            .map(|e| e.offset())
-        {
+    for p in partitions(consumer, topic, timeout)? {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        let committed = match group_offsets.find_partition(topic, p).map(|e| e.offset()) {
             Some(Offset::Offset(o)) => o,
             _ => low,
         };
         let start = committed.max(low);
-        out.push((p.id(), start, (high - start).max(0)));
+        out.push((p, start, (high - start).max(0)));
     }
     Ok(out)
 }
@@ -135,11 +125,8 @@ fn committed(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<Topic
     let timeout = Duration::from_secs(5);
     let mut tpl = TopicPartitionList::new();
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        if let Some(t) = metadata.topics().first().filter(|t| t.error().is_none()) {
-            for p in t.partitions() {
-                tpl.add_partition(topic, p.id());
-            }
+        for p in partitions(consumer, topic, timeout)? {
+            tpl.add_partition(topic, p);
         }
     }
     if tpl.count() == 0 {
@@ -160,7 +147,7 @@ fn measure(
         Ok(config.create()?)
     };
     let processor_group = reader(group)?;
-    let replay = reader(&replay_group(group))?;
+    let replay = reader(&topology::dlq_replay_group(group))?;
     let mut measured = Measured {
         dlq: Vec::new(),
         backlog: Vec::new(),

@@ -9,9 +9,9 @@ use std::collections::HashMap;
 
 use rdkafka::message::{Message, OwnedMessage};
 
-use super::headers::{self, FailureContext};
 use super::writer::OutRecord;
 use crate::failure::{ErrorClass, Failure, Route};
+use crate::kafka::headers::{self, FailureContext};
 use crate::pipeline::Pipeline;
 
 /// Longest error message written to a header.

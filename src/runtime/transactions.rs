@@ -4,15 +4,14 @@
 //!
 //! Invariant: a record joins the batch only once every earlier record of its partition has
 //! (the engine hands over each window's contiguous finished prefix), so a committed offset never
-//! passes a record whose outputs are not in this or an earlier transaction. Every blocking
-//! librdkafka call (begin, send offsets, commit, abort) runs off the executor.
+//! passes a record whose outputs are not in this or an earlier transaction. The transactional
+//! calls themselves (begin, send offsets and commit, abort) are [`crate::kafka::transactions`].
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::Producer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
@@ -20,37 +19,13 @@ use super::context::MeteredContext;
 use super::engine::TopicPartition;
 use super::work::{Staged, Worker};
 use super::writer;
+use crate::kafka::transactions::{self, TransactionError};
 use crate::telemetry::ProcessorEvent;
 
 /// Most inputs in one transaction.
 pub const MAX_INPUTS: usize = 500;
 /// Longest a finished input waits for its transaction.
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
-/// Bound of each transactional call.
-const TRANSACTION_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Why a transaction did not commit.
-#[derive(Debug, thiserror::Error)]
-pub enum TransactionError {
-    /// Aborted (or abortable): read its inputs again.
-    #[error("{0}")]
-    Abortable(String),
-    /// The producer cannot go on (e.g. fenced by a newer instance): stop the processor.
-    #[error("fatal transaction error: {0}")]
-    Fatal(anyhow::Error),
-}
-
-impl TransactionError {
-    pub fn from_kafka(error: rdkafka::error::KafkaError) -> TransactionError {
-        match &error {
-            rdkafka::error::KafkaError::Transaction(e) if e.is_fatal() => {
-                TransactionError::Fatal(anyhow::Error::new(error))
-            }
-            _ => TransactionError::Abortable(error.to_string()),
-        }
-    }
-}
-
 /// One partition's part of the batch.
 struct Part {
     /// Where the batch began in this partition: a new owner, or a retry, reads from here.
@@ -130,9 +105,7 @@ impl Batch {
                 starts,
             ));
         };
-        let producer = worker.producer.clone();
-        let result = blocking(move || producer.begin_transaction()).await;
-        if let Err(e) = result {
+        if let Err(e) = transactions::begin(&worker.producer).await {
             return Err((e, starts));
         }
         let mut staged: Vec<Staged> = self.parts.into_values().flat_map(|p| p.staged).collect();
@@ -161,47 +134,21 @@ impl Batch {
             });
             failed = Some(error);
         }
-        let producer = worker.producer.clone();
         let committed = match failed {
             Some(error) => Err(TransactionError::Abortable(error)),
-            None => {
-                blocking(move || {
-                    producer.send_offsets_to_transaction(
-                        &offsets,
-                        &metadata,
-                        TRANSACTION_CALL_TIMEOUT,
-                    )?;
-                    producer.commit_transaction(TRANSACTION_CALL_TIMEOUT)
-                })
-                .await
-            }
+            None => transactions::commit(&worker.producer, offsets, metadata).await,
         };
         match committed {
             Ok(()) => Ok(staged),
             Err(error) => {
                 if !matches!(error, TransactionError::Fatal(_)) {
-                    let producer = worker.producer.clone();
-                    if let Err(abort) =
-                        blocking(move || producer.abort_transaction(TRANSACTION_CALL_TIMEOUT)).await
-                    {
+                    if let Err(abort) = transactions::abort(&worker.producer).await {
                         return Err((abort, starts));
                     }
                 }
                 Err((error, starts))
             }
         }
-    }
-}
-
-/// Runs a blocking librdkafka call on the blocking pool.
-async fn blocking(
-    call: impl FnOnce() -> Result<(), rdkafka::error::KafkaError> + Send + 'static,
-) -> Result<(), TransactionError> {
-    match tokio::task::spawn_blocking(call).await {
-        Ok(result) => result.map_err(TransactionError::from_kafka),
-        Err(e) => Err(TransactionError::Fatal(anyhow::anyhow!(
-            "transaction call panicked: {e}"
-        ))),
     }
 }
 

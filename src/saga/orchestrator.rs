@@ -50,8 +50,8 @@ use super::state::{self, FailedBy, Happening, Input, Outcome, SagaState, Transit
 use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, DecodeError, EventCodec, Naming, OrderCreated};
 use crate::kafka;
-use crate::runtime::headers;
-use crate::runtime::transactions::TransactionError;
+use crate::kafka::headers;
+use crate::kafka::transactions::TransactionError;
 use crate::runtime::writer::{self, OutRecord};
 use crate::telemetry::saga::{SagaEvent, SagaTelemetry};
 

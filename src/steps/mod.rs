@@ -12,7 +12,7 @@ use crate::contracts::AnyEvent;
 use crate::failure::Failure;
 use crate::pipeline::{Pipeline, Step};
 
-pub use handlers::HANDLER_NAMES;
+pub use handlers::{Handlers, HANDLER_NAMES, ORDER_STATUS};
 pub use http::HttpCaller;
 
 /// What one input produced.
@@ -24,18 +24,11 @@ pub struct Outcome {
     pub copies: Vec<String>,
 }
 
-/// A Rust handler for what no declared step can do. Register it in `handlers.rs` under a name a
-/// pipeline file can use (`step: {custom: {handler: NAME}}`).
+/// A Rust handler for what no declared step can do. Its name (one a pipeline file can use:
+/// `step: {custom: {handler: NAME}}`) is listed in `handlers.rs`; the app builder registers it.
 pub trait Handler: Send + Sync {
     /// Handles one event; the returned events are published (with causation set by the caller).
     fn handle<'a>(&'a self, event: &'a AnyEvent) -> BoxFuture<'a, Result<Vec<AnyEvent>, Failure>>;
-}
-
-/// What handlers may need from the process: the stores it was configured with.
-#[derive(Debug, Clone, Default)]
-pub struct HandlerContext {
-    /// PostgreSQL, for handlers that keep state (the order-status read model).
-    pub database_url: String,
 }
 
 /// A pipeline's step, ready to run.
@@ -47,12 +40,13 @@ pub enum StepRunner {
 }
 
 impl StepRunner {
-    pub fn for_pipeline(pipeline: &Pipeline, context: &HandlerContext) -> StepRunner {
+    pub fn for_pipeline(pipeline: &Pipeline, handlers: &Handlers) -> StepRunner {
         match &pipeline.step {
             Step::Route { to } => StepRunner::Route(to.clone()),
             Step::Http(http) => StepRunner::Http(HttpCaller::new(http.clone(), &pipeline.name)),
             Step::Custom { handler } => StepRunner::Custom(
-                handlers::by_name(handler, context)
+                handlers
+                    .make(handler)
                     .expect("pipeline validation accepts registered handler names only"),
             ),
         }

@@ -13,7 +13,7 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
 use axum::{Json, Router};
-use orderflow::cli::{processors, Connect};
+use orderflow::app::{processors, Connect};
 use orderflow::contracts::validate::Violations;
 use orderflow::contracts::{
     Address, Catalog, Envelope, Event, EventCodec, Money, Naming, OrderCreated, OrderItem,

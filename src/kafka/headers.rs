@@ -118,3 +118,32 @@ pub fn with_failure<H: Headers>(
     }
     out
 }
+
+/// Reads one header as text, invalid UTF-8 replaced: for showing what a record carries.
+pub fn text<H: Headers>(headers: Option<&H>, name: &str) -> Option<String> {
+    headers?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// The record's headers without those `drop` names (e.g. the failure context of a record being
+/// replayed), in their order.
+pub fn without<H: Headers>(original: Option<&H>, drop: impl Fn(&str) -> bool) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new();
+    if let Some(original) = original {
+        for h in original.iter().filter(|h| !drop(h.key)) {
+            out = out.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    out
+}
+
+/// On a replayed dead letter: the `<dlq>:<partition>:<offset>` it was replayed from.
+pub const REPLAYED_FROM: &str = "orderflow.replayed.from";
+/// On a replayed dead letter: when it was replayed, ms since the epoch.
+pub const REPLAYED_TIME: &str = "orderflow.replayed.time";

@@ -1,0 +1,94 @@
+//! Kafka transactions: the producer settings they need, the sequence that ends one (offsets
+//! sent, then commit; abort on an abortable error) and how its errors are classified. Every
+//! blocking librdkafka call runs on the blocking pool, never on the executor. What a
+//! transaction holds (the batch) is its caller's.
+
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerGroupMetadata;
+use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::TopicPartitionList;
+
+/// Bound of each transactional call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a transaction did not commit.
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    /// Aborted (or abortable): read its inputs again.
+    #[error("{0}")]
+    Abortable(String),
+    /// The producer cannot go on (e.g. fenced by a newer instance): stop the processor.
+    #[error("fatal transaction error: {0}")]
+    Fatal(anyhow::Error),
+}
+
+impl TransactionError {
+    pub fn from_kafka(error: rdkafka::error::KafkaError) -> TransactionError {
+        match &error {
+            rdkafka::error::KafkaError::Transaction(e) if e.is_fatal() => {
+                TransactionError::Fatal(anyhow::Error::new(error))
+            }
+            _ => TransactionError::Abortable(error.to_string()),
+        }
+    }
+}
+
+/// Settings of a transactional producer under `transactional_id` (stable per instance: a
+/// restarted instance fences its predecessor and aborts the transaction it left open, instead
+/// of readers waiting for it to time out).
+pub fn transactional<'a>(
+    config: &'a mut ClientConfig,
+    transactional_id: &str,
+) -> &'a mut ClientConfig {
+    config
+        .set("transactional.id", transactional_id)
+        // A zombie that never comes back blocks read_committed readers at most this long.
+        .set("transaction.timeout.ms", "10000")
+        // librdkafka requires a record's delivery timeout within the transaction's.
+        .set("message.timeout.ms", "10000")
+}
+
+/// Begins a transaction.
+pub async fn begin<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+) -> Result<(), TransactionError> {
+    let producer = producer.clone();
+    blocking(move || producer.begin_transaction()).await
+}
+
+/// Adds the consumer's `offsets` to the open transaction and commits it.
+pub async fn commit<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+    offsets: TopicPartitionList,
+    metadata: ConsumerGroupMetadata,
+) -> Result<(), TransactionError> {
+    let producer = producer.clone();
+    blocking(move || {
+        producer.send_offsets_to_transaction(&offsets, &metadata, CALL_TIMEOUT)?;
+        producer.commit_transaction(CALL_TIMEOUT)
+    })
+    .await
+}
+
+/// Aborts the open transaction.
+pub async fn abort<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+) -> Result<(), TransactionError> {
+    let producer = producer.clone();
+    blocking(move || producer.abort_transaction(CALL_TIMEOUT)).await
+}
+
+/// Runs a blocking librdkafka call on the blocking pool.
+async fn blocking(
+    call: impl FnOnce() -> Result<(), rdkafka::error::KafkaError> + Send + 'static,
+) -> Result<(), TransactionError> {
+    match tokio::task::spawn_blocking(call).await {
+        Ok(result) => result.map_err(TransactionError::from_kafka),
+        Err(e) => Err(TransactionError::Fatal(anyhow::anyhow!(
+            "transaction call panicked: {e}"
+        ))),
+    }
+}
