@@ -2,7 +2,7 @@
 //! shape; these prove the content: ids present, the type matching, money and quantities in
 //! range, orders not empty and adding up. Every violation is reported, each naming its field.
 
-use std::fmt;
+use std::fmt::{self, Display};
 
 use uuid::Uuid;
 
@@ -49,9 +49,11 @@ impl Violations {
         });
     }
 
-    fn require(&mut self, ok: bool, field: impl Into<String>, problem: &str) {
+    /// Field and problem are formatted only when the rule is broken: checking a valid event
+    /// (every event on the hot path) allocates nothing.
+    fn require(&mut self, ok: bool, field: impl Display, problem: impl Display) {
         if !ok {
-            self.add(field, problem);
+            self.add(field.to_string(), problem.to_string());
         }
     }
 
@@ -67,46 +69,46 @@ impl Violations {
         }
     }
 
-    fn id(&mut self, field: &str, id: &Uuid) {
+    fn id(&mut self, field: impl Display, id: &Uuid) {
         self.require(!id.is_nil(), field, "must be set (it is the nil UUID)");
     }
 
-    fn text(&mut self, field: &str, value: &str) {
+    fn text(&mut self, field: impl Display, value: &str) {
         self.require(!value.trim().is_empty(), field, "must not be empty");
     }
 
-    fn money(&mut self, field: &str, money: &Money) {
+    fn money(&mut self, field: impl Display, money: &Money) {
         self.require(
             (0..=MAX_AMOUNT_MINOR).contains(&money.amount_minor),
-            format!("{field}.amount_minor"),
-            &format!(
+            format_args!("{field}.amount_minor"),
+            format_args!(
                 "must be between 0 and {MAX_AMOUNT_MINOR} minor units, is {}",
                 money.amount_minor
             ),
         );
         self.require(
             money.currency.len() == 3 && money.currency.bytes().all(|b| b.is_ascii_uppercase()),
-            format!("{field}.currency"),
-            &format!(
+            format_args!("{field}.currency"),
+            format_args!(
                 "must be an ISO 4217 code of three capital letters, is {:?}",
                 money.currency
             ),
         );
     }
 
-    fn quantity(&mut self, field: &str, quantity: i32) {
+    fn quantity(&mut self, field: impl Display, quantity: i32) {
         self.require(
             (1..=MAX_QUANTITY).contains(&quantity),
             field,
-            &format!("must be between 1 and {MAX_QUANTITY}, is {quantity}"),
+            format_args!("must be between 1 and {MAX_QUANTITY}, is {quantity}"),
         );
     }
 
     fn stock_lines(&mut self, field: &str, lines: &[StockLine]) {
         self.require(!lines.is_empty(), field, "must hold at least one line");
         for (i, line) in lines.iter().enumerate() {
-            self.text(&format!("{field}[{i}].sku"), &line.sku);
-            self.quantity(&format!("{field}[{i}].quantity"), line.quantity);
+            self.text(format_args!("{field}[{i}].sku"), &line.sku);
+            self.quantity(format_args!("{field}[{i}].quantity"), line.quantity);
         }
     }
 }
@@ -121,7 +123,7 @@ pub fn check_envelope<E: Event>(envelope: &Envelope, v: &mut Violations) {
     v.require(
         envelope.event_type == E::EVENT_TYPE,
         "envelope.event_type",
-        &format!("must be {}, is {:?}", E::EVENT_TYPE, envelope.event_type),
+        format_args!("must be {}, is {:?}", E::EVENT_TYPE, envelope.event_type),
     );
     v.require(
         envelope.occurred_at > 0,
@@ -152,14 +154,13 @@ impl Check for OrderCreatedData {
         );
         let mut sum: Option<i64> = Some(0);
         for (i, item) in self.items.iter().enumerate() {
-            let field = format!("data.items[{i}]");
-            v.text(&format!("{field}.sku"), &item.sku);
-            v.quantity(&format!("{field}.quantity"), item.quantity);
-            v.money(&format!("{field}.unit_price"), &item.unit_price);
+            v.text(format_args!("data.items[{i}].sku"), &item.sku);
+            v.quantity(format_args!("data.items[{i}].quantity"), item.quantity);
+            v.money(format_args!("data.items[{i}].unit_price"), &item.unit_price);
             v.require(
                 item.unit_price.currency == self.total.currency,
-                format!("{field}.unit_price.currency"),
-                &format!(
+                format_args!("data.items[{i}].unit_price.currency"),
+                format_args!(
                     "must be the order's currency {}, is {}",
                     self.total.currency, item.unit_price.currency
                 ),
@@ -190,7 +191,7 @@ impl Check for OrderCreatedData {
         v.require(
             address.country.len() == 2 && address.country.bytes().all(|b| b.is_ascii_uppercase()),
             "data.shipping_address.country",
-            &format!(
+            format_args!(
                 "must be an ISO 3166-1 alpha-2 code, is {:?}",
                 address.country
             ),
@@ -265,7 +266,7 @@ impl Check for NotificationSentData {
         v.require(
             matches!(self.channel.as_str(), "email" | "sms" | "push"),
             "data.channel",
-            &format!("must be email, sms or push, is {:?}", self.channel),
+            format_args!("must be email, sms or push, is {:?}", self.channel),
         );
         v.text("data.recipient", &self.recipient);
         v.text("data.template", &self.template);
