@@ -361,7 +361,7 @@ async fn a_step_without_reply_times_out_and_its_late_reply_changes_nothing() {
 
 // ---- the orchestrator as a process -----------------------------------------------------------
 
-fn spawn_saga(prefix: &str, dir: &Path, instance: &str, metrics: &str, log: &Path) -> Child {
+fn spawn_saga(prefix: &str, dir: &Path, instance: &str, metrics: &str, log: &Path) -> Process {
     spawn_orderflow(
         &["run", "order", "--report-every", "0s"],
         prefix,

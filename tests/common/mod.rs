@@ -508,7 +508,7 @@ impl Running {
 /// `orderflow run --all` over the pipelines of `dir`, topics under `prefix`, stderr to `log`.
 /// `orderflow run --all`; a restart (same prefix) is the same static member of its groups, so
 /// it gets its partitions back at once, as a restarted container in its pod does.
-pub fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Child {
+pub fn spawn_run(prefix: &str, dir: &Path, log: &Path) -> Process {
     spawn_orderflow(
         &["run", "--all", "--report-every", "0s"],
         prefix,
@@ -526,7 +526,7 @@ pub fn spawn_orderflow(
     dir: &Path,
     log: &Path,
     env: &[(&str, &str)],
-) -> Child {
+) -> Process {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -551,7 +551,33 @@ pub fn spawn_orderflow(
     for (k, v) in env {
         command.env(k, v);
     }
-    command.stdout(Stdio::null()).stderr(log).spawn().unwrap()
+    Process(command.stdout(Stdio::null()).stderr(log).spawn().unwrap())
+}
+
+/// A spawned `orderflow` process, killed when dropped: a test that fails half-way leaves no
+/// process behind to consume from its topics or hold its ports.
+pub struct Process(pub Child);
+
+impl std::ops::Deref for Process {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Runs an `orderflow` command to its end; fails the test when it fails. Returns its output.
