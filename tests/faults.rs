@@ -196,7 +196,28 @@ struct Row<'a> {
     dead_letters: String,
 }
 
-impl Row<'_> {
+impl<'a> Row<'a> {
+    /// A row whose outcome columns are the pipelines' tallies and the downstream's repeats.
+    fn tallied(
+        scenario: &'a str,
+        events: usize,
+        faults: String,
+        interrupted: String,
+        tallies: &[(&str, Tally)],
+        repeats: &HashMap<&'static str, HashMap<String, usize>>,
+    ) -> Row<'a> {
+        Row {
+            scenario,
+            events,
+            faults,
+            interrupted,
+            lost: sum(tallies, |t| t.lost),
+            duplicated: sum(tallies, |t| t.duplicated).to_string(),
+            repeated_calls: total_repeats(repeats).to_string(),
+            dead_letters: sum(tallies, |t| t.in_dlq).to_string(),
+        }
+    }
+
     fn print(&self) {
         eprintln!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
@@ -1234,25 +1255,23 @@ async fn postgres_outage(hung: bool) {
     let repeats = effects_once(&downstream, &SERVICES, &ids);
     let first_deferred: u64 = snaps.iter().map(|s| s.retried[0]).sum();
     let retries: u64 = snaps.iter().map(|s| s.retried.iter().sum::<u64>()).sum();
-    Row {
-        scenario: if hung {
+    Row::tallied(
+        if hung {
             "PostgreSQL (dedup) hung mid-run (SIGSTOP)"
         } else {
             "PostgreSQL (dedup) stopped mid-run"
         },
         events,
-        faults: format!(
+        format!(
             "1 outage of {:.1} s, processors not restarted",
             outage.as_secs_f64()
         ),
-        interrupted: format!(
+        format!(
             "1 of 1: at the fault {published_at_fault} published, {finished_at_fault} finished by every pipeline; {first_deferred} records deferred to the retry tiers by it ({retries} retries in all)"
         ),
-        lost: sum(&tallies, |t| t.lost),
-        duplicated: sum(&tallies, |t| t.duplicated).to_string(),
-        repeated_calls: total_repeats(&repeats).to_string(),
-        dead_letters: sum(&tallies, |t| t.in_dlq).to_string(),
-    }
+        &tallies,
+        &repeats,
+    )
     .print();
     assert_reconciled(&tallies);
     assert!(first_deferred > 0, "the outage deferred nothing");
@@ -1363,18 +1382,16 @@ async fn processors_joining_and_leaving_lose_nothing() {
     c.stop().await;
     let tallies = all_reconciled(&prefix, &ids);
     let repeats = effects_once(&downstream, &SERVICES, &ids);
-    Row {
-        scenario: "rebalances",
-        events: orders.len(),
-        faults: "4 membership changes: b joins a, a leaves, c joins, b leaves (clean stops)".into(),
-        interrupted: format!(
+    Row::tallied(
+        "rebalances",
+        orders.len(),
+        "4 membership changes: b joins a, a leaves, c joins, b leaves (clean stops)".into(),
+        format!(
             "4 of 4: (published, finished by the group) at each {at_changes:?}; progress after each"
         ),
-        lost: sum(&tallies, |t| t.lost),
-        duplicated: sum(&tallies, |t| t.duplicated).to_string(),
-        repeated_calls: total_repeats(&repeats).to_string(),
-        dead_letters: sum(&tallies, |t| t.in_dlq).to_string(),
-    }
+        &tallies,
+        &repeats,
+    )
     .print();
     assert_reconciled(&tallies);
     assert_eq!(sum(&tallies, |t| t.in_dlq), 0, "{tallies:?}");
@@ -1477,18 +1494,16 @@ async fn a_broker_and_the_controller_leader_killed_mid_run_lose_nothing() {
     };
     running.stop().await;
     let repeats = effects_once(&downstream, &SERVICES, &ids);
-    Row {
-        scenario: "broker, then controller leader SIGKILLed (3 brokers, RF 3, min ISR 2)",
-        events: orders.len(),
-        faults: "2 × SIGKILL of a broker, each restarted".into(),
-        interrupted: format!(
+    Row::tallied(
+        "broker, then controller leader SIGKILLed (3 brokers, RF 3, min ISR 2)",
+        orders.len(),
+        "2 × SIGKILL of a broker, each restarted".into(),
+        format!(
             "2 of 2: (published, finished by every pipeline) at the kills {at_faults:?}; progress while each was down"
         ),
-        lost: sum(&tallies, |t| t.lost),
-        duplicated: sum(&tallies, |t| t.duplicated).to_string(),
-        repeated_calls: total_repeats(&repeats).to_string(),
-        dead_letters: sum(&tallies, |t| t.in_dlq).to_string(),
-    }
+        &tallies,
+        &repeats,
+    )
     .print();
     assert_reconciled(&tallies);
     assert_eq!(sum(&tallies, |t| t.in_dlq), 0, "{tallies:?}");
