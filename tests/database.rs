@@ -1,6 +1,7 @@
 //! The database module and the dedup store over it, against real PostgreSQL: a server that is
 //! down or frozen (SIGSTOP) makes every call fail within a bound, and calls work again once it is
-//! back, without a new store; concurrent `seen` calls are answered right and share round trips.
+//! back, without a new store; concurrent `seen` calls are answered right and share round trips;
+//! the read model keeps both of an order's first events when they are applied at once.
 //! The down and frozen servers are throwaway ones of the test's own (tests/pg), never the stack's.
 
 mod common;
@@ -153,4 +154,53 @@ async fn seen_from_200_concurrent_callers_is_right_and_shares_round_trips() {
     // Another group's marks are not this group's.
     let other = format!("{group}-other");
     assert!(!store.seen(&other, ids[0]).await.unwrap());
+}
+
+/// Two first events of one order (on different topics, so handled at once by the read model's
+/// pipeline) must both be in its view: neither insert may erase the other's source. Run on many
+/// new orders at once so the two applies do overlap; the store's lock is what this checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_first_two_events_of_an_order_applied_at_once_both_stay_in_its_view() {
+    use orderflow::contracts::{AnyEvent, OrderCreated};
+    use orderflow::projection::{find, OrderStatusStore};
+    let url = common::database_url();
+    let store = Arc::new(OrderStatusStore::new(&url));
+    let mut orders = Vec::new();
+    let mut applies = tokio::task::JoinSet::new();
+    for _ in 0..100 {
+        let order = OrderCreated::sample("test");
+        let id = order.data.order_id;
+        let created = AnyEvent::OrderCreated(order);
+        let reserved = AnyEvent::from_data(
+            "inventory.reserved",
+            serde_json::json!({"order_id": id.to_string(), "reservation_id": Uuid::now_v7().to_string(), "lines": [{"sku": "A", "quantity": 1}]}),
+            "test",
+            created.envelope(),
+        )
+        .unwrap();
+        orders.push(id);
+        for event in [created, reserved] {
+            let store = store.clone();
+            applies.spawn(async move { store.apply(&event).await });
+        }
+    }
+    while let Some(applied) = applies.join_next().await {
+        applied.unwrap().unwrap();
+    }
+    let db = orderflow::database::Database::new(&url).unwrap();
+    let conn = db.get().await.unwrap();
+    let mut missing = Vec::new();
+    for id in &orders {
+        let view = find(conn.client(), *id).await.unwrap().expect("projected");
+        let sources: Vec<&str> = view.sources.keys().map(String::as_str).collect();
+        if view.version != 2 || sources.len() != 2 {
+            missing.push((*id, view.version, sources.join(",")));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} orders lost a first event: {missing:?}",
+        missing.len(),
+        orders.len()
+    );
 }
