@@ -4,12 +4,12 @@
 //! this module.
 //!
 //! # Layout
-//! - [`schemas`]: `schemas register|check|deploy|list`.
-//! - [`orders`]: `orders publish|consume`.
-//! - [`pipelines`]: `pipelines validate|list`, `topics plan|ensure`, `saga show`.
-//! - [`run`]: `run`, `serve`, `simulate`, `demo`: the long-running commands.
-//! - [`dlq`]: `dlq list|show|replay|discard`.
-//! - [`retention`]: `retention run|status`.
+//! - `schemas`: `schemas register|check|deploy|list`.
+//! - `orders`: `orders publish|consume`.
+//! - `pipelines`: `pipelines validate|list`, `topics plan|ensure`, `saga show`.
+//! - `run`: `run`, `serve`, `simulate`, `demo`: the long-running commands.
+//! - `dlq`: `dlq list|show|replay|discard`.
+//! - `retention`: `retention run|status`.
 
 mod dlq;
 mod orders;

@@ -18,7 +18,7 @@ use crate::telemetry::{self, Telemetry};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Pipelines and sagas (of <pipelines-dir>/sagas) to run, by name.
+    /// Pipelines and sagas (of `<pipelines-dir>`/sagas) to run, by name.
     #[arg(required_unless_present = "all")]
     pub pipelines: Vec<String>,
     /// Run every pipeline and saga of the folder.

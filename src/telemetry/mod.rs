@@ -2,7 +2,7 @@
 //! own counters (read by the demo and tests) and the Prometheus metrics never disagree. Every
 //! counter, gauge and histogram moves here and nowhere else.
 //!
-//! - [`metrics`]: the Prometheus families and their text exposition.
+//! - `metrics`: the Prometheus families and their text exposition.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`retention`]: what each retained table holds (dedup marks, intake keys, read model).
 
