@@ -86,6 +86,9 @@ pub fn parse_window(setting: &str, text: &str) -> Result<Duration, RetentionErro
     })?;
     let short = std::env::var(SHORT_WINDOWS_SETTING).is_ok_and(|v| v == "1");
     let min = if short { MIN_WINDOW } else { MIN_SETTING };
+    if short && d < MIN_SETTING {
+        tracing::warn!("{setting}={text}: below the 1 min minimum, allowed by {SHORT_WINDOWS_SETTING}=1 (benchmarks only)");
+    }
     // The value as written (humantime would print 400d as a year, a month and four days).
     check(setting, d, min, MAX_WINDOW).map_err(|_| {
         RetentionError(format!(
