@@ -190,9 +190,16 @@ pub async fn processors(
 ) -> anyhow::Result<Vec<Processor>> {
     check_broker(connect).await?;
     let dedup = if dedup {
-        Some(Arc::new(DedupStore::connect(&connect.database_url).await.map_err(|e| {
+        let store = DedupStore::connect(&connect.database_url).await.map_err(|e| {
             anyhow::anyhow!("{e}; start it with scripts/stack up, point --database-url at yours, or run with --no-dedup")
-        })?))
+        })?;
+        // A pipeline's own window may only be shorter than the one its partitions follow.
+        pipeline::check_dedup_windows(
+            &pipelines,
+            crate::database::retention::DEDUP_SETTING,
+            store.retention().window,
+        )?;
+        Some(Arc::new(store))
     } else {
         tracing::warn!("deduplication is off: a repeated event id is handled again");
         None

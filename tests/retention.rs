@@ -5,6 +5,9 @@
 //!
 //! - a duplicate within the dedup window is skipped, one past it is handled again, and the
 //!   window is exact before any partition is dropped;
+//! - a pipeline with its own, shorter window handles a duplicate past that window again while
+//!   another pipeline (the global window) skips it; a pipeline window longer than the global one
+//!   is refused at start, naming both settings;
 //! - expiry drops whole partitions (no row is ever deleted) while marks are being written, and
 //!   every mark within the window stays seen throughout;
 //! - a table of an earlier version is read after the migration, then dropped whole;
@@ -102,6 +105,113 @@ async fn a_duplicate_within_the_window_is_skipped_and_one_past_it_is_handled_aga
     // Handled again, then marked again: a duplicate of it is skipped again.
     store.mark(group, id).await.unwrap();
     assert!(store.seen(group, id).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pipeline_with_a_shorter_window_handles_a_duplicate_past_it_again() {
+    use orderflow::contracts::OrderCreated;
+    let server = pg::Pg::start().await;
+    let prefix = common::prefix("retention-pipeline-window");
+    let mut connect = common::connect(&prefix);
+    connect.database_url = server.url.clone();
+    let dir = common::pipeline_files(&[
+        (
+            "short.yaml",
+            "name: short\ngroup: short\ninputs: [order.created]\nstep: {route: {to: [short.out]}}\n",
+        ),
+        (
+            "global.yaml",
+            "name: global\ngroup: global\ninputs: [order.created]\nstep: {route: {to: [global.out]}}\n",
+        ),
+    ]);
+    let mut pipelines =
+        orderflow::pipeline::load_dir(&dir, &orderflow::steps::HANDLER_NAMES).unwrap();
+    // Longer than the global window (7 days by default): refused at start, naming both.
+    let mut too_long = pipelines.clone();
+    too_long[0].dedup_retention = Some(Duration::from_secs(8 * 86_400));
+    let e = orderflow::app::processors(&connect, too_long, true)
+        .await
+        .err()
+        .expect("a pipeline window longer than the global one is refused")
+        .to_string();
+    assert!(
+        e.contains("dedup_retention") && e.contains("ORDERFLOW_DEDUP_RETENTION"),
+        "{e}"
+    );
+    // A pipeline file's window is at least a minute; the runtime takes any shorter one.
+    let window = Duration::from_secs(3);
+    for p in pipelines.iter_mut().filter(|p| p.name == "short") {
+        p.dedup_retention = Some(window);
+    }
+    let processors = orderflow::app::processors(&connect, pipelines, true)
+        .await
+        .unwrap();
+    let telemetry: std::collections::HashMap<String, _> = processors
+        .iter()
+        .map(|p| (p.pipeline().name.clone(), p.telemetry()))
+        .collect();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in processors {
+        tasks.spawn(p.run(stopped.clone()));
+    }
+    // Both pipelines have ended `n` inputs (handled or skipped as duplicates).
+    let ended = |n: u64| {
+        let telemetry = telemetry.clone();
+        move || {
+            let telemetry = telemetry.clone();
+            async move {
+                telemetry
+                    .values()
+                    .all(|t| {
+                        let s = t.snapshot();
+                        s.succeeded + s.duplicates >= n
+                    })
+                    .then_some(())
+            }
+        }
+    };
+    let (publisher, topic) = common::publisher(&prefix).await;
+    let order = OrderCreated::sample("retention");
+    let first = Instant::now();
+    publisher.publish(&topic, &order).await.unwrap();
+    wait_for("the first copy", Duration::from_secs(60), ended(1)).await;
+    // The same event again, as often as needed until the short window has passed.
+    let mut sent = 1;
+    let again = loop {
+        publisher.publish(&topic, &order).await.unwrap();
+        sent += 1;
+        wait_for("a copy to be ended", Duration::from_secs(30), ended(sent)).await;
+        if telemetry["short"].snapshot().succeeded == 2 {
+            break first.elapsed();
+        }
+        assert!(
+            first.elapsed() < Duration::from_secs(30),
+            "the short pipeline skipped every copy for 30 s"
+        );
+        // Pacing between copies, not a wait for a result.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let short = telemetry["short"].snapshot();
+    let global = telemetry["global"].snapshot();
+    assert!(
+        sent >= 3,
+        "a copy within the short window was sent and skipped"
+    );
+    assert_eq!(short.duplicates, sent - 2, "{short:?}");
+    assert!(
+        again >= window,
+        "handled again after {again:?}, within {window:?}"
+    );
+    assert_eq!(
+        (global.succeeded, global.duplicates),
+        (1, sent - 1),
+        "the global window skips every copy"
+    );
+    stop.send(true).unwrap();
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap().unwrap();
+    }
 }
 
 /// Names of the dedup table's partitions.

@@ -226,6 +226,10 @@ pub(super) fn pipelines(
     match cmd {
         PipelinesCommand::Validate => {
             let (_, sagas) = load_pipelines_and_sagas(&dir.pipelines_dir)?;
+            // The global dedup window this environment declares, as `run` reads it.
+            use crate::database::retention::{DedupRetention, DEDUP_SETTING};
+            let global = DedupRetention::from_env()?.window;
+            crate::pipeline::check_dedup_windows(&pipelines, DEDUP_SETTING, global)?;
             println!(
                 "{} pipeline(s) and {} saga(s) in {} are valid",
                 pipelines.len(),

@@ -53,7 +53,9 @@ pub(super) async fn retention_command(
     let conn = db.get().await?;
     let c = conn.client();
     if run {
-        conn.timed(r::prepare_dedup(c, r::DEFAULT_BUCKET)).await?;
+        // Creates the table (the width following the window) only if no processor has yet.
+        let bucket = r::bucket_for(w.dedup_retention);
+        conn.timed(r::prepare_dedup(c, bucket)).await?;
         let d = conn.timed(r::expire_dedup(c, w.dedup_retention)).await?;
         if d.skipped {
             println!(

@@ -4,8 +4,11 @@
 //! an order of the read model that is not finished.
 //!
 //! - Dedup marks (`orderflow_processed`): range-partitioned by `processed_at` into buckets of a
-//!   fixed width (one day unless the table was created otherwise; the width is stored in
-//!   `orderflow_retention`). Expiry drops a whole partition once its upper bound is older than
+//!   width fixed when the table is created and stored in `orderflow_retention` (a table keeps
+//!   its stored width whatever later processes ask). Unless given, the width follows the window
+//!   ([`bucket_for`]: a seventh of it, in whole seconds, between 1 s and 1 day: 7 d gives daily
+//!   partitions, 1 min gives 8 s ones), so about eight partitions hold a window whatever its
+//!   length. Expiry drops a whole partition once its upper bound is older than
 //!   the window: never a row-by-row delete. `seen` ignores marks older than the window, so the
 //!   window is exact even before the partition goes. A table of an earlier version (not
 //!   partitioned) is renamed `orderflow_processed_legacy` once, read beside the new one, never
@@ -17,7 +20,8 @@
 //!   never deleted, whatever its age.
 //!
 //! Windows come from settings bounded to [`MIN_SETTING`]..=[`MAX_WINDOW`] (a refusal names the
-//! setting); the library API accepts windows down to one second, for tests.
+//! setting); the library API accepts windows down to one second, for tests, and so do the
+//! settings when [`SHORT_WINDOWS_SETTING`] is `1` (benchmarks only: the soak's 20 s window).
 
 use std::time::Duration;
 
@@ -42,8 +46,10 @@ pub const READ_MODEL_SETTING: &str = "ORDERFLOW_READ_MODEL_RETENTION";
 pub const DEFAULT_DEDUP_WINDOW: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_INTAKE_WINDOW: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_READ_MODEL_WINDOW: Duration = Duration::from_secs(30 * 86_400);
-/// Width of a dedup partition when the table is created.
+/// Width of a dedup partition of the default window (see [`bucket_for`]).
 pub const DEFAULT_BUCKET: Duration = Duration::from_secs(86_400);
+/// Partitions a window spans when the width follows it ([`bucket_for`]).
+pub const BUCKETS_PER_WINDOW: u32 = 7;
 
 /// Bounds of a window read from a setting.
 pub const MIN_SETTING: Duration = Duration::from_secs(60);
@@ -66,6 +72,11 @@ const LOCK_TIMEOUT: &str = "1s";
 #[error("{0}")]
 pub struct RetentionError(pub String);
 
+/// Benchmarks only: `1` lets a window setting go down to [`MIN_WINDOW`] (one second) instead of
+/// [`MIN_SETTING`], so a soak of a minute sees several windows pass. Nothing else changes: the
+/// setting is read, the width derived and the table expired by the same code.
+pub const SHORT_WINDOWS_SETTING: &str = "ORDERFLOW_BENCH_SHORT_WINDOWS";
+
 /// Reads a window from a setting's text (`7d`, `24h`, `90min`), bounded.
 pub fn parse_window(setting: &str, text: &str) -> Result<Duration, RetentionError> {
     let d = humantime::parse_duration(text.trim()).map_err(|e| {
@@ -73,7 +84,20 @@ pub fn parse_window(setting: &str, text: &str) -> Result<Duration, RetentionErro
             "{setting}='{text}' is not a duration (e.g. 7d, 24h, 90min): {e}"
         ))
     })?;
-    check(setting, d, MIN_SETTING, MAX_WINDOW)
+    let short = std::env::var(SHORT_WINDOWS_SETTING).is_ok_and(|v| v == "1");
+    let min = if short { MIN_WINDOW } else { MIN_SETTING };
+    if short && d < MIN_SETTING {
+        tracing::warn!("{setting}={text}: below the 1 min minimum, allowed by {SHORT_WINDOWS_SETTING}=1 (benchmarks only)");
+    }
+    // The value as written (humantime would print 400d as a year, a month and four days).
+    check(setting, d, min, MAX_WINDOW).map_err(|_| {
+        RetentionError(format!(
+            "{setting}='{}' is out of bounds: between {} and {}",
+            text.trim(),
+            plain(min),
+            plain(MAX_WINDOW)
+        ))
+    })
 }
 
 fn check(
@@ -109,6 +133,14 @@ pub fn window_from_env(setting: &str, default: Duration) -> Result<Duration, Ret
     }
 }
 
+/// The partition width a dedup table created for `window` gets unless one is given: a
+/// [`BUCKETS_PER_WINDOW`]th of the window in whole seconds, clamped to 1 s ..= 1 day (7 d gives
+/// one day, as before the width followed the window; 1 min gives 8 s).
+pub fn bucket_for(window: Duration) -> Duration {
+    let secs = window.as_secs() / u64::from(BUCKETS_PER_WINDOW);
+    Duration::from_secs(secs).clamp(MIN_WINDOW, MAX_BUCKET)
+}
+
 /// How long dedup marks live, and the partition width used if the table is created now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DedupRetention {
@@ -134,11 +166,17 @@ impl DedupRetention {
         })
     }
 
-    /// The window of [`DEDUP_SETTING`] (default 7 days), daily partitions.
+    /// A window (1 s ..= 365 d) and the partition width that follows it ([`bucket_for`]).
+    pub fn for_window(window: Duration) -> Result<DedupRetention, RetentionError> {
+        DedupRetention::new(window, bucket_for(window))
+    }
+
+    /// The window of [`DEDUP_SETTING`] (default 7 days) and the width that follows it.
     pub fn from_env() -> Result<DedupRetention, RetentionError> {
+        let window = window_from_env(DEDUP_SETTING, DEFAULT_DEDUP_WINDOW)?;
         Ok(DedupRetention {
-            window: window_from_env(DEDUP_SETTING, DEFAULT_DEDUP_WINDOW)?,
-            bucket: DEFAULT_BUCKET,
+            window,
+            bucket: bucket_for(window),
         })
     }
 }
@@ -763,6 +801,30 @@ mod tests {
         assert!(
             DedupRetention::new(DEFAULT_DEDUP_WINDOW, Duration::from_secs(2 * 86_400)).is_err()
         );
+    }
+
+    #[test]
+    fn the_partition_width_follows_the_window() {
+        let secs = Duration::from_secs;
+        assert_eq!(bucket_for(DEFAULT_DEDUP_WINDOW), DEFAULT_BUCKET);
+        assert_eq!(
+            DedupRetention::default(),
+            DedupRetention::for_window(DEFAULT_DEDUP_WINDOW).unwrap()
+        );
+        assert_eq!(bucket_for(secs(60)), secs(8));
+        assert_eq!(bucket_for(secs(20)), secs(2));
+        assert_eq!(bucket_for(secs(86_400)), secs(12_342));
+        // Clamped: never under a second, never over a day.
+        assert_eq!(bucket_for(secs(3)), secs(1));
+        assert_eq!(bucket_for(MIN_WINDOW), secs(1));
+        assert_eq!(bucket_for(secs(30 * 86_400)), DEFAULT_BUCKET);
+        assert_eq!(bucket_for(MAX_WINDOW), DEFAULT_BUCKET);
+        // Always a width DedupRetention accepts, and about seven per window.
+        for w in [1, 59, 60, 3_600, 86_400, 7 * 86_400, 365 * 86_400] {
+            let r = DedupRetention::for_window(secs(w)).unwrap();
+            assert!(r.bucket <= r.window, "{w}");
+            assert!(w < 7 * 86_400 || r.bucket == DEFAULT_BUCKET, "{w}");
+        }
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub struct PipelineConfig {
     /// different keys run side by side up to this bound. `1` handles one record at a time.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// How long this pipeline's dedup marks count (`2d`, `12h`; 1 min to 365 d), when shorter
+    /// than the global `ORDERFLOW_DEDUP_RETENTION`: a duplicate older than it is handled again.
+    /// Never longer than the global window (its partitions are dropped by that one); a process
+    /// refuses to start otherwise. Unset: the global window.
+    #[serde(default)]
+    pub dedup_retention: Option<String>,
 }
 
 pub fn default_concurrency() -> usize {

@@ -39,6 +39,9 @@ pub struct Pipeline {
     pub delivery: Delivery,
     /// Records handled at once by one process (see [`PipelineConfig::concurrency`]).
     pub concurrency: usize,
+    /// This pipeline's dedup window, when it has its own (see
+    /// [`PipelineConfig::dedup_retention`] and [`check_dedup_windows`]).
+    pub dedup_retention: Option<Duration>,
 }
 
 /// What a pipeline does with each event, validated.
@@ -473,6 +476,11 @@ pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec
             ),
         );
     }
+    let dedup_retention = config.dedup_retention.as_deref().and_then(|text| {
+        crate::database::retention::parse_window(DEDUP_RETENTION_FIELD, text)
+            .map_err(|e| report(DEDUP_RETENTION_FIELD, e.to_string()))
+            .ok()
+    });
     if config.retry.transient_attempts > 10 {
         report(
             "retry.transient_attempts",
@@ -510,9 +518,45 @@ pub fn parse(file: &Path, text: &str, handlers: &[&str]) -> Result<Pipeline, Vec
             classifier: Classifier::new(overrides),
             delivery: config.delivery,
             concurrency: config.concurrency,
+            dedup_retention,
         })
     } else {
         Err(problems)
+    }
+}
+
+/// The pipeline file's key for its own dedup window.
+pub const DEDUP_RETENTION_FIELD: &str = "dedup_retention";
+
+/// Refuses a pipeline whose own dedup window is longer than the global one (`global`, from
+/// `global_setting`): partitions are dropped by the global window, so a longer one would not
+/// hold. Every such pipeline is reported, naming both settings.
+pub fn check_dedup_windows(
+    pipelines: &[Pipeline],
+    global_setting: &str,
+    global: Duration,
+) -> Result<(), PipelineErrors> {
+    let problems: Vec<Problem> = pipelines
+        .iter()
+        .filter_map(|p| {
+            let own = p.dedup_retention.filter(|own| *own > global)?;
+            Some(problem(
+                p,
+                DEDUP_RETENTION_FIELD,
+                format!(
+                    "{} is longer than {global_setting}={}: marks are \
+                     dropped with the global window's partitions, so it would not hold; shorten \
+                     it or raise {global_setting}",
+                    humantime::format_duration(own),
+                    humantime::format_duration(global)
+                ),
+            ))
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(PipelineErrors(problems))
     }
 }
 
@@ -662,6 +706,35 @@ classify: {"999": permanent, "409": fatal}
         assert!(parse_str(bogus).unwrap_err()[0]
             .message
             .contains("unknown variant `twice`"));
+    }
+
+    #[test]
+    fn a_pipelines_dedup_window_is_bounded_and_never_longer_than_the_global_one() {
+        let base = "name: a\ngroup: a\ninputs: [order.created]\nstep: {route: {to: [x]}}\n";
+        assert_eq!(parse_str(base).unwrap().dedup_retention, None);
+        let p = parse_str(&format!("{base}dedup_retention: 2d\n")).unwrap();
+        assert_eq!(p.dedup_retention, Some(Duration::from_secs(2 * 86_400)));
+        for bad in ["30s", "400d", "soon"] {
+            let problems = parse_str(&format!("{base}dedup_retention: {bad}\n")).unwrap_err();
+            assert_eq!(problems[0].field, "dedup_retention", "{problems:?}");
+            assert!(problems[0].to_string().contains(bad), "{problems:?}");
+        }
+        let week = Duration::from_secs(7 * 86_400);
+        assert!(
+            check_dedup_windows(std::slice::from_ref(&p), "ORDERFLOW_DEDUP_RETENTION", week)
+                .is_ok()
+        );
+        let e = check_dedup_windows(
+            &[p],
+            "ORDERFLOW_DEDUP_RETENTION",
+            Duration::from_secs(86_400),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("(pipeline a): dedup_retention: 2days is longer than ORDERFLOW_DEDUP_RETENTION=1day"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,9 +12,11 @@
 //!
 //! Retention: a mark counts for a declared window ([`DedupRetention`], 7 days unless
 //! `ORDERFLOW_DEDUP_RETENTION` says otherwise): `seen` ignores older marks, so a duplicate that
-//! comes back after the window is handled again. The table is partitioned by time and the store
-//! runs its own expiry every few minutes (whole partitions dropped, never rows deleted; the
-//! `retention run` command does the same), so its size follows the window, not the history.
+//! comes back after the window is handled again. The table is partitioned by time (a width that
+//! follows the window when the store creates it: about seven partitions per window) and the store
+//! runs its own expiry every quarter partition, at most every five minutes (whole partitions
+//! dropped, never rows deleted; the `retention run` command does the same), so its size follows
+//! the window, not the history.
 //!
 //! Batching: `seen` and `mark_many` put their request on a channel. A batcher task takes the
 //! first request, waits for a free pooled connection, then takes whatever else is queued (no
@@ -113,6 +115,8 @@ impl Shared {
 struct SeenRequest {
     group: String,
     event_id: Uuid,
+    /// Marks older than this do not count (the store's window or a pipeline's shorter one).
+    window: Duration,
     reply: oneshot::Sender<Result<bool, DedupError>>,
 }
 
@@ -226,18 +230,34 @@ impl DedupStore {
         Ok(expire_once(&self.db, &self.shared).await?)
     }
 
-    /// True when `group` has already handled `event_id`.
+    /// True when `group` has already handled `event_id` within the store's window.
     pub async fn seen(&self, group: &str, event_id: Uuid) -> Result<bool, DedupError> {
+        self.seen_within(group, event_id, self.shared.retention.window)
+            .await
+    }
+
+    /// True when `group` has handled `event_id` within `window` (a pipeline's own window; the
+    /// store's window when `window` is longer: older marks may be gone already).
+    pub async fn seen_within(
+        &self,
+        group: &str,
+        event_id: Uuid,
+        window: Duration,
+    ) -> Result<bool, DedupError> {
         self.counters.seen_calls.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let (reply, answer) = oneshot::channel();
         self.seen
             .send(SeenRequest {
                 group: group.to_string(),
                 event_id,
+                window: window.min(self.shared.retention.window),
                 reply,
             })
             .map_err(|_| self.error("the dedup batcher has stopped"))?;
-        self.wait(answer).await
+        let answer = self.wait(answer).await;
+        crate::telemetry::dedup::seen(started.elapsed().as_secs_f64());
+        answer
     }
 
     /// Records that `group` has handled `event_id` (a repeat is a no-op).
@@ -397,19 +417,21 @@ async fn answer_seen(
     counters: Arc<Counters>,
     shared: Arc<Shared>,
 ) {
-    let mut by_group: HashMap<&str, Vec<Uuid>> = HashMap::new();
+    let mut by_group: HashMap<(&str, Duration), Vec<Uuid>> = HashMap::new();
     for r in &batch {
-        by_group.entry(&r.group).or_default().push(r.event_id);
+        by_group
+            .entry((&r.group, r.window))
+            .or_default()
+            .push(r.event_id);
     }
-    let window = shared.retention.window.as_secs_f64();
-    let mut result = seen_query(&mut conn, &by_group, window, &counters, &shared).await;
+    let mut result = seen_query(&mut conn, &by_group, &counters, &shared).await;
     if let Err(e) = &result {
         // Another process dropped the legacy table between our look and our query.
         let layout = shared.layout.get();
         if e.server && e.detail.contains(retention::LEGACY_DEDUP_TABLE) {
             if let Some(layout) = layout {
                 layout.legacy.store(false, Ordering::Relaxed);
-                result = seen_query(&mut conn, &by_group, window, &counters, &shared).await;
+                result = seen_query(&mut conn, &by_group, &counters, &shared).await;
             }
         }
     }
@@ -430,11 +452,10 @@ async fn answer_seen(
     }
 }
 
-/// The `(group, event id)` pairs of `by_group` marked within `window` seconds.
+/// The `(group, event id)` pairs of `by_group` marked within the window of their key.
 async fn seen_query(
     conn: &mut Conn,
-    by_group: &HashMap<&str, Vec<Uuid>>,
-    window: f64,
+    by_group: &HashMap<(&str, Duration), Vec<Uuid>>,
     counters: &Counters,
     shared: &Shared,
 ) -> Result<std::collections::HashSet<(String, Uuid)>, DbError> {
@@ -445,10 +466,11 @@ async fn seen_query(
         counters
             .seen_queries
             .fetch_add(by_group.len() as u64, Ordering::Relaxed);
-        // One statement per group, pipelined on the one connection.
-        let queries = by_group.iter().map(|(group, ids)| {
+        // One statement per group (and window), pipelined on the one connection.
+        let queries = by_group.iter().map(|((group, window), ids)| {
             let statement = &statement;
             let client = conn.client();
+            let window = window.as_secs_f64();
             async move {
                 let rows = client.query(statement, &[group, ids, &window]).await?;
                 Ok::<_, tokio_postgres::Error>((

@@ -242,7 +242,8 @@ impl Worker {
             Claimed::Duplicate => return Ok(duplicate(event_id)),
         };
         if let Some(dedup) = &self.dedup {
-            match dedup.seen(&self.group_id, event_id).await {
+            let window = (self.pipeline.dedup_retention).unwrap_or(dedup.retention().window);
+            match dedup.seen_within(&self.group_id, event_id, window).await {
                 Ok(true) => return Ok(duplicate(event_id)),
                 Ok(false) => {}
                 Err(e) => return Err(final_route(Failure::Dependency(e.to_string()))),

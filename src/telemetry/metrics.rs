@@ -318,6 +318,7 @@ fn exported() -> &'static Exported {
             m.read_model_lag_seconds.clone(),
         );
         super::retention::register(&mut r);
+        super::dedup::register(&mut r);
         Exported {
             metrics: m,
             registry: r,

@@ -5,7 +5,9 @@
 //! - `metrics`: the Prometheus families and their text exposition.
 //! - [`server`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`retention`]: what each retained table holds (dedup marks, intake keys, read model).
+//! - [`dedup`]: how long the dedup store's `seen` takes to answer.
 
+pub mod dedup;
 pub mod metrics;
 pub mod projection;
 pub mod retention;
