@@ -6,9 +6,14 @@
 //! - [`commands`]: builders of the command events, from the order and earlier replies.
 //! - [`state`]: one saga's state and how each input moves it (pure, so every path is tested).
 //! - [`batch`]: the states in memory and the open batch on top of them (no Kafka calls).
-//! - [`orchestrator`]: the Kafka side: a batch of inputs, its commands, states and input
-//!   offsets in one transaction, batches bounded by count and time, committed in the background
-//!   while the next batch takes inputs.
+//! - [`orchestrator`]: the Kafka side's loop: a batch of inputs, its commands, states and input
+//!   offsets in one transaction, batches bounded by count and time.
+//! - [`commit`]: a batch's transaction, committed in the background while the next batch takes
+//!   inputs; an aborted one read again.
+//! - [`state_topic`]: the compacted state topic: created, read up to its last stable offset,
+//!   folded into the newest state of each order; `find_state` for `orderflow saga show`.
+//! - [`input`]: inputs decoded (start, reply, dead letter); [`rebalance`]: the consumer's
+//!   rebalance callbacks.
 //!
 //! Orchestrated, not choreographed: one place knows the order of steps and what undoes each.
 //! The steps themselves are ordinary pipelines (`http` steps with retry tiers and a DLQ): a
@@ -31,10 +36,16 @@
 
 pub mod batch;
 pub mod commands;
+pub mod commit;
 pub mod definition;
+pub mod input;
 pub mod orchestrator;
+pub mod rebalance;
 pub mod state;
+pub mod state_topic;
 
+pub use commit::BatchStats;
 pub use definition::{load_dir, Saga};
-pub use orchestrator::{find_state, Orchestrator};
+pub use orchestrator::Orchestrator;
 pub use state::{SagaState, SagaStatus};
+pub use state_topic::find_state;
