@@ -22,6 +22,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::batch::{Batch, Known};
 use super::orchestrator::{Open, Orchestrator};
 use super::rebalance::RebalanceContext;
+use super::state;
 use crate::runtime::transactions::TransactionError;
 use crate::runtime::writer::{self, OutRecord};
 use crate::telemetry::saga::SagaEvent;
@@ -188,14 +189,18 @@ impl Orchestrator {
                 topic: self.state_topic.clone(),
                 partition: Some(*partition),
                 key: Some(order_id.to_string().into_bytes()),
-                payload: Some(serde_json::to_vec(saga).expect("saga state serializes")),
+                // None: the saga expired, a tombstone for compaction to remove it.
+                payload: saga
+                    .as_ref()
+                    .map(|s| serde_json::to_vec(s).expect("saga state serializes")),
                 headers: OwnedHeaders::new(),
             });
         }
         let states = changed.len() as u64;
         known.stage(changed);
-        // Offsets: of the batch's inputs and, when it holds timeouts, the current positions of
-        // the other partitions, so that the group's generation fences a replica that lost them.
+        // Offsets: of the batch's inputs and, when it holds timeouts or expiries, the current
+        // positions of the other partitions, so that the group's generation fences a replica
+        // that lost them.
         let mut offsets = TopicPartitionList::new();
         for (topic, partition, offset) in batch.next_offsets() {
             offsets.add_partition_offset(topic, partition, Offset::Offset(offset))?;
@@ -280,15 +285,21 @@ impl Orchestrator {
                     "saga batch committed"
                 );
                 for (topic, reason) in &c.batch.ignored {
-                    self.telemetry.emit(SagaEvent::Ignored { topic, reason });
+                    self.telemetry.emit(if *reason == state::NO_SAGA {
+                        SagaEvent::LateReply { topic }
+                    } else {
+                        SagaEvent::Ignored { topic, reason }
+                    });
+                }
+                if c.batch.expired > 0 {
+                    self.telemetry.emit(SagaEvent::Expired {
+                        count: c.batch.expired,
+                    });
                 }
                 for (order_id, happening) in &c.batch.happenings {
                     self.tell(order_id, happening);
                 }
-                self.telemetry.emit(SagaEvent::Gauges {
-                    in_flight: known.in_flight(),
-                    stuck: known.stuck(),
-                });
+                self.tell_gauges(known);
                 Ok(())
             }
             Err(Fatal(e)) => Err(e),

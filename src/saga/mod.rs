@@ -12,6 +12,7 @@
 //!   inputs; an aborted one read again.
 //! - [`state_topic`]: the compacted state topic: created, read up to its last stable offset,
 //!   folded into the newest state of each order; `find_state` for `orderflow saga show`.
+//! - [`retention`]: how long a finished saga's state is kept, and which states are past it.
 //! - [`input`]: inputs decoded (start, reply, dead letter); [`rebalance`]: the consumer's
 //!   rebalance callbacks.
 //!
@@ -23,9 +24,10 @@
 //! State is kept in Kafka, not a database: a compacted topic keyed by order id, co-partitioned
 //! with the inputs and written in the same transaction as the commands and the input offsets.
 //! Limits: every topic the saga reads must have the same partition count (checked at start);
-//! a replica holds in memory the states of the partitions it owns, finished sagas included
-//! (about 2 KiB each) until compaction is complemented by a retention policy; a rebalance
-//! reloads each partition's states before its next input.
+//! a replica holds in memory the states of the partitions it owns (about 2 KiB each): the
+//! sagas in flight, and the finished ones for the retention window ([`retention`]), after which
+//! they are tombstoned and evicted; a rebalance reloads each partition's states (those same
+//! ones) before its next input.
 //!
 //! Membership is static: `group.instance.id` is the instance id (`ORDERFLOW_INSTANCE_ID`, the
 //! pod name in the Kubernetes manifests), so an orchestrator restarted in place (a crash, an OOM
@@ -41,6 +43,7 @@ pub mod definition;
 pub mod input;
 pub mod orchestrator;
 pub mod rebalance;
+pub mod retention;
 pub mod state;
 pub mod state_topic;
 

@@ -47,8 +47,9 @@ use super::commit::{add_micros, committed, BatchStats, Committing, TRANSACTION_T
 use super::definition::{Saga, Source};
 use super::input;
 use super::rebalance::RebalanceContext;
+use super::retention;
 use super::state::{self, FailedBy, Happening, Input, Outcome, Transition};
-use super::state_topic::{self, create_compacted, partition_counts, PartitionStates};
+use super::state_topic::{self, create_compacted, partition_counts};
 use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::kafka;
@@ -113,6 +114,8 @@ pub struct Orchestrator {
     pub(super) member_id: String,
     pub(super) producer: FutureProducer,
     pub(super) stats: Arc<BatchStats>,
+    /// How long a finished saga's state is kept (`retention.rs`).
+    retention: Duration,
 }
 
 impl Orchestrator {
@@ -135,7 +138,9 @@ impl Orchestrator {
             .set("transaction.timeout.ms", "10000")
             // librdkafka requires a record's delivery timeout within the transaction's.
             .set("message.timeout.ms", "10000");
+        let retention = retention::window_from_env()?;
         Ok(Orchestrator {
+            retention,
             source: format!("orderflow/saga-{}", saga.name),
             sources: saga.sources(&naming).into_iter().collect(),
             state_topic: saga.state_topic(&naming),
@@ -151,6 +156,12 @@ impl Orchestrator {
             naming,
             codec,
         })
+    }
+
+    /// Keeps finished sagas for `window` (1 s ..= 365 d) instead of `ORDERFLOW_SAGA_RETENTION`.
+    pub fn with_retention(mut self, window: Duration) -> anyhow::Result<Orchestrator> {
+        self.retention = retention::check_window(window)?;
+        Ok(self)
     }
 
     pub fn telemetry(&self) -> SagaTelemetry {
@@ -289,6 +300,7 @@ impl Orchestrator {
                 Next::Tick => {
                     if in_group {
                         let started = std::time::Instant::now();
+                        self.expire(&mut known, &mut open);
                         let timed_out = self.time_out(&known, &mut open).await;
                         add_micros(&self.stats.apply_micros, started);
                         if let Err(e) = timed_out {
@@ -354,7 +366,9 @@ impl Orchestrator {
     ) -> anyhow::Result<()> {
         let partition = message.partition();
         if !known.is_loaded(partition) {
-            known.load(partition, self.load_partition(partition).await?);
+            let loaded = self.load_partition(partition).await?;
+            known.load(partition, loaded.states, loaded.expired);
+            self.tell_gauges(known);
         }
         let input = match input::decode(&self.saga, &self.sources, &self.codec, message).await? {
             Some(input) => input,
@@ -481,10 +495,18 @@ impl Orchestrator {
     }
 
     /// Reads partition `partition` of the state topic up to its last committed record: the
-    /// newest state of each order, newer versions winning.
-    async fn load_partition(&self, partition: i32) -> anyhow::Result<PartitionStates> {
-        let loaded =
-            state_topic::load(&self.bootstrap_servers, &self.state_topic, partition).await?;
+    /// newest state of each order, newer versions winning, without the deleted and the expired
+    /// ones. Its duration and what it found are told.
+    pub async fn load_partition(&self, partition: i32) -> anyhow::Result<state_topic::Loaded> {
+        let started = std::time::Instant::now();
+        let loaded = state_topic::load(
+            &self.bootstrap_servers,
+            &self.state_topic,
+            partition,
+            now_millis(),
+            self.retention,
+        )
+        .await?;
         for (order_id, version, known) in &loaded.stale {
             self.telemetry.emit(SagaEvent::StaleState {
                 order_id: &order_id.to_string(),
@@ -492,7 +514,48 @@ impl Orchestrator {
                 known: *known,
             });
         }
-        tracing::debug!(saga = %self.saga.name, partition, sagas = loaded.states.len(), "saga states loaded");
-        Ok(loaded.states)
+        let finished = loaded
+            .states
+            .values()
+            .filter(|s| s.status.is_final())
+            .count() as u64;
+        self.telemetry.emit(SagaEvent::Reloaded {
+            partition,
+            seconds: started.elapsed().as_secs_f64(),
+            live: loaded.states.len() as u64 - finished,
+            finished,
+            expired: loaded.expired.len() as u64,
+            deleted: loaded.deleted as u64,
+        });
+        Ok(loaded)
+    }
+
+    /// Tombstones the finished sagas past the retention window (at most [`MAX_BATCH`] a tick),
+    /// in the open batch: they are evicted once it is staged, and written with its transaction.
+    fn expire(&self, known: &mut Known, open: &mut Option<Open>) {
+        let now = now_millis();
+        for (partition, order_id) in known.expired(now, self.retention, MAX_BATCH) {
+            let o = open.get_or_insert_with(Open::new);
+            // A change in the batch is newer than what expired: it is judged once staged.
+            if o.batch.has_changed(partition, &order_id) {
+                continue;
+            }
+            o.batch.expire(partition, order_id);
+            o.batch.ticked = true;
+        }
+        if open.as_ref().is_some_and(|o| o.batch.is_empty()) {
+            *open = None;
+        }
+    }
+
+    /// The gauges of the sagas this instance holds.
+    pub(super) fn tell_gauges(&self, known: &Known) {
+        let (live, finished) = known.held();
+        self.telemetry.emit(SagaEvent::Gauges {
+            in_flight: known.in_flight(),
+            stuck: known.stuck(),
+            held_live: live,
+            held_finished: finished,
+        });
     }
 }

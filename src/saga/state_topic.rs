@@ -12,8 +12,30 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use uuid::Uuid;
 
+use super::retention;
 use super::state::SagaState;
 use crate::kafka;
+
+/// The state topic's settings at creation (an existing topic is left as it is: README,
+/// Retention, says how to set them on one). Together they make compaction remove an expired
+/// saga's states and then its tombstone within hours rather than weeks, so that a reload reads
+/// the sagas in flight and those finished within the retention window, not the whole history.
+pub const COMPACTION: [(&str, &str); 6] = [
+    // Only each order's newest state matters.
+    ("cleanup.policy", "compact"),
+    // The active segment is never compacted: roll it hourly (default 7 days) and at 64 MiB
+    // (default 1 GiB), so expired states become cleanable soon after their tombstone.
+    ("segment.ms", "3600000"),
+    ("segment.bytes", "67108864"),
+    // Compact once a tenth of the log is dirty (default half): tombstones go sooner, for some
+    // more cleaner work on a topic that is small once compacted.
+    ("min.cleanable.dirty.ratio", "0.1"),
+    // Whatever the dirty ratio, a record waits at most a day to be compacted.
+    ("max.compaction.lag.ms", "86400000"),
+    // A tombstone outlives its compaction by an hour (default a day): far more than a reload
+    // takes (bounded to 60 s), so a reader that saw a state also sees its tombstone.
+    ("delete.retention.ms", "3600000"),
+];
 
 /// Saga states of one partition, loaded from the state topic.
 pub type PartitionStates = HashMap<Uuid, SagaState>;
@@ -85,9 +107,10 @@ pub async fn create_compacted(
 
     let admin: AdminClient<DefaultClientContext> =
         kafka::client_config(bootstrap_servers).create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
-        // Only each order's newest state matters.
-        .set("cleanup.policy", "compact");
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    for (name, value) in COMPACTION {
+        new = new.set(name, value);
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics([&new], &options).await? {
         match result {
@@ -147,7 +170,11 @@ pub async fn find_state(
             if k.as_deref() != Some(key.as_bytes()) {
                 continue;
             }
-            let Some(v) = v else { continue };
+            // A tombstone: the saga expired (a state after it is a new saga of the same order).
+            let Some(v) = v else {
+                newest = None;
+                continue;
+            };
             let saga: SagaState = serde_json::from_slice(&v)
                 .with_context(|| format!("the stored state of {order_id} is unreadable"))?;
             if newest.as_ref().is_none_or(|n| saga.version > n.version) {
@@ -160,18 +187,46 @@ pub async fn find_state(
 /// What reading one partition of the state topic found.
 #[derive(Debug, Default)]
 pub struct Loaded {
-    /// The newest state of each order.
+    /// The newest state of each order, unless deleted or expired.
     pub states: PartitionStates,
+    /// Orders whose newest state is finished and past the retention window at load time: not
+    /// held, and still to be tombstoned.
+    pub expired: Vec<Uuid>,
+    /// Orders whose newest record is a tombstone (until compaction removes them).
+    pub deleted: usize,
     /// Records skipped as stale: (order, their version, the version already read).
     pub stale: Vec<(Uuid, u64, u64)>,
 }
 
-/// The newest state of each order among `records` (one partition, in offset order). Pure: the
-/// reload's rules, tested without Kafka.
-pub fn fold(records: Vec<KeyValue>, topic: &str, partition: i32) -> Loaded {
-    let mut loaded = Loaded::default();
-    for (_, payload) in records {
-        let Some(payload) = payload else { continue };
+/// The newest state of each order among `records` (one partition, in offset order), leaving out
+/// those deleted (a tombstone is their newest record) and those expired at `now` (ms since the
+/// epoch) under `window`. Pure: the reload's rules, tested without Kafka.
+pub fn fold(
+    records: Vec<KeyValue>,
+    now: i64,
+    window: Duration,
+    topic: &str,
+    partition: i32,
+) -> Loaded {
+    let mut newest: HashMap<Uuid, Option<SagaState>> = HashMap::new();
+    let mut stale = Vec::new();
+    for (key, payload) in records {
+        let Some(payload) = payload else {
+            // A tombstone: what came before it for this key is gone.
+            let order_id = key
+                .as_deref()
+                .and_then(|k| std::str::from_utf8(k).ok())
+                .and_then(|k| Uuid::parse_str(k).ok());
+            match order_id {
+                Some(id) => {
+                    newest.insert(id, None);
+                }
+                None => {
+                    tracing::warn!(topic, partition, "tombstone with an unreadable key skipped")
+                }
+            }
+            continue;
+        };
         let saga: SagaState = match serde_json::from_slice(&payload) {
             Ok(s) => s,
             Err(e) => {
@@ -179,14 +234,25 @@ pub fn fold(records: Vec<KeyValue>, topic: &str, partition: i32) -> Loaded {
                 continue;
             }
         };
-        match loaded.states.get(&saga.order_id) {
-            Some(known) if known.version >= saga.version => {
-                loaded
-                    .stale
-                    .push((saga.order_id, saga.version, known.version));
+        match newest.get(&saga.order_id) {
+            Some(Some(known)) if known.version >= saga.version => {
+                stale.push((saga.order_id, saga.version, known.version));
             }
             _ => {
-                loaded.states.insert(saga.order_id, saga);
+                newest.insert(saga.order_id, Some(saga));
+            }
+        }
+    }
+    let mut loaded = Loaded {
+        stale,
+        ..Loaded::default()
+    };
+    for (order_id, state) in newest {
+        match state {
+            None => loaded.deleted += 1,
+            Some(s) if retention::is_expired(&s, now, window) => loaded.expired.push(order_id),
+            Some(s) => {
+                loaded.states.insert(order_id, s);
             }
         }
     }
@@ -195,10 +261,113 @@ pub fn fold(records: Vec<KeyValue>, topic: &str, partition: i32) -> Loaded {
 
 /// Reads and folds partition `partition` of `topic` (off the async workers: it waits for the
 /// broker).
-pub async fn load(bootstrap_servers: &str, topic: &str, partition: i32) -> anyhow::Result<Loaded> {
+pub async fn load(
+    bootstrap_servers: &str,
+    topic: &str,
+    partition: i32,
+    now: i64,
+    window: Duration,
+) -> anyhow::Result<Loaded> {
     let (bootstrap, owned) = (bootstrap_servers.to_string(), topic.to_string());
     let records =
         tokio::task::spawn_blocking(move || read_partition(&bootstrap, &owned, partition))
             .await??;
-    Ok(fold(records, topic, partition))
+    Ok(fold(records, now, window, topic, partition))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contracts::OrderCreated;
+    use crate::saga::state::SagaStatus;
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn state(status: SagaStatus, version: u64, updated_at: i64) -> SagaState {
+        let order = OrderCreated::sample("test");
+        SagaState {
+            saga: "order".into(),
+            order_id: order.data.order_id,
+            correlation_id: order.envelope.correlation_id,
+            version,
+            status,
+            started_at: 0,
+            updated_at,
+            reason: None,
+            order: order.data,
+            steps: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+
+    fn record(s: &SagaState) -> KeyValue {
+        (
+            Some(s.order_id.to_string().into_bytes()),
+            Some(serde_json::to_vec(s).unwrap()),
+        )
+    }
+
+    fn tombstone(s: &SagaState) -> KeyValue {
+        (Some(s.order_id.to_string().into_bytes()), None)
+    }
+
+    fn again(s: &SagaState, status: SagaStatus, version: u64, updated_at: i64) -> SagaState {
+        SagaState {
+            status,
+            version,
+            updated_at,
+            ..s.clone()
+        }
+    }
+
+    #[test]
+    fn a_reload_holds_the_live_and_the_young_finished_only() {
+        let now = 1_000_000;
+        let running = state(SagaStatus::Running, 2, 0);
+        let young = state(SagaStatus::Confirmed, 4, now - 1_000);
+        let old = state(SagaStatus::Cancelled, 5, now - 61_000);
+        let deleted = state(SagaStatus::Confirmed, 4, 0);
+        let reborn = state(SagaStatus::Confirmed, 4, 0);
+        let records = vec![
+            record(&again(&running, SagaStatus::Running, 1, 0)),
+            record(&running),
+            record(&young),
+            record(&old),
+            record(&deleted),
+            tombstone(&deleted),
+            // A tombstone, then a new saga of the same order (a repeated order.created).
+            record(&reborn),
+            tombstone(&reborn),
+            record(&again(&reborn, SagaStatus::Running, 1, now)),
+            // Stale: not newer than what was read.
+            record(&again(&running, SagaStatus::Running, 2, 0)),
+        ];
+        let loaded = fold(records, now, WINDOW, "t", 0);
+        let mut held: Vec<Uuid> = loaded.states.keys().copied().collect();
+        held.sort();
+        let mut expected = vec![running.order_id, young.order_id, reborn.order_id];
+        expected.sort();
+        assert_eq!(held, expected);
+        assert_eq!(loaded.states[&running.order_id].version, 2);
+        assert_eq!(loaded.states[&reborn.order_id].version, 1);
+        assert_eq!(loaded.expired, [old.order_id]);
+        assert_eq!(loaded.deleted, 1);
+        assert_eq!(loaded.stale, [(running.order_id, 2, 2)]);
+    }
+
+    #[test]
+    fn unreadable_records_are_skipped() {
+        let s = state(SagaStatus::Running, 1, 0);
+        let records = vec![
+            (Some(b"not a uuid".to_vec()), None),
+            (
+                Some(s.order_id.to_string().into_bytes()),
+                Some(b"{".to_vec()),
+            ),
+            record(&s),
+        ];
+        let loaded = fold(records, 0, WINDOW, "t", 0);
+        assert_eq!(loaded.states.len(), 1);
+        assert_eq!(loaded.deleted, 0);
+    }
 }
