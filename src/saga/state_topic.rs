@@ -378,4 +378,27 @@ mod tests {
         assert_eq!(loaded.states.len(), 1);
         assert_eq!(loaded.deleted, 0);
     }
+
+    #[test]
+    fn the_deployed_state_topics_have_the_compaction_settings() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/base/topics.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let mut states = 0;
+        // A comment line, then JSON documents after each `---`.
+        for doc in text.split("---\n").skip(1) {
+            let topic: serde_json::Value = serde_json::from_str(doc).unwrap();
+            if topic["metadata"]["labels"]["orderflow.dev/role"] != "state" {
+                continue;
+            }
+            states += 1;
+            for (name, value) in COMPACTION {
+                assert_eq!(
+                    topic["spec"]["config"][name], value,
+                    "{name} of {} (scripts/gen-deploy)",
+                    topic["metadata"]["name"]
+                );
+            }
+        }
+        assert!(states > 0, "no state topic in {path}");
+    }
 }
