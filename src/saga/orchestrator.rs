@@ -27,6 +27,10 @@
 //! and every state in memory; the new assignment starts from the committed offsets. Membership
 //! is static (`group.instance.id` from the instance id), so a restarted instance takes its
 //! partitions back without a rebalance.
+//!
+//! Retention (`retention.rs`): each tick also tombstones, in the open batch, the finished sagas
+//! past the window (and the expired ones a reload skipped); they leave memory when that batch
+//! is staged, and their tombstones are committed with it like any other state.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
