@@ -545,7 +545,7 @@ async fn dlq_alert_fires_dashboards_have_data_and_replay_empties_the_dlq() {
         }
     }
     eprintln!("panel queries with data, by dashboard: {checked:?}");
-    assert_eq!(checked.values().sum::<usize>(), 41, "{checked:?}");
+    assert_eq!(checked.values().sum::<usize>(), 44, "{checked:?}");
 
     // The loop closes: the cause is fixed, the dead letters are replayed, the depth is zero.
     let output = Command::new(env!("CARGO_BIN_EXE_orderflow"))

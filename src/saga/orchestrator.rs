@@ -1,5 +1,8 @@
 //! Runs a saga: one consumer in the saga's group over the start topic, the reply topics and the
-//! dead-letter topics of the step pipelines; one transactional producer.
+//! dead-letter topics of the step pipelines; one transactional producer. This file owns the
+//! loop: taking inputs, applying them (`state::apply`) on top of the open batch, timeouts, and
+//! when a batch is due. Committing is `commit.rs`, the state topic `state_topic.rs`, decoding
+//! `input.rs`, rebalance callbacks `rebalance.rs`.
 //!
 //! Invariant: each batch of inputs is one Kafka transaction holding the commands and end events
 //! its inputs decided, every saga state they changed (to the compacted state topic, on the
@@ -11,13 +14,11 @@
 //! Batches are bounded by count ([`MAX_BATCH`] inputs) and by time ([`COMMIT_INTERVAL`] after
 //! the first input, like Kafka Streams' `commit.interval.ms`, or when the previous commit ends if
 //! that is later: the loop does not stop taking inputs to wait for a commit unless the batch is
-//! full). Inputs are applied as they come; a due batch is committed by a background task (its
-//! records sent, their delivery awaited, the offsets added, the commit round trip) while the next
-//! batch builds on its states, so the loop's time goes to applying inputs, not to round trips.
-//! At most one batch is being committed and one is open. Every call to librdkafka that waits for
-//! the broker (`init_transactions`, `send_offsets_to_transaction`, `commit_transaction`,
-//! `abort_transaction`, `seek`, reading the state topic) runs on the blocking pool, never on an
-//! async worker.
+//! full). Inputs are applied as they come; a due batch is committed in the background while the
+//! next batch builds on its states, so the loop's time goes to applying inputs, not to round
+//! trips. At most one batch is being committed and one is open. Every call to librdkafka that
+//! waits for the broker (`init_transactions`, reading the state topic, and those of `commit.rs`)
+//! runs on the blocking pool, never on an async worker.
 //!
 //! State lives in Kafka only. All inputs are keyed by order id, every topic has the same number
 //! of partitions and the group uses the range assignor, so partition `p` of every input belongs
@@ -26,33 +27,38 @@
 //! and every state in memory; the new assignment starts from the committed offsets. Membership
 //! is static (`group.instance.id` from the instance id), so a restarted instance takes its
 //! partitions back without a rebalance.
+//!
+//! Retention (`retention.rs`): each tick also tombstones, in the open batch, the finished sagas
+//! past the window (and the expired ones a reload skipped); they leave memory when that batch
+//! is staged, and their tombstones are committed with it like any other state.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::future::join_all;
-use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::batch::{Batch, Known};
+use super::commit::{add_micros, committed, BatchStats, Committing, TRANSACTION_TIMEOUT};
 use super::definition::{Saga, Source};
-use super::state::{self, FailedBy, Happening, Input, Outcome, SagaState, Transition};
+use super::input;
+use super::rebalance::RebalanceContext;
+use super::retention;
+use super::state::{self, FailedBy, Happening, Input, Outcome, Transition};
+use super::state_topic::{self, create_compacted, partition_counts};
 use crate::contracts::events::now_millis;
-use crate::contracts::{AnyEvent, DecodeError, EventCodec, Naming, OrderCreated};
+use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::kafka;
-use crate::kafka::headers;
 use crate::kafka::transactions::TransactionError;
-use crate::runtime::writer::{self, OutRecord};
+use crate::runtime::writer::OutRecord;
 use crate::telemetry::saga::{SagaEvent, SagaTelemetry};
 
 /// Most inputs in one transaction.
@@ -62,50 +68,6 @@ pub const MAX_BATCH: usize = 1000;
 pub const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 /// How often overdue replies are looked for.
 const TICK_EVERY: Duration = Duration::from_millis(500);
-const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Where an orchestrator's time goes, counted as it runs (for benchmarks and `saga` tests):
-/// every field only grows.
-#[derive(Debug, Default)]
-pub struct BatchStats {
-    /// Transactions committed with at least one input or timeout.
-    pub batches: AtomicU64,
-    /// Inputs in those transactions.
-    pub inputs: AtomicU64,
-    /// Saga states written by them.
-    pub states: AtomicU64,
-    /// Spent applying inputs and handing their commands to the producer, in microseconds.
-    pub apply_micros: AtomicU64,
-    /// Spent committing (sending the records, offsets, the commit round trip) in the
-    /// background while the next batch takes inputs, in microseconds.
-    pub commit_micros: AtomicU64,
-    /// Spent by the loop waiting for a commit to end before starting the next, in microseconds.
-    pub commit_wait_micros: AtomicU64,
-    /// Batches aborted and read again.
-    pub aborted: AtomicU64,
-}
-
-impl BatchStats {
-    /// One line: batches, inputs per batch, time per commit and where the time went.
-    pub fn summary(&self, seconds: f64) -> String {
-        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let batches = n(&self.batches).max(1) as f64;
-        let apply = n(&self.apply_micros) as f64 / 1e6;
-        let commit = n(&self.commit_micros) as f64 / 1e6;
-        let wait = n(&self.commit_wait_micros) as f64 / 1e6;
-        format!(
-            "{} batches ({} aborted), {:.0} inputs and {:.0} states per batch, commit {:.1} ms per batch \
-             in the background ({commit:.2} s in all); of {seconds:.1} s the loop spent {apply:.2} s \
-             applying inputs, {wait:.2} s waiting for a commit to end and {:.2} s waiting for inputs",
-            n(&self.batches),
-            n(&self.aborted),
-            n(&self.inputs) as f64 / batches,
-            n(&self.states) as f64 / batches,
-            commit * 1000.0 / batches,
-            (seconds - apply - wait).max(0.0),
-        )
-    }
-}
 
 /// What the loop does next.
 enum Next {
@@ -119,107 +81,18 @@ enum Next {
 }
 
 /// The batch taking inputs, and the records its inputs decided (sent when it is committed).
-struct Open {
-    batch: Batch,
-    records: Vec<OutRecord>,
+pub(super) struct Open {
+    pub batch: Batch,
+    pub records: Vec<OutRecord>,
 }
 
 impl Open {
-    fn new() -> Open {
+    pub fn new() -> Open {
         Open {
             batch: Batch::new(std::time::Instant::now()),
             records: Vec::new(),
         }
     }
-}
-
-/// The batch whose transaction is being committed in the background.
-struct Committing {
-    batch: Batch,
-    states: u64,
-    started: std::time::Instant,
-    /// A rebalance came while it was being committed: if it aborts, a partition that cannot be
-    /// sought back gets its position from the new assignment.
-    rebalanced: bool,
-    task: tokio::task::JoinHandle<Result<(), TransactionError>>,
-}
-
-/// The result of the commit in `committing` (which must be `Some`); a commit task that
-/// panicked is fatal.
-async fn committed(committing: &mut Option<Committing>) -> Result<(), TransactionError> {
-    let c = committing.as_mut().expect("only called when committing");
-    match (&mut c.task).await {
-        Ok(result) => result,
-        Err(e) => Err(Fatal(anyhow::anyhow!("the saga commit task failed: {e}"))),
-    }
-}
-
-/// One batch's transaction: begins it, sends its records, waits for their delivery, adds the
-/// input offsets and commits; aborts it on an abortable error. The calls that wait for the
-/// broker run on the blocking pool.
-async fn commit_transaction(
-    producer: FutureProducer,
-    mut records: Vec<OutRecord>,
-    offsets: TopicPartitionList,
-    metadata: Option<ConsumerGroupMetadata>,
-) -> Result<(), TransactionError> {
-    // Local to librdkafka: no round trip.
-    producer
-        .begin_transaction()
-        .map_err(TransactionError::from_kafka)?;
-    let mut deliveries = Vec::with_capacity(records.len());
-    let mut failed = None;
-    for r in &mut records {
-        // A full queue is waited on, asynchronously.
-        match writer::enqueue(&producer, r).await {
-            Ok(delivery) => deliveries.push(delivery),
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
-    // Awaited here rather than left to commit_transaction's own flush, which waits in steps of
-    // 100 ms while the producer's polling thread serves the delivery reports.
-    for delivery in join_all(deliveries).await {
-        match delivery {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => failed = failed.or(Some(e)),
-            Err(_) => failed = failed.or(Some(KafkaError::Canceled)),
-        }
-    }
-    tokio::task::spawn_blocking(move || {
-        let result = match failed {
-            Some(e) => Err(TransactionError::from_kafka(e)),
-            None => (|| {
-                if offsets.count() > 0 {
-                    let metadata =
-                        metadata.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::State))?;
-                    producer.send_offsets_to_transaction(
-                        &offsets,
-                        &metadata,
-                        TRANSACTION_TIMEOUT,
-                    )?;
-                }
-                producer.commit_transaction(TRANSACTION_TIMEOUT)
-            })()
-            .map_err(TransactionError::from_kafka),
-        };
-        if let Err(Abortable(_)) = &result {
-            if let Err(abort) = producer.abort_transaction(TRANSACTION_TIMEOUT) {
-                return Err(Fatal(anyhow::anyhow!(
-                    "aborting the saga transaction failed: {abort}"
-                )));
-            }
-        }
-        result
-    })
-    .await
-    .unwrap_or_else(|e| Err(Fatal(anyhow::anyhow!("the saga commit failed: {e}"))))
-}
-
-fn add_micros(counter: &AtomicU64, since: std::time::Instant) {
-    counter.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
 /// Sleeps until `at`, or forever without it.
@@ -230,50 +103,23 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Notes rebalances, so the loop forgets the states of partitions it may no longer own.
-#[derive(Clone, Default)]
-struct RebalanceContext {
-    rebalanced: Arc<AtomicBool>,
-    in_group: Arc<AtomicBool>,
-}
-
-impl ClientContext for RebalanceContext {}
-
-impl ConsumerContext for RebalanceContext {
-    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(_) = rebalance {
-            self.rebalanced.store(true, Ordering::SeqCst);
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        self.rebalanced.store(true, Ordering::SeqCst);
-        match rebalance {
-            Rebalance::Assign(_) => self.in_group.store(true, Ordering::SeqCst),
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => tracing::warn!("saga rebalance failed: {e}"),
-        }
-    }
-}
-
-/// Saga states of one partition, loaded from the state topic.
-type PartitionStates = HashMap<Uuid, SagaState>;
-
 pub struct Orchestrator {
-    saga: Saga,
-    naming: Naming,
-    bootstrap_servers: String,
-    codec: Arc<EventCodec>,
-    telemetry: SagaTelemetry,
+    pub(super) saga: Saga,
+    pub(super) naming: Naming,
+    pub(super) bootstrap_servers: String,
+    pub(super) codec: Arc<EventCodec>,
+    pub(super) telemetry: SagaTelemetry,
     /// `source` of the events it publishes.
-    source: String,
-    sources: HashMap<String, Source>,
-    state_topic: String,
-    group_id: String,
+    pub(super) source: String,
+    pub(super) sources: HashMap<String, Source>,
+    pub(super) state_topic: String,
+    pub(super) group_id: String,
     /// This instance in the group (`group.instance.id`) and in transactions.
-    member_id: String,
-    producer: FutureProducer,
-    stats: Arc<BatchStats>,
+    pub(super) member_id: String,
+    pub(super) producer: FutureProducer,
+    pub(super) stats: Arc<BatchStats>,
+    /// How long a finished saga's state is kept (`retention.rs`).
+    retention: Duration,
 }
 
 impl Orchestrator {
@@ -296,7 +142,9 @@ impl Orchestrator {
             .set("transaction.timeout.ms", "10000")
             // librdkafka requires a record's delivery timeout within the transaction's.
             .set("message.timeout.ms", "10000");
+        let retention = retention::window_from_env()?;
         Ok(Orchestrator {
+            retention,
             source: format!("orderflow/saga-{}", saga.name),
             sources: saga.sources(&naming).into_iter().collect(),
             state_topic: saga.state_topic(&naming),
@@ -312,6 +160,12 @@ impl Orchestrator {
             naming,
             codec,
         })
+    }
+
+    /// Keeps finished sagas for `window` (1 s ..= 365 d) instead of `ORDERFLOW_SAGA_RETENTION`.
+    pub fn with_retention(mut self, window: Duration) -> anyhow::Result<Orchestrator> {
+        self.retention = retention::check_window(window)?;
+        Ok(self)
     }
 
     pub fn telemetry(&self) -> SagaTelemetry {
@@ -450,6 +304,7 @@ impl Orchestrator {
                 Next::Tick => {
                     if in_group {
                         let started = std::time::Instant::now();
+                        self.expire(&mut known, &mut open);
                         let timed_out = self.time_out(&known, &mut open).await;
                         add_micros(&self.stats.apply_micros, started);
                         if let Err(e) = timed_out {
@@ -515,9 +370,11 @@ impl Orchestrator {
     ) -> anyhow::Result<()> {
         let partition = message.partition();
         if !known.is_loaded(partition) {
-            known.load(partition, self.load_partition(partition).await?);
+            let loaded = self.load_partition(partition).await?;
+            known.load(partition, loaded.states, loaded.expired);
+            self.tell_gauges(known);
         }
-        let input = match self.decode(message).await? {
+        let input = match input::decode(&self.saga, &self.sources, &self.codec, message).await? {
             Some(input) => input,
             None => {
                 open.batch
@@ -603,229 +460,7 @@ impl Orchestrator {
         Ok(())
     }
 
-    /// Starts committing the open batch in the background, once the batch being committed (if
-    /// any) is settled: its states become the known ones at once, so the next batch builds on
-    /// them while the commit runs.
-    async fn start_commit(
-        &self,
-        consumer: &Arc<StreamConsumer<RebalanceContext>>,
-        known: &mut Known,
-        open: &mut Option<Open>,
-        committing: &mut Option<Committing>,
-    ) -> anyhow::Result<()> {
-        self.finish_commit(consumer, known, open, committing)
-            .await?;
-        let Some(Open {
-            mut batch,
-            mut records,
-        }) = open.take()
-        else {
-            return Ok(());
-        };
-        let changed = batch.take_changed();
-        for ((partition, order_id), saga) in &changed {
-            records.push(OutRecord {
-                topic: self.state_topic.clone(),
-                partition: Some(*partition),
-                key: Some(order_id.to_string().into_bytes().into()),
-                payload: Some(
-                    serde_json::to_vec(saga)
-                        .expect("saga state serializes")
-                        .into(),
-                ),
-                headers: None,
-            });
-        }
-        let states = changed.len() as u64;
-        known.stage(changed);
-        // Offsets: of the batch's inputs and, when it holds timeouts, the current positions of
-        // the other partitions, so that the group's generation fences a replica that lost them.
-        let mut offsets = TopicPartitionList::new();
-        for (topic, partition, offset) in batch.next_offsets() {
-            offsets.add_partition_offset(topic, partition, Offset::Offset(offset))?;
-        }
-        if batch.ticked {
-            // Local to librdkafka: no round trip.
-            if let Ok(positions) = consumer.position() {
-                for e in positions.elements() {
-                    if let (Offset::Offset(o), None) =
-                        (e.offset(), offsets.find_partition(e.topic(), e.partition()))
-                    {
-                        offsets.add_partition_offset(
-                            e.topic(),
-                            e.partition(),
-                            Offset::Offset(o),
-                        )?;
-                    }
-                }
-            }
-        }
-        let task = commit_transaction(
-            self.producer.clone(),
-            records,
-            offsets,
-            consumer.group_metadata(),
-        );
-        *committing = Some(Committing {
-            batch,
-            states,
-            started: std::time::Instant::now(),
-            rebalanced: false,
-            task: tokio::spawn(task),
-        });
-        Ok(())
-    }
-
-    /// Waits for the batch being committed, if any, and settles it.
-    async fn finish_commit(
-        &self,
-        consumer: &Arc<StreamConsumer<RebalanceContext>>,
-        known: &mut Known,
-        open: &mut Option<Open>,
-        committing: &mut Option<Committing>,
-    ) -> anyhow::Result<()> {
-        if committing.is_none() {
-            return Ok(());
-        }
-        let waited = std::time::Instant::now();
-        let result = committed(committing).await;
-        add_micros(&self.stats.commit_wait_micros, waited);
-        let c = committing.take().expect("checked above");
-        self.settle(consumer, known, open, c, result).await
-    }
-
-    /// A batch's commit ended. Committed: what happened is told. Aborted: this batch and the
-    /// open one (built on it) are read again from their first inputs, and every state is loaded
-    /// again.
-    async fn settle(
-        &self,
-        consumer: &Arc<StreamConsumer<RebalanceContext>>,
-        known: &mut Known,
-        open: &mut Option<Open>,
-        c: Committing,
-        result: Result<(), TransactionError>,
-    ) -> anyhow::Result<()> {
-        self.stats
-            .commit_micros
-            .fetch_add(c.started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        match result {
-            Ok(()) => {
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .inputs
-                    .fetch_add(c.batch.inputs() as u64, Ordering::Relaxed);
-                self.stats.states.fetch_add(c.states, Ordering::Relaxed);
-                tracing::debug!(
-                    saga = %self.saga.name,
-                    inputs = c.batch.inputs(),
-                    states = c.states,
-                    open_ms = (c.started - c.batch.opened).as_millis() as u64,
-                    commit_ms = c.started.elapsed().as_millis() as u64,
-                    "saga batch committed"
-                );
-                for (topic, reason) in &c.batch.ignored {
-                    self.telemetry.emit(SagaEvent::Ignored { topic, reason });
-                }
-                for (order_id, happening) in &c.batch.happenings {
-                    self.tell(order_id, happening);
-                }
-                self.telemetry.emit(SagaEvent::Gauges {
-                    in_flight: known.in_flight(),
-                    stuck: known.stuck(),
-                });
-                Ok(())
-            }
-            Err(Fatal(e)) => Err(e),
-            Err(Abortable(e)) => {
-                tracing::warn!(saga = %self.saga.name, "saga transaction aborted, reading the batch again: {e}");
-                self.stats.aborted.fetch_add(1, Ordering::Relaxed);
-                known.clear();
-                let mut batches = vec![c.batch];
-                if let Some(o) = open.take() {
-                    self.stats.aborted.fetch_add(1, Ordering::Relaxed);
-                    batches.push(o.batch);
-                }
-                // After a rebalance a partition may be between owners: the assignment sets its
-                // position from the committed offsets.
-                self.rewind(consumer, &batches, c.rebalanced).await?;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Ok(())
-            }
-        }
-    }
-
-    /// The open batch cannot be finished now: it is read again after a pause (the batch being
-    /// committed, if any, is settled first).
-    async fn retry_later(
-        &self,
-        consumer: &Arc<StreamConsumer<RebalanceContext>>,
-        known: &mut Known,
-        open: &mut Option<Open>,
-        committing: &mut Option<Committing>,
-        error: anyhow::Error,
-    ) -> anyhow::Result<()> {
-        tracing::warn!(saga = %self.saga.name, "reading the batch again in 1 s: {error:#}");
-        self.finish_commit(consumer, known, open, committing)
-            .await?;
-        if let Some(o) = open.take() {
-            self.stats.aborted.fetch_add(1, Ordering::Relaxed);
-            self.rewind(consumer, &[o.batch], false).await?;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        Ok(())
-    }
-
-    /// Seeks every partition the batches took inputs from back to its first one, so that they
-    /// are read again (off the async workers: a seek waits for the fetcher). A partition that
-    /// cannot be sought back is fatal if it is still assigned, unless a rebalance is under way
-    /// (`rebalancing`), whose assignment sets the positions from the committed offsets.
-    async fn rewind(
-        &self,
-        consumer: &Arc<StreamConsumer<RebalanceContext>>,
-        batches: &[Batch],
-        rebalancing: bool,
-    ) -> anyhow::Result<()> {
-        let mut firsts: HashMap<(String, i32), i64> = HashMap::new();
-        for (topic, partition, offset) in batches.iter().flat_map(Batch::first_offsets) {
-            let first = firsts
-                .entry((topic.to_string(), partition))
-                .or_insert(offset);
-            *first = (*first).min(offset);
-        }
-        if firsts.is_empty() {
-            return Ok(());
-        }
-        let consumer = consumer.clone();
-        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            // Local to librdkafka: no round trip.
-            let assigned = consumer.assignment()?;
-            for ((topic, partition), offset) in firsts {
-                if let Err(e) = consumer.seek(
-                    &topic,
-                    partition,
-                    Offset::Offset(offset),
-                    Duration::from_secs(5),
-                ) {
-                    // A partition no longer ours is read by its new owner from the committed
-                    // offset; one still ours that cannot be read again would be skipped.
-                    anyhow::ensure!(
-                        rebalancing || assigned.find_partition(&topic, partition).is_none(),
-                        "cannot seek {topic}/{partition} back to {offset}: {e}"
-                    );
-                    tracing::info!(
-                        topic,
-                        partition,
-                        offset,
-                        "not sought back ({e}): the assignment sets it"
-                    );
-                }
-            }
-            Ok(())
-        })
-        .await?
-    }
-
-    fn tell(&self, order_id: &Uuid, happening: &Happening) {
+    pub(super) fn tell(&self, order_id: &Uuid, happening: &Happening) {
         let order_id = &order_id.to_string();
         let event = match happening {
             Happening::Started => SagaEvent::Started { order_id },
@@ -863,251 +498,68 @@ impl Orchestrator {
         self.telemetry.emit(event);
     }
 
-    /// Decodes an input; `Ok(None)` for one that can never be decoded (logged and counted),
-    /// `Err` for one that may decode later (registry unreachable).
-    async fn decode(&self, message: &OwnedMessage) -> Result<Option<Decoded>, DecodeError> {
-        let Some(source) = self.sources.get(message.topic()) else {
-            return Ok(None);
-        };
-        let (event_type, dead) = match source {
-            Source::Start => (self.saga.starts_on.as_str(), false),
-            Source::Reply(t) => (t.as_str(), false),
-            Source::DeadLetters { command } => (command.as_str(), true),
-        };
-        match AnyEvent::decode(&self.codec, event_type, message.payload()).await {
-            Ok(event) => Ok(Some(match (event, dead) {
-                (AnyEvent::OrderCreated(order), false) => Decoded::Started(order),
-                (event, false) => Decoded::Reply(event),
-                (command, true) => {
-                    let error = message
-                        .headers()
-                        .and_then(|h| {
-                            h.iter()
-                                .find(|h| h.key == headers::ERROR_MESSAGE)
-                                .and_then(|h| h.value)
-                                .map(|v| String::from_utf8_lossy(v).into_owned())
-                        })
-                        .unwrap_or_else(|| "no error recorded".into());
-                    Decoded::DeadLettered { command, error }
-                }
-            })),
-            Err(e) if e.is_retryable() => Err(e),
-            Err(e) => {
-                tracing::warn!(
-                    saga = %self.saga.name,
-                    topic = message.topic(),
-                    partition = message.partition(),
-                    offset = message.offset(),
-                    "input ignored, it cannot be decoded: {e}"
-                );
-                Ok(None)
-            }
-        }
-    }
-
     /// Reads partition `partition` of the state topic up to its last committed record: the
-    /// newest state of each order, newer versions winning.
-    async fn load_partition(&self, partition: i32) -> anyhow::Result<PartitionStates> {
-        let bootstrap = self.bootstrap_servers.clone();
-        let topic = self.state_topic.clone();
-        let records =
-            tokio::task::spawn_blocking(move || read_partition(&bootstrap, &topic, partition))
-                .await??;
-        let mut states = PartitionStates::new();
-        for (_, payload) in records {
-            let Some(payload) = payload else { continue };
-            let saga: SagaState = match serde_json::from_slice(&payload) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(topic = %self.state_topic, partition, "unreadable saga state skipped: {e}");
-                    continue;
-                }
-            };
-            match states.get(&saga.order_id) {
-                Some(known) if known.version >= saga.version => {
-                    self.telemetry.emit(SagaEvent::StaleState {
-                        order_id: &saga.order_id.to_string(),
-                        version: saga.version,
-                        known: known.version,
-                    });
-                }
-                _ => {
-                    states.insert(saga.order_id, saga);
-                }
-            }
+    /// newest state of each order, newer versions winning, without the deleted and the expired
+    /// ones. Its duration and what it found are told.
+    pub async fn load_partition(&self, partition: i32) -> anyhow::Result<state_topic::Loaded> {
+        let started = std::time::Instant::now();
+        let loaded = state_topic::load(
+            &self.bootstrap_servers,
+            &self.state_topic,
+            partition,
+            now_millis(),
+            self.retention,
+        )
+        .await?;
+        for (order_id, version, known) in &loaded.stale {
+            self.telemetry.emit(SagaEvent::StaleState {
+                order_id: &order_id.to_string(),
+                version: *version,
+                known: *known,
+            });
         }
-        tracing::debug!(saga = %self.saga.name, partition, sagas = states.len(), "saga states loaded");
-        Ok(states)
-    }
-}
-
-/// An input, decoded.
-enum Decoded {
-    Started(OrderCreated),
-    Reply(AnyEvent),
-    DeadLettered { command: AnyEvent, error: String },
-}
-
-impl Decoded {
-    fn order_id(&self) -> Uuid {
-        match self {
-            Decoded::Started(o) => o.data.order_id,
-            Decoded::Reply(e) | Decoded::DeadLettered { command: e, .. } => {
-                Uuid::parse_str(&e.key()).unwrap_or_default()
-            }
-        }
+        let finished = loaded
+            .states
+            .values()
+            .filter(|s| s.status.is_final())
+            .count() as u64;
+        self.telemetry.emit(SagaEvent::Reloaded {
+            partition,
+            seconds: started.elapsed().as_secs_f64(),
+            live: loaded.states.len() as u64 - finished,
+            finished,
+            expired: loaded.expired.len() as u64,
+            deleted: loaded.deleted as u64,
+        });
+        Ok(loaded)
     }
 
-    fn as_input(&self) -> Input<'_> {
-        match self {
-            Decoded::Started(o) => Input::Started(o),
-            Decoded::Reply(e) => Input::Reply(e),
-            Decoded::DeadLettered { command, error } => Input::DeadLettered {
-                command,
-                error: error.clone(),
-            },
-        }
-    }
-}
-
-use TransactionError::{Abortable, Fatal};
-
-/// A record's key and value.
-pub type KeyValue = (Option<Vec<u8>>, Option<Vec<u8>>);
-
-/// Every (key, value) of one partition of `topic` up to its last stable offset.
-pub fn read_partition(
-    bootstrap_servers: &str,
-    topic: &str,
-    partition: i32,
-) -> anyhow::Result<Vec<KeyValue>> {
-    let mut config = kafka::client_config(bootstrap_servers);
-    config
-        .set("group.id", "orderflow-saga-state-reader")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer = config.create()?;
-    // With read_committed the high watermark reported is the last stable offset.
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .with_context(|| format!("reading the offsets of {topic}/{partition}"))?;
-    let mut out = Vec::new();
-    if high <= low {
-        return Ok(out);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let position = consumer
-            .position()?
-            .find_partition(topic, partition)
-            .and_then(|p| p.offset().to_raw())
-            .unwrap_or(-1);
-        if position >= high {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic}/{partition} up to offset {high} took over 60 s (at {position})"
-        );
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
-                if m.offset() + 1 >= high {
-                    break;
-                }
-            }
-            Some(Err(e)) => tracing::warn!(topic, partition, "reading saga state: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
-}
-
-/// Creates a compacted topic when missing (an existing one is left as it is).
-async fn create_compacted(
-    bootstrap_servers: &str,
-    topic: &str,
-    partitions: i32,
-    replication: i32,
-) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::types::RDKafkaErrorCode;
-
-    let admin: AdminClient<DefaultClientContext> =
-        kafka::client_config(bootstrap_servers).create()?;
-    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))
-        // Only each order's newest state matters.
-        .set("cleanup.policy", "compact");
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("creating topic {topic} failed: {code}"),
-        }
-    }
-    // Waits until it is visible, as for the other topics.
-    kafka::ensure_topics(bootstrap_servers, &[(topic, partitions)], replication).await
-}
-
-/// Partition count of each topic.
-async fn partition_counts(
-    bootstrap_servers: &str,
-    topics: &[String],
-) -> anyhow::Result<std::collections::BTreeMap<String, i32>> {
-    let bootstrap = bootstrap_servers.to_string();
-    let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let client: BaseConsumer = kafka::client_config(&bootstrap).create()?;
-        let mut out = std::collections::BTreeMap::new();
-        for topic in topics {
-            let metadata = client.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            let count = metadata
-                .topics()
-                .first()
-                .map(|t| t.partitions().len() as i32)
-                .unwrap_or(0);
-            out.insert(topic, count);
-        }
-        Ok(out)
-    })
-    .await?
-}
-
-/// The newest stored state of one order's saga, if it has one.
-pub async fn find_state(
-    bootstrap_servers: &str,
-    state_topic: &str,
-    order_id: Uuid,
-) -> anyhow::Result<Option<SagaState>> {
-    let counts = partition_counts(bootstrap_servers, &[state_topic.to_string()]).await?;
-    let partitions = counts.get(state_topic).copied().unwrap_or(0);
-    anyhow::ensure!(
-        partitions > 0,
-        "the saga state topic {state_topic} does not exist (has the saga run?)"
-    );
-    let key = order_id.to_string();
-    let mut newest: Option<SagaState> = None;
-    for partition in 0..partitions {
-        let bootstrap = bootstrap_servers.to_string();
-        let topic = state_topic.to_string();
-        let records =
-            tokio::task::spawn_blocking(move || read_partition(&bootstrap, &topic, partition))
-                .await??;
-        for (k, v) in records {
-            if k.as_deref() != Some(key.as_bytes()) {
+    /// Tombstones the finished sagas past the retention window (at most [`MAX_BATCH`] a tick),
+    /// in the open batch: they are evicted once it is staged, and written with its transaction.
+    fn expire(&self, known: &mut Known, open: &mut Option<Open>) {
+        let now = now_millis();
+        for (partition, order_id) in known.expired(now, self.retention, MAX_BATCH) {
+            let o = open.get_or_insert_with(Open::new);
+            // A change in the batch is newer than what expired: it is judged once staged.
+            if o.batch.has_changed(partition, &order_id) {
                 continue;
             }
-            let Some(v) = v else { continue };
-            let saga: SagaState = serde_json::from_slice(&v)
-                .with_context(|| format!("the stored state of {order_id} is unreadable"))?;
-            if newest.as_ref().is_none_or(|n| saga.version > n.version) {
-                newest = Some(saga);
-            }
+            o.batch.expire(partition, order_id);
+            o.batch.ticked = true;
+        }
+        if open.as_ref().is_some_and(|o| o.batch.is_empty()) {
+            *open = None;
         }
     }
-    Ok(newest)
+
+    /// The gauges of the sagas this instance holds.
+    pub(super) fn tell_gauges(&self, known: &Known) {
+        let (live, finished) = known.held();
+        self.telemetry.emit(SagaEvent::Gauges {
+            in_flight: known.in_flight(),
+            stuck: known.stuck(),
+            held_live: live,
+            held_finished: finished,
+        });
+    }
 }

@@ -185,6 +185,10 @@ pub enum Outcome {
     Ignored(&'static str),
 }
 
+/// Why a reply or a dead letter for an order with no saga state is ignored: its saga finished
+/// and expired (see `retention.rs`), or it never started here. It never starts one.
+pub const NO_SAGA: &str = "no_saga";
+
 /// Applies `input` to the saga of one order (`current`: its stored state, if any).
 pub fn apply(
     saga: &Saga,
@@ -196,7 +200,7 @@ pub fn apply(
     let mut run = match (current, &input) {
         (None, Input::Started(order)) => Run::start(saga, order, now, source),
         (Some(_), Input::Started(_)) => return Outcome::Ignored("duplicate"),
-        (None, _) => return Outcome::Ignored("unrelated"),
+        (None, _) => return Outcome::Ignored(NO_SAGA),
         (Some(state), _) => Run::resume(saga, state, now, source),
     };
     let changed = match input {
@@ -1014,6 +1018,6 @@ mod tests {
         assert_eq!(h.state().version, 1);
         // No saga at all for a reply.
         let mut fresh = Harness::new();
-        assert_eq!(fresh.apply(Input::Reply(&stray)).unwrap_err(), "unrelated");
+        assert_eq!(fresh.apply(Input::Reply(&stray)).unwrap_err(), NO_SAGA);
     }
 }

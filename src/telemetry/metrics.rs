@@ -92,6 +92,21 @@ pub struct SagaIgnoredLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaHeldLabels {
+    pub saga: String,
+    /// live (running, compensating or stuck) or finished (confirmed or cancelled, within the
+    /// retention window)
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SagaReloadedLabels {
+    pub saga: String,
+    /// live or finished (held), expired or deleted (skipped)
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReadModelLabels {
     pub model: String,
 }
@@ -108,6 +123,14 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 fn latency_buckets() -> Histogram {
     Histogram::new([
         0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+/// A reload reads a partition of the state topic: milliseconds when small, up to the 60 s it is
+/// bounded to.
+fn reload_buckets() -> Histogram {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ])
 }
 
@@ -142,6 +165,11 @@ pub struct Metrics {
     pub saga_step_seconds: HistogramFamily<SagaStepLabels>,
     pub saga_inputs_ignored: Family<SagaIgnoredLabels, Counter>,
     pub saga_stale_states: Family<SagaLabels, Counter>,
+    pub saga_late_replies: Family<SagaLabels, Counter>,
+    pub saga_states_expired: Family<SagaLabels, Counter>,
+    pub saga_states_held: Family<SagaHeldLabels, Gauge>,
+    pub saga_state_reload_seconds: HistogramFamily<SagaLabels>,
+    pub saga_states_reloaded: Family<SagaReloadedLabels, Counter>,
     pub read_model_conflicts: Family<ReadModelConflictLabels, Counter>,
     pub read_model_lag_seconds: HistogramFamily<ReadModelLabels>,
 }
@@ -181,6 +209,11 @@ fn exported() -> &'static Exported {
             saga_step_seconds: Family::new_with_constructor(latency_buckets),
             saga_inputs_ignored: Family::default(),
             saga_stale_states: Family::default(),
+            saga_late_replies: Family::default(),
+            saga_states_expired: Family::default(),
+            saga_states_held: Family::default(),
+            saga_state_reload_seconds: Family::new_with_constructor(reload_buckets),
+            saga_states_reloaded: Family::default(),
             read_model_conflicts: Family::default(),
             read_model_lag_seconds: Family::new_with_constructor(latency_buckets),
         };
@@ -306,6 +339,32 @@ fn exported() -> &'static Exported {
             "saga_stale_states",
             "Stored saga states not newer than the one already known (stale updates)",
             m.saga_stale_states.clone(),
+        );
+        r.register(
+            "saga_late_replies",
+            "Replies and dead letters for an order with no saga state (expired, or never started \
+             here): ignored, never starting a saga",
+            m.saga_late_replies.clone(),
+        );
+        r.register(
+            "saga_states_expired",
+            "Finished sagas past the retention window, tombstoned and evicted from memory",
+            m.saga_states_expired.clone(),
+        );
+        r.register(
+            "saga_states_held",
+            "Saga states this instance holds in memory, live or finished (within the retention window)",
+            m.saga_states_held.clone(),
+        );
+        r.register(
+            "saga_state_reload_seconds",
+            "Time to reload one partition of the saga state topic after an assignment",
+            m.saga_state_reload_seconds.clone(),
+        );
+        r.register(
+            "saga_states_reloaded",
+            "Keys read by reloads: held (live, finished) or skipped (expired, deleted)",
+            m.saga_states_reloaded.clone(),
         );
         r.register(
             "read_model_conflicts",

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::metrics::{
-    metrics, PipelineLabels, SagaIgnoredLabels, SagaLabels, SagaOutcomeLabels, SagaStepLabels,
+    metrics, PipelineLabels, SagaHeldLabels, SagaIgnoredLabels, SagaLabels, SagaOutcomeLabels,
+    SagaReloadedLabels, SagaStepLabels,
 };
 
 #[derive(Debug)]
@@ -51,10 +52,32 @@ pub enum SagaEvent<'a> {
     Ready {
         ready: bool,
     },
-    /// Counted over the sagas this instance owns, after each batch.
+    /// A reply or dead letter for an order with no saga state: its saga expired (or never
+    /// started here). Ignored.
+    LateReply {
+        topic: &'a str,
+    },
+    /// Finished sagas tombstoned and evicted by a committed batch.
+    Expired {
+        count: u64,
+    },
+    /// One partition of the state topic read after an assignment: how long it took, the states
+    /// held (live, finished) and the keys skipped (expired, deleted).
+    Reloaded {
+        partition: i32,
+        seconds: f64,
+        live: u64,
+        finished: u64,
+        expired: u64,
+        deleted: u64,
+    },
+    /// Counted over the sagas this instance owns, after each batch and each reload.
     Gauges {
         in_flight: u64,
         stuck: u64,
+        /// States held in memory: in flight or stuck, and finished within the window.
+        held_live: u64,
+        held_finished: u64,
     },
 }
 
@@ -73,6 +96,16 @@ pub struct SagaCounters {
     pub in_flight: AtomicU64,
     /// Stuck right now (the gauge), unlike `stuck`, which counts every time one got stuck.
     pub stuck_now: AtomicU64,
+    pub late_replies: AtomicU64,
+    pub expired: AtomicU64,
+    /// Partitions reloaded, and what those reloads held and skipped.
+    pub reloads: AtomicU64,
+    pub reloaded_live: AtomicU64,
+    pub reloaded_finished: AtomicU64,
+    pub reloaded_skipped: AtomicU64,
+    /// States held now (the gauges).
+    pub held_live: AtomicU64,
+    pub held_finished: AtomicU64,
 }
 
 #[derive(Debug, Clone)]
@@ -102,6 +135,21 @@ impl SagaTelemetry {
         let _ = m.sagas_stuck.get_or_create(&l);
         let _ = m.sagas_in_flight.get_or_create(&l);
         let _ = m.saga_stale_states.get_or_create(&l);
+        let _ = m.saga_late_replies.get_or_create(&l);
+        let _ = m.saga_states_expired.get_or_create(&l);
+        let _ = m.saga_state_reload_seconds.get_or_create(&l);
+        for status in ["live", "finished"] {
+            let _ = m.saga_states_held.get_or_create(&SagaHeldLabels {
+                saga: t.saga.clone(),
+                status,
+            });
+        }
+        for result in ["live", "finished", "expired", "deleted"] {
+            let _ = m.saga_states_reloaded.get_or_create(&SagaReloadedLabels {
+                saga: t.saga.clone(),
+                result,
+            });
+        }
         for outcome in ["confirmed", "cancelled"] {
             let _ = m.sagas_ended.get_or_create(&SagaOutcomeLabels {
                 saga: t.saga.clone(),
@@ -260,9 +308,76 @@ impl SagaTelemetry {
                 }
                 gauge.set(i64::from(ready));
             }
-            SagaEvent::Gauges { in_flight, stuck } => {
+            SagaEvent::LateReply { topic } => {
+                c.late_replies.fetch_add(1, Ordering::Relaxed);
+                m.saga_late_replies.get_or_create(&self.labels()).inc();
+                tracing::debug!(saga, topic, "reply for an order with no saga state ignored");
+            }
+            SagaEvent::Expired { count } => {
+                c.expired.fetch_add(count, Ordering::Relaxed);
+                m.saga_states_expired
+                    .get_or_create(&self.labels())
+                    .inc_by(count);
+                tracing::debug!(saga, count, "finished sagas expired");
+            }
+            SagaEvent::Reloaded {
+                partition,
+                seconds,
+                live,
+                finished,
+                expired,
+                deleted,
+            } => {
+                c.reloads.fetch_add(1, Ordering::Relaxed);
+                c.reloaded_live.fetch_add(live, Ordering::Relaxed);
+                c.reloaded_finished.fetch_add(finished, Ordering::Relaxed);
+                c.reloaded_skipped
+                    .fetch_add(expired + deleted, Ordering::Relaxed);
+                m.saga_state_reload_seconds
+                    .get_or_create(&self.labels())
+                    .observe(seconds);
+                for (result, n) in [
+                    ("live", live),
+                    ("finished", finished),
+                    ("expired", expired),
+                    ("deleted", deleted),
+                ] {
+                    m.saga_states_reloaded
+                        .get_or_create(&SagaReloadedLabels {
+                            saga: saga.to_string(),
+                            result,
+                        })
+                        .inc_by(n);
+                }
+                tracing::info!(
+                    saga,
+                    partition,
+                    seconds,
+                    live,
+                    finished,
+                    expired,
+                    deleted,
+                    "saga states reloaded"
+                );
+            }
+            SagaEvent::Gauges {
+                in_flight,
+                stuck,
+                held_live,
+                held_finished,
+            } => {
                 c.in_flight.store(in_flight, Ordering::Relaxed);
                 c.stuck_now.store(stuck, Ordering::Relaxed);
+                c.held_live.store(held_live, Ordering::Relaxed);
+                c.held_finished.store(held_finished, Ordering::Relaxed);
+                for (status, n) in [("live", held_live), ("finished", held_finished)] {
+                    m.saga_states_held
+                        .get_or_create(&SagaHeldLabels {
+                            saga: saga.to_string(),
+                            status,
+                        })
+                        .set(n as i64);
+                }
                 m.sagas_in_flight
                     .get_or_create(&self.labels())
                     .set(in_flight as i64);
