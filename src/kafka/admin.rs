@@ -1,7 +1,11 @@
-//! Topic administration: creating missing topics with their partition counts (waiting until
-//! they are visible) and growing a topic's partitions. Never deletes or shrinks a topic.
+//! Topic administration: creating missing topics with their partition counts and settings
+//! (waiting until they are visible), growing a topic's partitions, and reading partition counts.
+//! Never deletes or shrinks a topic, nor changes an existing topic's settings.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use super::client::client_config;
 
@@ -89,4 +93,63 @@ pub async fn ensure_topics(
     })
     .await??;
     Ok(())
+}
+
+/// Creates `topic` with `settings` (e.g. compaction) when missing, and waits until it is
+/// visible; an existing topic is left as it is, settings included.
+pub async fn create_with_settings(
+    bootstrap_servers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap_servers).create()?;
+    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
+    for (name, value) in settings {
+        new = new.set(name, value);
+    }
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for result in admin.create_topics([&new], &options).await? {
+        match result {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => anyhow::bail!("creating topic {topic} failed: {code}"),
+        }
+    }
+    ensure_topics(bootstrap_servers, &[(topic, partitions)], replication).await
+}
+
+/// Partition count of each topic (0 for a topic that does not exist), from one metadata
+/// request on the blocking pool. A count above [`MAX_PARTITIONS`] is refused as broken.
+pub async fn partition_counts(
+    bootstrap_servers: &str,
+    topics: &[String],
+) -> anyhow::Result<BTreeMap<String, i32>> {
+    let bootstrap = bootstrap_servers.to_string();
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let client: BaseConsumer = client_config(&bootstrap).create()?;
+        let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
+        let known: BTreeMap<&str, usize> = metadata
+            .topics()
+            .iter()
+            .map(|t| (t.name(), t.partitions().len()))
+            .collect();
+        topics
+            .into_iter()
+            .map(|topic| {
+                let count = known.get(topic.as_str()).copied().unwrap_or(0);
+                anyhow::ensure!(
+                    count <= MAX_PARTITIONS as usize,
+                    "the broker reports {count} partitions for {topic}, over {MAX_PARTITIONS}"
+                );
+                Ok((topic, count as i32))
+            })
+            .collect()
+    })
+    .await?
 }

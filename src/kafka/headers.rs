@@ -119,6 +119,27 @@ pub fn with_failure<H: Headers>(
     out
 }
 
+/// Longest error message written to a header, or read from one.
+pub const MAX_ERROR_MESSAGE: usize = 1000;
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+pub fn truncate(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
+/// The error message a retry or dead-letter record carries, bounded to [`MAX_ERROR_MESSAGE`]
+/// (it comes from outside: another process, or anyone who can write to the topic).
+pub fn error_message<H: Headers>(headers: Option<&H>) -> Option<String> {
+    text(headers, ERROR_MESSAGE).map(|t| truncate(t, MAX_ERROR_MESSAGE))
+}
+
 /// Reads one header as text, invalid UTF-8 replaced: for showing what a record carries.
 pub fn text<H: Headers>(headers: Option<&H>, name: &str) -> Option<String> {
     headers?

@@ -51,6 +51,15 @@ pub fn transactional<'a>(
         .set("message.timeout.ms", "10000")
 }
 
+/// Registers the transactional id with the broker, fencing an earlier producer of that id and
+/// aborting the transaction it left open. Once per producer, before its first transaction.
+pub async fn init<C: ClientContext + 'static>(
+    producer: &FutureProducer<C>,
+) -> Result<(), TransactionError> {
+    let producer = producer.clone();
+    blocking(move || producer.init_transactions(CALL_TIMEOUT)).await
+}
+
 /// Begins a transaction.
 pub async fn begin<C: ClientContext + 'static>(
     producer: &FutureProducer<C>,
@@ -59,15 +68,21 @@ pub async fn begin<C: ClientContext + 'static>(
     blocking(move || producer.begin_transaction()).await
 }
 
-/// Adds the consumer's `offsets` to the open transaction and commits it.
+/// Adds the consumer's `offsets` to the open transaction and commits it. No offsets: commits
+/// the records alone (the group's metadata is needed only to add offsets).
 pub async fn commit<C: ClientContext + 'static>(
     producer: &FutureProducer<C>,
     offsets: TopicPartitionList,
-    metadata: ConsumerGroupMetadata,
+    metadata: Option<ConsumerGroupMetadata>,
 ) -> Result<(), TransactionError> {
     let producer = producer.clone();
     blocking(move || {
-        producer.send_offsets_to_transaction(&offsets, &metadata, CALL_TIMEOUT)?;
+        if offsets.count() > 0 {
+            let metadata = metadata.ok_or(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::State,
+            ))?;
+            producer.send_offsets_to_transaction(&offsets, &metadata, CALL_TIMEOUT)?;
+        }
         producer.commit_transaction(CALL_TIMEOUT)
     })
     .await

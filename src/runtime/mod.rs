@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::contracts::{EventCodec, Naming};
@@ -171,12 +171,9 @@ impl Processor {
         if self.transactional {
             // Offsets are committed by the producer's transactions only.
             consumer_config.set("enable.auto.commit", "false");
-            let producer = self.producer.clone();
-            tokio::task::spawn_blocking(move || {
-                producer.init_transactions(Duration::from_secs(30))
-            })
-            .await?
-            .context("initialising transactions")?;
+            kafka::transactions::init(&self.producer)
+                .await
+                .context("initialising transactions")?;
         }
         consumer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
         if let Some(id) = static_member_id() {
@@ -261,21 +258,10 @@ async fn partition_counts(
         .into_iter()
         .map(|t| t.topic)
         .collect();
-    let bootstrap = bootstrap_servers.to_string();
-    tokio::task::spawn_blocking(move || {
-        let client: rdkafka::consumer::BaseConsumer = kafka::client_config(&bootstrap).create()?;
-        let metadata = client.fetch_metadata(None, Duration::from_secs(10))?;
-        let known: HashMap<&str, i32> = metadata
-            .topics()
-            .iter()
-            .map(|t| (t.name(), t.partitions().len() as i32))
-            .collect();
-        Ok(topics
-            .iter()
-            .map(|t| (t.clone(), known.get(t.as_str()).copied().unwrap_or(0)))
-            .collect())
-    })
-    .await?
+    Ok(kafka::admin::partition_counts(bootstrap_servers, &topics)
+        .await?
+        .into_iter()
+        .collect())
 }
 
 /// Creates what a pipeline reads and writes when missing: its inputs (3 partitions), their retry

@@ -11,11 +11,8 @@ use rdkafka::message::{Message, OwnedMessage};
 
 use super::writer::OutRecord;
 use crate::failure::{ErrorClass, Failure, Route};
-use crate::kafka::headers::{self, FailureContext};
+use crate::kafka::headers::{self, truncate, FailureContext, MAX_ERROR_MESSAGE};
 use crate::pipeline::Pipeline;
-
-/// Longest error message written to a header.
-pub const MAX_ERROR_MESSAGE: usize = 1000;
 
 /// How one input ended, for telemetry once its records are written.
 #[derive(Debug)]
@@ -133,18 +130,6 @@ impl FailureRouting<'_> {
         };
         (record, ending)
     }
-}
-
-/// `text` cut to at most `max` bytes, on a character boundary.
-fn truncate(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
 }
 
 #[cfg(test)]

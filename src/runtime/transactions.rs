@@ -136,7 +136,7 @@ impl Batch {
         }
         let committed = match failed {
             Some(error) => Err(TransactionError::Abortable(error)),
-            None => transactions::commit(&worker.producer, offsets, metadata).await,
+            None => transactions::commit(&worker.producer, offsets, Some(metadata)).await,
         };
         match committed {
             Ok(()) => Ok(staged),

@@ -14,21 +14,18 @@ use std::time::Duration;
 use futures::future::join_all;
 use rdkafka::consumer::{Consumer, ConsumerGroupMetadata, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::batch::{Batch, Known};
 use super::orchestrator::{Open, Orchestrator};
 use super::rebalance::RebalanceContext;
 use super::state;
-use crate::kafka::transactions::TransactionError;
+use crate::kafka::transactions::{self, TransactionError};
 use crate::runtime::writer::{self, OutRecord};
 use crate::telemetry::saga::SagaEvent;
 
 use TransactionError::{Abortable, Fatal};
-
-pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where an orchestrator's time goes, counted as it runs (for benchmarks and `saga` tests):
 /// every field only grows.
@@ -95,18 +92,15 @@ pub async fn committed(committing: &mut Option<Committing>) -> Result<(), Transa
 }
 
 /// One batch's transaction: begins it, sends its records, waits for their delivery, adds the
-/// input offsets and commits; aborts it on an abortable error. The calls that wait for the
-/// broker run on the blocking pool.
+/// input offsets and commits; aborts it on an abortable error. The sequence and its error
+/// classes are [`kafka::transactions`]'s, as for exactly-once pipelines.
 async fn commit_transaction(
     producer: FutureProducer,
     mut records: Vec<OutRecord>,
     offsets: TopicPartitionList,
     metadata: Option<ConsumerGroupMetadata>,
 ) -> Result<(), TransactionError> {
-    // Local to librdkafka: no round trip.
-    producer
-        .begin_transaction()
-        .map_err(TransactionError::from_kafka)?;
+    transactions::begin(&producer).await?;
     let mut deliveries = Vec::with_capacity(records.len());
     let mut failed = None;
     for r in &mut records {
@@ -128,34 +122,18 @@ async fn commit_transaction(
             Err(_) => failed = failed.or(Some(KafkaError::Canceled)),
         }
     }
-    tokio::task::spawn_blocking(move || {
-        let result = match failed {
-            Some(e) => Err(TransactionError::from_kafka(e)),
-            None => (|| {
-                if offsets.count() > 0 {
-                    let metadata =
-                        metadata.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::State))?;
-                    producer.send_offsets_to_transaction(
-                        &offsets,
-                        &metadata,
-                        TRANSACTION_TIMEOUT,
-                    )?;
-                }
-                producer.commit_transaction(TRANSACTION_TIMEOUT)
-            })()
-            .map_err(TransactionError::from_kafka),
-        };
-        if let Err(Abortable(_)) = &result {
-            if let Err(abort) = producer.abort_transaction(TRANSACTION_TIMEOUT) {
-                return Err(Fatal(anyhow::anyhow!(
-                    "aborting the saga transaction failed: {abort}"
-                )));
-            }
+    let result = match failed {
+        Some(e) => Err(TransactionError::from_kafka(e)),
+        None => transactions::commit(&producer, offsets, metadata).await,
+    };
+    if let Err(Abortable(_)) = &result {
+        if let Err(abort) = transactions::abort(&producer).await {
+            return Err(Fatal(anyhow::anyhow!(
+                "aborting the saga transaction failed: {abort}"
+            )));
         }
-        result
-    })
-    .await
-    .unwrap_or_else(|e| Err(Fatal(anyhow::anyhow!("the saga commit failed: {e}"))))
+    }
+    result
 }
 
 pub fn add_micros(counter: &AtomicU64, since: std::time::Instant) {

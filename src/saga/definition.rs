@@ -11,6 +11,7 @@ use serde::Deserialize;
 use super::commands::COMMAND_TYPES;
 use crate::contracts::{Naming, EVENT_TYPES};
 use crate::pipeline::{config::duration, Pipeline, Problem, Step};
+use crate::topology;
 
 /// A saga as written.
 #[derive(Debug, Clone, Deserialize)]
@@ -122,12 +123,12 @@ pub enum Source {
 
 impl Saga {
     pub fn group_id(&self, naming: &Naming) -> String {
-        format!("{}{}", naming.topic_prefix, self.group)
+        topology::group_id(naming, &self.group)
     }
 
     /// The compacted topic holding each order's saga state, keyed by order id.
     pub fn state_topic(&self, naming: &Naming) -> String {
-        format!("{}saga.{}.state", naming.topic_prefix, self.name)
+        topology::saga_state_topic(naming, &self.name)
     }
 
     /// Every topic the orchestrator reads, and what it is.
@@ -149,7 +150,7 @@ impl Saga {
         for step in &self.steps {
             let mut dlq = |command: &str, group: &str| {
                 out.push((
-                    format!("{}.{group}.dlq", naming.topic(command)),
+                    topology::dlq_topic(&naming.topic(command), group),
                     Source::DeadLetters {
                         command: command.to_string(),
                     },

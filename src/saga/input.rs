@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use rdkafka::message::{Headers, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use uuid::Uuid;
 
@@ -16,7 +16,6 @@ use super::state::Input;
 use crate::contracts::{AnyEvent, DecodeError, EventCodec, OrderCreated};
 use crate::failure::{Classifier, ErrorClass, Failure};
 use crate::kafka::headers;
-use crate::runtime::route::MAX_ERROR_MESSAGE;
 
 /// An input, decoded.
 pub enum Decoded {
@@ -93,19 +92,7 @@ pub async fn decode(
     }
 }
 
-/// The error a dead letter's header records, bounded as the runtime bounds what it writes
-/// there (the header comes from outside; it lands in the saga's history).
+/// The error a dead letter's header records, bounded (it lands in the saga's history).
 fn dead_letter_error(message: &OwnedMessage) -> String {
-    let Some(value) = message.headers().and_then(|h| {
-        h.iter()
-            .find(|h| h.key == headers::ERROR_MESSAGE)
-            .and_then(|h| h.value)
-    }) else {
-        return "no error recorded".into();
-    };
-    let text = String::from_utf8_lossy(value);
-    match text.char_indices().nth(MAX_ERROR_MESSAGE) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.into_owned(),
-    }
+    headers::error_message(message.headers()).unwrap_or_else(|| "no error recorded".into())
 }

@@ -41,25 +41,27 @@ use anyhow::Context as _;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedMessage;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::batch::{Batch, Known};
-use super::commit::{add_micros, committed, BatchStats, Committing, TRANSACTION_TIMEOUT};
+use super::commit::{add_micros, committed, BatchStats, Committing};
 use super::definition::{Saga, Source};
 use super::input;
 use super::rebalance::RebalanceContext;
 use super::retention;
-use super::state::{self, FailedBy, Happening, Input, Outcome, Transition};
-use super::state_topic::{self, create_compacted, partition_counts};
+use super::state::{self, FailedBy, Happening, Input, Outcome, SagaStatus, Transition};
+use super::state_topic::{self, create_compacted};
 use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::kafka;
+use crate::kafka::admin::partition_counts;
 use crate::kafka::transactions::TransactionError;
 use crate::runtime::writer::OutRecord;
 use crate::telemetry::saga::{SagaEvent, SagaTelemetry};
+use crate::topology;
 
 /// Most inputs in one transaction.
 pub const MAX_BATCH: usize = 1000;
@@ -132,16 +134,9 @@ impl Orchestrator {
         let group_id = saga.group_id(&naming);
         let steps: Vec<&str> = saga.steps.iter().map(|s| s.name.as_str()).collect();
         let telemetry = SagaTelemetry::new(&saga.name, &group_id, &steps);
-        let member_id = format!("{group_id}.{}", crate::runtime::instance_id());
+        let member_id = topology::transactional_id(&group_id, &crate::runtime::instance_id());
         let mut producer_config = kafka::producer_config(bootstrap_servers);
-        producer_config
-            // One id per instance: a restarted instance fences its predecessor and aborts what it
-            // left open, so readers do not wait for the transaction timeout.
-            .set("transactional.id", &member_id)
-            // A zombie that never comes back blocks read_committed readers at most this long.
-            .set("transaction.timeout.ms", "10000")
-            // librdkafka requires a record's delivery timeout within the transaction's.
-            .set("message.timeout.ms", "10000");
+        kafka::transactions::transactional(&mut producer_config, &member_id);
         let retention = retention::window_from_env()?;
         Ok(Orchestrator {
             retention,
@@ -215,9 +210,8 @@ impl Orchestrator {
 
     /// Orchestrates until `shutdown` turns true; the open batch is then committed.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let producer = self.producer.clone();
-        tokio::task::spawn_blocking(move || producer.init_transactions(TRANSACTION_TIMEOUT))
-            .await?
+        kafka::transactions::init(&self.producer)
+            .await
             .context("initialising the saga producer's transactions")?;
         let context = RebalanceContext::default();
         let mut config = kafka::consumer_config(&self.bootstrap_servers, &self.group_id);
@@ -484,12 +478,12 @@ impl Orchestrator {
             Happening::Compensated { step } => SagaEvent::Compensated { order_id, step },
             Happening::Confirmed { seconds } => SagaEvent::Ended {
                 order_id,
-                outcome: "confirmed",
+                outcome: SagaStatus::Confirmed.as_str(),
                 seconds: *seconds,
             },
             Happening::Cancelled { seconds } => SagaEvent::Ended {
                 order_id,
-                outcome: "cancelled",
+                outcome: SagaStatus::Cancelled.as_str(),
                 seconds: *seconds,
             },
             Happening::Stuck { step } => SagaEvent::Stuck { order_id, step },

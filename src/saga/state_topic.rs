@@ -8,9 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use uuid::Uuid;
 
 use super::retention;
@@ -50,108 +48,32 @@ pub fn read_partition(
     topic: &str,
     partition: i32,
 ) -> anyhow::Result<Vec<KeyValue>> {
-    let mut config = kafka::client_config(bootstrap_servers);
-    config
-        .set("group.id", "orderflow-saga-state-reader")
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        // Told when the read reaches the partition's end: a topic written in transactions ends
-        // with a commit marker, which is never delivered, so the last record is not the end.
-        .set("enable.partition.eof", "true")
-        // The fetch that finds the end returns at once rather than after the broker's default
-        // 500 ms wait for new data: half a second per partition of every reload otherwise.
-        .set("fetch.wait.max.ms", "10");
-    let consumer: BaseConsumer = config.create()?;
-    // With read_committed the high watermark reported is the last stable offset.
-    let (low, high) = consumer
-        .fetch_watermarks(topic, partition, Duration::from_secs(10))
-        .with_context(|| format!("reading the offsets of {topic}/{partition}"))?;
-    let mut out = Vec::new();
-    if high <= low {
-        return Ok(out);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&tpl)?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let position = consumer
-            .position()?
-            .find_partition(topic, partition)
-            .and_then(|p| p.offset().to_raw())
-            .unwrap_or(-1);
-        if position >= high {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "reading {topic}/{partition} up to offset {high} took over 60 s (at {position})"
-        );
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
-                if m.offset() + 1 >= high {
-                    break;
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => tracing::warn!(topic, partition, "reading saga state: {e}"),
-            None => {}
-        }
-    }
-    Ok(out)
+    let consumer = kafka::read::reader(bootstrap_servers, "orderflow-saga-state-reader")?;
+    // From offset 0: below a log start moved by deletion, `auto.offset.reset` starts at the
+    // earliest record.
+    let records = kafka::read::read_to_end(&consumer, topic, &HashMap::from([(partition, 0)]))
+        .with_context(|| format!("reading {topic}/{partition}"))?;
+    Ok(records
+        .into_iter()
+        .map(|m| (m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)))
+        .collect())
 }
 
-/// Creates a compacted topic when missing (an existing one is left as it is).
+/// Creates the compacted state topic when missing, with [`COMPACTION`]'s settings.
 pub async fn create_compacted(
     bootstrap_servers: &str,
     topic: &str,
     partitions: i32,
     replication: i32,
 ) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::types::RDKafkaErrorCode;
-
-    let admin: AdminClient<DefaultClientContext> =
-        kafka::client_config(bootstrap_servers).create()?;
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-    for (name, value) in COMPACTION {
-        new = new.set(name, value);
-    }
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("creating topic {topic} failed: {code}"),
-        }
-    }
-    // Waits until it is visible, as for the other topics.
-    kafka::ensure_topics(bootstrap_servers, &[(topic, partitions)], replication).await
-}
-
-/// Partition count of each topic.
-pub async fn partition_counts(
-    bootstrap_servers: &str,
-    topics: &[String],
-) -> anyhow::Result<std::collections::BTreeMap<String, i32>> {
-    let bootstrap = bootstrap_servers.to_string();
-    let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let client: BaseConsumer = kafka::client_config(&bootstrap).create()?;
-        let mut out = std::collections::BTreeMap::new();
-        for topic in topics {
-            let metadata = client.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-            let count = metadata
-                .topics()
-                .first()
-                .map(|t| t.partitions().len() as i32)
-                .unwrap_or(0);
-            out.insert(topic, count);
-        }
-        Ok(out)
-    })
-    .await?
+    kafka::admin::create_with_settings(
+        bootstrap_servers,
+        topic,
+        partitions,
+        replication,
+        &COMPACTION,
+    )
+    .await
 }
 
 /// The newest stored state of one order's saga, if it has one.
@@ -160,7 +82,8 @@ pub async fn find_state(
     state_topic: &str,
     order_id: Uuid,
 ) -> anyhow::Result<Option<SagaState>> {
-    let counts = partition_counts(bootstrap_servers, &[state_topic.to_string()]).await?;
+    let counts =
+        kafka::admin::partition_counts(bootstrap_servers, &[state_topic.to_string()]).await?;
     let partitions = counts.get(state_topic).copied().unwrap_or(0);
     anyhow::ensure!(
         partitions > 0,
