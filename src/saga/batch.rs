@@ -303,23 +303,9 @@ impl Batch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contracts::OrderCreated;
 
     fn state(status: SagaStatus, version: u64) -> SagaState {
-        let order = OrderCreated::sample("test");
-        SagaState {
-            saga: "order".into(),
-            order_id: order.data.order_id,
-            correlation_id: order.envelope.correlation_id,
-            version,
-            status,
-            started_at: 0,
-            updated_at: 0,
-            reason: None,
-            order: order.data,
-            steps: Vec::new(),
-            history: Vec::new(),
-        }
+        SagaState::sample(status, version, 0)
     }
 
     fn with(mut s: SagaState, status: SagaStatus, version: u64) -> SagaState {

@@ -110,27 +110,13 @@ impl Finished {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contracts::OrderCreated;
     use crate::saga::state::{SagaStatus, StepState, StepStatus};
 
     const HOUR: Duration = Duration::from_secs(3600);
     const HOUR_MS: i64 = 3_600_000;
 
     fn state(status: SagaStatus, updated_at: i64) -> SagaState {
-        let order = OrderCreated::sample("test");
-        SagaState {
-            saga: "order".into(),
-            order_id: order.data.order_id,
-            correlation_id: order.envelope.correlation_id,
-            version: 1,
-            status,
-            started_at: 0,
-            updated_at,
-            reason: None,
-            order: order.data,
-            steps: Vec::new(),
-            history: Vec::new(),
-        }
+        SagaState::sample(status, 1, updated_at)
     }
 
     fn awaiting(mut s: SagaState, deadline: i64) -> SagaState {

@@ -107,6 +107,27 @@ pub struct SagaState {
     pub history: Vec<HistoryEntry>,
 }
 
+#[cfg(test)]
+impl SagaState {
+    /// A state of a sample order, for unit tests: no steps, no history.
+    pub fn sample(status: SagaStatus, version: u64, updated_at: i64) -> SagaState {
+        let order = crate::contracts::OrderCreated::sample("test");
+        SagaState {
+            saga: "order".into(),
+            order_id: order.data.order_id,
+            correlation_id: order.envelope.correlation_id,
+            version,
+            status,
+            started_at: 0,
+            updated_at,
+            reason: None,
+            order: order.data,
+            steps: Vec::new(),
+            history: Vec::new(),
+        }
+    }
+}
+
 /// What reached the orchestrator.
 #[derive(Debug)]
 pub enum Input<'a> {

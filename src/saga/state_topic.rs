@@ -209,26 +209,12 @@ pub async fn load(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::contracts::OrderCreated;
     use crate::saga::state::SagaStatus;
 
     const WINDOW: Duration = Duration::from_secs(60);
 
     fn state(status: SagaStatus, version: u64, updated_at: i64) -> SagaState {
-        let order = OrderCreated::sample("test");
-        SagaState {
-            saga: "order".into(),
-            order_id: order.data.order_id,
-            correlation_id: order.envelope.correlation_id,
-            version,
-            status,
-            started_at: 0,
-            updated_at,
-            reason: None,
-            order: order.data,
-            steps: Vec::new(),
-            history: Vec::new(),
-        }
+        SagaState::sample(status, version, updated_at)
     }
 
     fn record(s: &SagaState) -> KeyValue {
