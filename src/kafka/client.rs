@@ -155,8 +155,8 @@ pub fn producer_config(bootstrap_servers: &str) -> ClientConfig {
     config
 }
 
-/// Settings every consumer in a group shares: it commits only what the caller has stored.
-fn group_member_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig {
+/// Settings for a consumer that commits only what the caller has stored explicitly.
+pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig {
     let mut config = client_config(bootstrap_servers);
     config
         .set("group.id", group_id)
@@ -169,43 +169,10 @@ fn group_member_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         .set("topic.metadata.refresh.interval.ms", "30000")
         // A fetch waits at most 100 ms for data: a retry partition resumed at its due time is read
         // again promptly (librdkafka's default is 500 ms).
-        .set("fetch.wait.max.ms", "100");
-    config
-}
-
-/// Settings for a consumer of the classic group protocol that commits only what the caller has
-/// stored explicitly: the saga orchestrator (which sets the `range` assignor on top), the tools,
-/// and readers that assign partitions themselves. Processors use [`processor_consumer_config`].
-pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig {
-    let mut config = group_member_config(bootstrap_servers, group_id);
-    config
+        .set("fetch.wait.max.ms", "100")
         // Rebalances move partitions one at a time instead of stopping the whole group.
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000");
-    config
-}
-
-/// Settings for a processor's consumer: like [`consumer_config`], in the consumer group protocol
-/// of KIP-848 (Kafka 4.0+ brokers), where the group coordinator computes the assignment.
-///
-/// A processor subscribes its inputs and its retry tiers. The classic protocol's
-/// cooperative-sticky assignor balances the *count* of partitions per member, not each topic's
-/// partitions, so a second replica could take only retry partitions and none of the input.
-/// The broker's `range` assignor gives each member its share of every topic, and it is
-/// incremental (partitions move one at a time) and sticky.
-///
-/// Not settable in this protocol (librdkafka refuses to create the consumer):
-/// `partition.assignment.strategy` (replaced by `group.remote.assignor`), and
-/// `session.timeout.ms` and `heartbeat.interval.ms`, which are the broker's
-/// `group.consumer.session.timeout.ms` (default 45 s) and `group.consumer.heartbeat.interval.ms`
-/// (default 5 s); see the README ("Scaling out") for the broker settings.
-pub fn processor_consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig {
-    let mut config = group_member_config(bootstrap_servers, group_id);
-    config
-        // KIP-848: the coordinator assigns, members reconcile through their heartbeats.
-        .set("group.protocol", "consumer")
-        // Each topic's partitions are spread over the members (inputs and retry tiers alike).
-        .set("group.remote.assignor", "range");
     config
 }
 

@@ -21,7 +21,6 @@ pub mod transactions;
 
 pub use admin::{ensure_topics, grow_partitions, MAX_PARTITIONS};
 pub use client::{
-    check_connection, client_config, consumer, consumer_config, processor_consumer_config,
-    producer_config, security_settings,
+    check_connection, client_config, consumer, consumer_config, producer_config, security_settings,
 };
 pub use publisher::{cloudevents_headers, Delivered, PublishError, Publisher};

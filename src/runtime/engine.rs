@@ -35,19 +35,6 @@ use crate::kafka::headers::FailureContext;
 use crate::kafka::transactions::TransactionError;
 use crate::telemetry::ProcessorEvent;
 
-/// The consumer failed for good (librdkafka reads nothing more after a fatal error), e.g. its
-/// `group.instance.id` is still held by a previous member that has not left.
-#[derive(Debug)]
-pub struct ConsumerFatal(pub rdkafka::types::RDKafkaErrorCode);
-
-impl std::fmt::Display for ConsumerFatal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "fatal consumer error: {}", self.0)
-    }
-}
-
-impl std::error::Error for ConsumerFatal {}
-
 /// A partition of a subscribed topic.
 pub type TopicPartition = (String, i32);
 
@@ -133,7 +120,6 @@ impl Engine {
             draining: false,
         };
         let transactional = self.worker.transactional;
-        let mut fatal = None;
         while !*shutdown.borrow() {
             let commit_at = s.batch.deadline();
             tokio::select! {
@@ -160,25 +146,12 @@ impl Engine {
                         }
                         self.admit(&mut s, message).await;
                     }
-                    Err(rdkafka::error::KafkaError::MessageConsumptionFatal(code)) => {
-                        fatal = Some(ConsumerFatal(code));
-                        break;
-                    }
                     Err(e) => tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}"),
                 },
             }
         }
-        match fatal {
-            None => self.drain(&mut s, &mut done_rx).await,
-            Some(fatal) => {
-                // Records in flight still finish (their outputs are written); no offset can be
-                // committed any more, so their new owner reads them again.
-                if let Err(e) = self.drain(&mut s, &mut done_rx).await {
-                    tracing::warn!(pipeline = %self.worker.pipeline.name, "after {fatal}: {e:#}");
-                }
-                Err(fatal.into())
-            }
-        }
+        self.drain(&mut s, &mut done_rx).await?;
+        Ok(())
     }
 
     /// Finishes what is in flight within the drain timeout; what is not finished then stays

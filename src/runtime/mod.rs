@@ -42,7 +42,6 @@ use std::time::Duration;
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::producer::{FutureProducer, Producer};
-use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::contracts::{EventCodec, Naming};
@@ -66,9 +65,6 @@ const PARTITION_WINDOW: usize = 1000;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// How often DLQ depth, retry backlog and readiness are measured.
 const MONITOR_EVERY: Duration = Duration::from_secs(10);
-/// How long a processor waits before joining again while its static member id is still held
-/// by its previous run.
-const UNRELEASED_RETRY: Duration = Duration::from_secs(2);
 
 pub struct Processor {
     pipeline: Pipeline,
@@ -171,8 +167,7 @@ impl Processor {
     /// Consumes until `shutdown` turns true, then finishes what is in flight (within a bound),
     /// flushes the producer and commits what is finished.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let mut consumer_config =
-            kafka::processor_consumer_config(&self.bootstrap_servers, &self.group_id);
+        let mut consumer_config = kafka::consumer_config(&self.bootstrap_servers, &self.group_id);
         if self.transactional {
             // Offsets are committed by the producer's transactions only.
             consumer_config.set("enable.auto.commit", "false");
@@ -185,12 +180,14 @@ impl Processor {
         }
         consumer_config.set("statistics.interval.ms", context::STATISTICS_INTERVAL_MS);
         if let Some(id) = static_member_id() {
-            // Static membership: an instance restarted after a clean stop (a rollout, a container
-            // restarted in its pod after SIGTERM) gets its partitions back at once, without a
-            // rebalance. In the KIP-848 protocol a run that died without stopping (SIGKILL, OOM
-            // kill) holds the id until the broker's session timeout: the next run joins then.
+            // Static membership: a restarted instance (a container restarted in its pod) gets
+            // its partitions back at once instead of after the dead one's session timeout.
             consumer_config.set("group.instance.id", id);
         }
+        let (rebalance_tx, rebalances) = mpsc::unbounded_channel();
+        let consumer: StreamConsumer<MeteredContext> = consumer_config
+            .create_with_context(self.context.reporting_rebalances(rebalance_tx))
+            .context("creating the consumer")?;
         let partitions = partition_counts(&self.bootstrap_servers, &self.naming, &self.pipeline)
             .await
             .context("reading the partition counts of the pipeline's topics")?;
@@ -204,7 +201,8 @@ impl Processor {
             codec: self.codec.clone(),
         };
         let monitoring = tokio::spawn(monitor.run(MONITOR_EVERY, shutdown.clone()));
-        let topics: Vec<String> = self.roles.keys().cloned().collect();
+        let topics: Vec<&str> = self.roles.keys().map(String::as_str).collect();
+        consumer.subscribe(&topics).context("subscribing")?;
         tracing::info!(
             pipeline = %self.pipeline.name,
             group = %self.group_id,
@@ -232,54 +230,21 @@ impl Processor {
             transactional: self.transactional,
             stopping: Default::default(),
         });
-        let mut shutdown = shutdown;
-        let result = loop {
-            let (rebalance_tx, rebalances) = mpsc::unbounded_channel();
-            let consumer: StreamConsumer<MeteredContext> = consumer_config
-                .create_with_context(self.context.reporting_rebalances(rebalance_tx))
-                .context("creating the consumer")?;
-            let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-            consumer.subscribe(&topic_refs).context("subscribing")?;
-            let engine = Engine {
-                gate_rules: gate::GateRules {
-                    tiers: worker.pipeline.retry.tiers.clone(),
-                },
-                worker: worker.clone(),
-                consumer: Arc::new(consumer),
-                roles: self.roles.clone(),
-                limits: Limits {
-                    partition_window: PARTITION_WINDOW,
-                    budget: IN_FLIGHT_BUDGET,
-                    drain_timeout: DRAIN_TIMEOUT,
-                },
-                rebalances,
-            };
-            let result = engine.run(shutdown.clone()).await;
-            let unreleased = matches!(
-                result
-                    .as_ref()
-                    .map_err(|e| e.downcast_ref::<engine::ConsumerFatal>()),
-                Err(Some(engine::ConsumerFatal(
-                    RDKafkaErrorCode::UnreleasedInstanceId
-                )))
-            );
-            if !unreleased || *shutdown.borrow() {
-                break result;
-            }
-            // KIP-848 static membership: a static member that died without leaving (SIGKILL,
-            // OOM kill) holds its instance id until the broker's session timeout
-            // (group.consumer.session.timeout.ms) expires it; until then a new member with the
-            // same id is refused. Join again until it is released.
-            tracing::warn!(
-                pipeline = %worker.pipeline.name,
-                "group.instance.id still held by this instance's previous run (it did not \
-                 leave the group); joining again in {UNRELEASED_RETRY:?}"
-            );
-            tokio::select! {
-                _ = tokio::time::sleep(UNRELEASED_RETRY) => {}
-                _ = shutdown.changed() => break Ok(()),
-            }
+        let engine = Engine {
+            gate_rules: gate::GateRules {
+                tiers: worker.pipeline.retry.tiers.clone(),
+            },
+            worker,
+            consumer: Arc::new(consumer),
+            roles: self.roles,
+            limits: Limits {
+                partition_window: PARTITION_WINDOW,
+                budget: IN_FLIGHT_BUDGET,
+                drain_timeout: DRAIN_TIMEOUT,
+            },
+            rebalances,
         };
+        let result = engine.run(shutdown).await;
         monitoring.abort();
         result
     }
