@@ -428,6 +428,87 @@ async fn a_rebalance_mid_run_loses_nothing_and_keeps_each_keys_order() {
     cleanup(&dir);
 }
 
+/// The group's view once `members` members own every one of `partitions` partitions, each
+/// exactly once, and the coordinator calls it stable.
+async fn settled(group: &str, members: usize, partitions: usize, within: Duration) -> GroupView {
+    let deadline = Instant::now() + within;
+    loop {
+        let view = tokio::task::block_in_place(|| describe_group(group));
+        let owned: Vec<&(String, i32)> = view.members.iter().flat_map(|m| &m.partitions).collect();
+        let distinct: HashSet<&(String, i32)> = owned.iter().copied().collect();
+        if view.state == "Stable"
+            && view.members.len() == members
+            && view.members.iter().all(|m| !m.partitions.is_empty())
+            && owned.len() == partitions
+            && distinct.len() == partitions
+        {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{group}: not {members} members owning {partitions} partitions within {within:?}: {view:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+// Fails under the classic protocol's cooperative-sticky assignor, which balances the count of
+// partitions, not each topic's (librdkafka #4044): twice in two runs the joining member got
+// (input, all) = (0, 15) against (6, 15): only retry partitions. With the KIP-848 protocol and the
+// broker's range assignor (commit e270ca8, reverted in the next) it passed with (3, 15) each,
+// but that switch broke tests/processes.rs: a static member killed with SIGKILL holds its
+// instance id until the broker's session timeout (the restart is refused with the fatal
+// UNRELEASED_INSTANCE_ID), and even after joining again (10 s broker session) the restarted run
+// made no progress within the tests' 60 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "the cooperative-sticky assignor does not balance each topic (README: Scaling out); passes with KIP-848, reverted: see the comment"]
+async fn a_second_replica_takes_half_of_the_input_partitions() {
+    // A processor subscribes its input and its retry tiers: 6 + 4 x 6 partitions. A replica
+    // that joins must take over half of the input, not just half of the partition count.
+    let (input_partitions, tiers) = (6, 4);
+    let downstream = SeqDownstream::new((0, 0));
+    let addr = downstream.start().await;
+    let dir = pipeline_files(&[(
+        "notify.yaml",
+        format!(
+            "name: notify\ngroup: notify\ninputs: [order.created]\nstep:\n  http:\n    url: http://{addr}/notify\n    timeout: 30s\n    emit: {{\"2xx\": notification.sent}}\nretry:\n  tiers: [1s, 2s, 4s, 8s]\n"
+        )
+        .as_str(),
+    )]);
+    let prefix = prefix("scaleout");
+    let input = format!("{prefix}order.created");
+    // The input exists first with 6 partitions; the retry tiers follow its count.
+    orderflow::kafka::ensure_topics(&bootstrap(), &[(&input, input_partitions)], 1)
+        .await
+        .unwrap();
+    let group = format!("{prefix}notify");
+    let all = input_partitions as usize * (1 + tiers);
+    let first = Running::start(&prefix, &dir).await;
+    settled(&group, 1, all, Duration::from_secs(60)).await;
+    let second = Running::start(&prefix, &dir).await;
+    let view = settled(&group, 2, all, Duration::from_secs(60)).await;
+    let owned: Vec<(usize, usize)> = view
+        .members
+        .iter()
+        .map(|m| (m.owns_of(&input), m.partitions.len()))
+        .collect();
+    eprintln!(
+        "{} group, (input, all) partitions per member: {owned:?}",
+        view.kind
+    );
+    for m in &view.members {
+        eprintln!("  {}: {:?}", m.id, m.partitions);
+    }
+    second.stop().await;
+    first.stop().await;
+    cleanup(&dir);
+    let half = input_partitions as usize / 2;
+    assert!(
+        owned.iter().all(|(input, _)| *input >= half),
+        "each member should own at least {half} of the {input_partitions} input partitions: {owned:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_a_sigkill_no_event_runs_before_its_predecessor() {
     let downstream = SeqDownstream::new((5, 40));

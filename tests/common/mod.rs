@@ -933,3 +933,121 @@ pub async fn marked_orders(group: &str, order_of: &HashMap<String, String>) -> H
         })
         .collect()
 }
+
+// ---- a consumer group as its coordinator sees it ----------------------------------------------
+
+/// A consumer group as its coordinator describes it.
+#[derive(Debug)]
+pub struct GroupView {
+    /// `Classic` or `Consumer` (KIP-848).
+    pub kind: String,
+    /// E.g. `Stable`, `PreparingRebalance`, `Reconciling`, `Empty`.
+    pub state: String,
+    pub members: Vec<GroupMember>,
+}
+
+#[derive(Debug)]
+pub struct GroupMember {
+    pub id: String,
+    /// The partitions the coordinator holds the member to own.
+    pub partitions: Vec<(String, i32)>,
+}
+
+impl GroupMember {
+    /// How many of `topic`'s partitions the member owns.
+    pub fn owns_of(&self, topic: &str) -> usize {
+        self.partitions.iter().filter(|(t, _)| t == topic).count()
+    }
+}
+
+/// Describes `group` (librdkafka's DescribeConsumerGroups: DescribeGroups for a classic group,
+/// ConsumerGroupDescribe for a KIP-848 one). rust-rdkafka has no binding for it, so this calls
+/// the C API.
+pub fn describe_group(group: &str) -> GroupView {
+    use rdkafka::admin::AdminClient;
+    use rdkafka::bindings as rd;
+    use rdkafka::client::DefaultClientContext;
+    use std::ffi::{CStr, CString};
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let rk = admin.inner().native_ptr();
+    let text = |s: *const std::ffi::c_char| {
+        // SAFETY: librdkafka returns NUL-terminated strings that live as long as their event.
+        (!s.is_null()).then(|| unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned())
+    };
+    let name = CString::new(group).unwrap();
+    // SAFETY: every pointer comes from librdkafka and is used before the event (which owns the
+    // descriptions), the options and the queue are destroyed at the end.
+    unsafe {
+        let queue = rd::rd_kafka_queue_new(rk);
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBECONSUMERGROUPS,
+        );
+        let mut errstr = [0 as std::ffi::c_char; 512];
+        rd::rd_kafka_AdminOptions_set_request_timeout(
+            options,
+            10_000,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        let mut names = [name.as_ptr()];
+        rd::rd_kafka_DescribeConsumerGroups(rk, names.as_mut_ptr(), 1, options, queue);
+        let event = rd::rd_kafka_queue_poll(queue, 15_000);
+        assert!(
+            !event.is_null(),
+            "describing {group}: no answer within 15 s"
+        );
+        let described = (|| {
+            if rd::rd_kafka_event_error(event) as i32 != 0 {
+                return Err(text(rd::rd_kafka_event_error_string(event)).unwrap_or_default());
+            }
+            let result = rd::rd_kafka_event_DescribeConsumerGroups_result(event);
+            let mut count = 0;
+            let groups = rd::rd_kafka_DescribeConsumerGroups_result_groups(result, &mut count);
+            assert_eq!(count, 1);
+            let g = *groups;
+            let error = rd::rd_kafka_ConsumerGroupDescription_error(g);
+            if !error.is_null() {
+                return Err(text(rd::rd_kafka_error_string(error)).unwrap_or_default());
+            }
+            let mut members = Vec::new();
+            for i in 0..rd::rd_kafka_ConsumerGroupDescription_member_count(g) {
+                let m = rd::rd_kafka_ConsumerGroupDescription_member(g, i);
+                let tpl = rd::rd_kafka_MemberAssignment_partitions(
+                    rd::rd_kafka_MemberDescription_assignment(m),
+                );
+                let mut partitions = Vec::new();
+                if !tpl.is_null() {
+                    for j in 0..(*tpl).cnt as usize {
+                        let e = &*(*tpl).elems.add(j);
+                        partitions.push((text(e.topic).unwrap_or_default(), e.partition));
+                    }
+                }
+                partitions.sort();
+                members.push(GroupMember {
+                    id: text(rd::rd_kafka_MemberDescription_consumer_id(m)).unwrap_or_default(),
+                    partitions,
+                });
+            }
+            Ok(GroupView {
+                kind: text(rd::rd_kafka_consumer_group_type_name(
+                    rd::rd_kafka_ConsumerGroupDescription_type(g),
+                ))
+                .unwrap_or_default(),
+                state: text(rd::rd_kafka_consumer_group_state_name(
+                    rd::rd_kafka_ConsumerGroupDescription_state(g),
+                ))
+                .unwrap_or_default(),
+                members,
+            })
+        })();
+        rd::rd_kafka_event_destroy(event);
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_queue_destroy(queue);
+        described.unwrap_or_else(|e| panic!("describing {group}: {e}"))
+    }
+}
