@@ -146,7 +146,15 @@ impl Engine {
                         }
                         self.admit(&mut s, message).await;
                     }
-                    Err(e) => tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}"),
+                    Err(e) => {
+                        // A fatal error (e.g. fenced: another member took this static id) stops
+                        // the consumer for good: end the processor so its process restarts,
+                        // rather than look alive while reading nothing.
+                        if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                            anyhow::bail!("the consumer stopped with a fatal error ({code:?}): {reason}");
+                        }
+                        tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}");
+                    }
                 },
             }
         }
