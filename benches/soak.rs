@@ -12,16 +12,27 @@
 //! (300), every 25th event followed by a copy of an event published ten before (a duplicate
 //! within the window, which must be skipped), with ORDERFLOW_DEDUP_RETENTION set to
 //! ORDERFLOW_BENCH_SOAK_WINDOW (60s; below the setting's 1 min minimum the bench-only
-//! ORDERFLOW_BENCH_SHORT_WINDOWS=1 is set, which changes nothing but that bound). Every
-//! ORDERFLOW_BENCH_SOAK_SAMPLE seconds (5) it samples: the processor's RSS (/proc), the dedup
-//! table's rows (`count(*)`) and partitions, and from the processor's /metrics the cumulative
-//! `orderflow_dedup_seen_seconds` buckets, the events handled and skipped, the partitions
-//! dropped. `scripts/bench-report` computes the quantiles, first vs last span and the verdict.
+//! ORDERFLOW_BENCH_SHORT_WINDOWS=1 is set, which changes nothing but that bound).
 //!
-//! A processor that exits, an event not handled (or a duplicate not skipped) within 120 s of the
-//! stream's end, or a run longer than two windows in which no partition was dropped fails the
-//! run: no figure is recorded. The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
-//! The orchestrator is not sampled: saga-state retention is not in this branch yet.
+//! The same `order.created` events start the order saga (`pipelines/sagas/order.yaml`): its
+//! orchestrator runs as a process of its own (`orderflow run order`) with
+//! ORDERFLOW_SAGA_RETENTION set to the same window, so sagas start, finish and expire during the
+//! run. Its steps run in a third process (`orderflow run inventory inventory-release payment
+//! payment-refund shipping --no-dedup`: their marks would share the soak's dedup table) against
+//! `orderflow simulate` (a fourth, 0 ms, no failures). Every saga confirms; a copy of an order
+//! starts no second saga.
+//!
+//! Every ORDERFLOW_BENCH_SOAK_SAMPLE seconds (5) it samples: the processor's RSS (/proc), the
+//! dedup table's rows (`count(*)`) and partitions, and from the processor's /metrics the
+//! cumulative `orderflow_dedup_seen_seconds` buckets, the events handled and skipped, the
+//! partitions dropped; the orchestrator's RSS and, from its /metrics, the saga states held (live,
+//! finished), sagas started and ended, saga states expired. `scripts/bench-report` computes the
+//! quantiles, first vs last span and the verdict.
+//!
+//! A processor, orchestrator, step process or simulator that exits, an event not handled (or a
+//! duplicate not skipped) within 120 s of the stream's end, or a run longer than two windows in
+//! which no partition was dropped or no saga state expired fails the run: no figure is recorded.
+//! The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +43,8 @@ use orderflow::app::Connect;
 use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
 use orderflow::database::retention;
 use orderflow::kafka::Publisher;
+use orderflow::saga::retention as saga_retention;
+use orderflow::simulate;
 use serde_json::{json, Value};
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -130,14 +143,83 @@ impl Drop for FreshDatabase {
     }
 }
 
-/// Stops a child on drop (SIGTERM, then waits), so a failed run leaves no process behind.
-struct Spawned(Child);
+/// The step pipelines of the order saga (`pipelines/*.yaml`), run in one process.
+const STEPS: [&str; 5] = [
+    "inventory",
+    "inventory-release",
+    "payment",
+    "payment-refund",
+    "shipping",
+];
 
-impl Drop for Spawned {
+/// A process of the soak, its stderr to a log file: stopped on drop (SIGTERM, then waits), so a
+/// failed run leaves no process behind.
+struct Process {
+    name: &'static str,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &'static str, command: &mut Command) -> Process {
+        let log = std::env::temp_dir().join(format!(
+            "bench-soak-{}.log",
+            name.trim_start_matches("orderflow ")
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+                .trim_matches('-')
+        ));
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Process { name, child, log }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics when the process has exited (gone, or a zombie not yet waited for).
+    fn alive(&self) {
+        let running =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).is_ok_and(|stat| {
+                // "pid (comm) STATE ...": the state follows the last parenthesis.
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            });
+        assert!(
+            running,
+            "{} exited (log: {})",
+            self.name,
+            self.log.display()
+        );
+    }
+
+    /// Waits (90 s at most) for its /readyz, checking it and `others` are alive meanwhile.
+    async fn ready(&self, client: &reqwest::Client, port: u16, others: &[&Process]) {
+        let limit = Instant::now() + Duration::from_secs(90);
+        while !client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            self.alive();
+            others.iter().for_each(|p| p.alive());
+            assert!(Instant::now() < limit, "{} not ready in 90 s", self.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Process {
     fn drop(&mut self) {
         // SAFETY: kill(2) on a child we own.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
     }
 }
 
@@ -226,56 +308,87 @@ async fn soak() -> Value {
     let connect = Connect::local(&prefix);
     let database = FreshDatabase::create(&connect.database_url).await;
     let dir = std::env::temp_dir().join(format!("bench-soak-{}", &prefix[11..19]));
-    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(dir.join("sagas")).unwrap();
     std::fs::write(
         dir.join("soak.yaml"),
         "name: soak\ngroup: soak\ninputs: [order.created]\nstep: {route: {to: [soak.orders]}}\n",
     )
     .unwrap();
-    let port = free_port();
-    let log = std::env::temp_dir().join("bench-soak-run.log");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow"));
-    command
-        .args(["run", "soak", "--report-every", "0s"])
-        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-        .env("ORDERFLOW_PIPELINES_DIR", &dir)
-        .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
-        .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
-        .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
-        .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
-        .env("ORDERFLOW_DATABASE_URL", &database.url)
-        .env(retention::DEDUP_SETTING, &window_text)
-        .env("ORDERFLOW_LOG", "warn");
-    if window < retention::MIN_SETTING {
-        command.env(retention::SHORT_WINDOWS_SETTING, "1");
+    // The order saga and its steps, as the repository defines them.
+    let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/pipelines"));
+    for file in STEPS
+        .iter()
+        .map(|s| format!("{s}.yaml"))
+        .chain(["sagas/order.yaml".into()])
+    {
+        std::fs::copy(repo.join(&file), dir.join(&file))
+            .unwrap_or_else(|e| panic!("copying pipelines/{file}: {e}"));
     }
-    let child = Spawned(
+    let run = |args: &[&str], port: u16| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow"));
         command
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawning orderflow run"),
-    );
-    let pid = child.0.id();
-    let alive = || {
-        assert!(
-            std::fs::metadata(format!("/proc/{pid}")).is_ok(),
-            "orderflow run exited (log: {})",
-            log.display()
-        )
+            .args(args)
+            .args(["--report-every", "0s"])
+            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+            .env("ORDERFLOW_PIPELINES_DIR", &dir)
+            .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
+            .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
+            .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
+            .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
+            .env("ORDERFLOW_DATABASE_URL", &database.url)
+            .env(retention::DEDUP_SETTING, &window_text)
+            .env(saga_retention::SETTING, &window_text)
+            .env("ORDERFLOW_LOG", "warn");
+        if window < retention::MIN_SETTING {
+            command.env(retention::SHORT_WINDOWS_SETTING, "1");
+        }
+        command
     };
     let client = reqwest::Client::new();
-    let limit = Instant::now() + Duration::from_secs(90);
-    while !client
-        .get(format!("http://127.0.0.1:{port}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        alive();
-        assert!(Instant::now() < limit, "orderflow run not ready in 90 s");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The downstreams, then the orchestrator (it creates the saga's topics), its steps, and
+    // the processor measured.
+    let sim_port = free_port();
+    let simulator = Process::spawn(
+        "orderflow simulate",
+        Command::new(env!("CARGO_BIN_EXE_orderflow"))
+            .args(["simulate", "--latency", "0ms"])
+            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
+            .env("ORDERFLOW_LOG", "warn"),
+    );
+    let limit = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", sim_port)).is_err() {
+        simulator.alive();
+        assert!(
+            Instant::now() < limit,
+            "orderflow simulate not listening in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let orchestrator_port = free_port();
+    let orchestrator = Process::spawn(
+        "orderflow run order",
+        &mut run(&["run", "order"], orchestrator_port),
+    );
+    orchestrator.ready(&client, orchestrator_port, &[]).await;
+    let steps_port = free_port();
+    let mut steps_command = run(&[&["run", "--no-dedup"][..], &STEPS].concat(), steps_port);
+    for (var, url) in simulate::pipeline_url_env(&format!("http://127.0.0.1:{sim_port}")) {
+        steps_command.env(var, url);
+    }
+    let steps = Process::spawn("orderflow run (saga steps)", &mut steps_command);
+    steps.ready(&client, steps_port, &[&orchestrator]).await;
+    let port = free_port();
+    let processor = Process::spawn("orderflow run soak", &mut run(&["run", "soak"], port));
+    processor
+        .ready(&client, port, &[&orchestrator, &steps, &simulator])
+        .await;
+    let alive = || {
+        for p in [&processor, &orchestrator, &steps, &simulator] {
+            p.alive();
+        }
+    };
+    let (pid, orchestrator_pid) = (processor.pid(), orchestrator.pid());
     let db = psql(&database.url).await;
     let bucket_seconds: i64 = db
         .query_one(
@@ -342,6 +455,9 @@ async fn soak() -> Value {
         let m = metrics(&client, port)
             .await
             .expect("the processor's /metrics answers");
+        let o = metrics(&client, orchestrator_port)
+            .await
+            .expect("the orchestrator's /metrics answers");
         let (rows, partitions) = table(&db).await;
         let sample = json!({
             "t": started.elapsed().as_secs_f64(),
@@ -352,14 +468,27 @@ async fn soak() -> Value {
             "duplicates": total(&m, "orderflow_events_processed_total", "outcome=\"duplicate\""),
             "partitions_dropped": total(&m, "orderflow_retention_partitions_dropped_total", "orderflow_processed\""),
             "seen_buckets": seen_buckets(&m),
+            "orchestrator_rss_mib": rss_mib(orchestrator_pid),
+            "sagas_live": total(&o, "orderflow_saga_states_held", "status=\"live\""),
+            "sagas_finished": total(&o, "orderflow_saga_states_held", "status=\"finished\""),
+            "sagas_started": total(&o, "orderflow_sagas_started_total", "saga=\"order\""),
+            "sagas_ended": total(&o, "orderflow_sagas_ended_total", "saga=\"order\""),
+            "saga_states_expired": total(&o, "orderflow_saga_states_expired_total", "saga=\"order\""),
         });
         eprintln!(
-            "  t {:>5.0} s  rss {:>6.1} MiB  rows {:>7}  partitions {:>3}  handled {:>8}",
+            "  t {:>5.0} s  rss {:>6.1} MiB  rows {:>7}  partitions {:>3}  handled {:>8}  \
+             | orchestrator rss {:>6.1} MiB  held live {:>5} finished {:>6}  started {:>7} ended {:>7} expired {:>7}",
             sample["t"].as_f64().unwrap(),
             sample["rss_mib"].as_f64().unwrap_or(0.0),
             rows,
             partitions,
-            sample["handled"]
+            sample["handled"],
+            sample["orchestrator_rss_mib"].as_f64().unwrap_or(0.0),
+            sample["sagas_live"],
+            sample["sagas_finished"],
+            sample["sagas_started"],
+            sample["sagas_ended"],
+            sample["saga_states_expired"],
         );
         samples.push(sample);
         if stream.is_finished() {
@@ -417,7 +546,25 @@ async fn soak() -> Value {
             started.elapsed()
         );
     }
-    drop(child);
+    let o = metrics(&client, orchestrator_port)
+        .await
+        .expect("the orchestrator's /metrics answers");
+    let started_sagas = total(&o, "orderflow_sagas_started_total", "saga=\"order\"");
+    let ended_sagas = total(&o, "orderflow_sagas_ended_total", "saga=\"order\"");
+    let expired = total(&o, "orderflow_saga_states_expired_total", "saga=\"order\"");
+    assert!(started_sagas > 0.0, "no saga started");
+    if started.elapsed() > 2 * window {
+        assert!(
+            expired > 0.0,
+            "no saga state expired in {:?} with a {window_text} window",
+            started.elapsed()
+        );
+    }
+    alive();
+    drop(processor);
+    drop(steps);
+    drop(orchestrator);
+    drop(simulator);
     drop(db);
     drop(database);
     let _ = std::fs::remove_dir_all(&dir);
@@ -433,7 +580,14 @@ async fn soak() -> Value {
         "handled": handled,
         "duplicates_skipped": skipped,
         "partitions_dropped": dropped,
-        "orchestrator": null,
+        "orchestrator": {
+            "saga": "order",
+            "retention_seconds": window.as_secs_f64(),
+            "steps": STEPS,
+            "sagas_started": started_sagas,
+            "sagas_ended": ended_sagas,
+            "saga_states_expired": expired,
+        },
         "samples": samples,
     })
 }
