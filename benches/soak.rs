@@ -8,7 +8,7 @@
 //!     eval "$(scripts/stack up)" && cargo bench --bench soak
 //!
 //! The pipeline routes every `order.created` to one topic (`route`, dedup on). This process
-//! publishes ORDERFLOW_BENCH_SOAK_RATE events/s (default 500) for ORDERFLOW_BENCH_SOAK_SECONDS
+//! publishes ORDERFLOW_BENCH_SOAK_RATE events/s (default 300) for ORDERFLOW_BENCH_SOAK_SECONDS
 //! (300), every 25th event followed by a copy of an event published ten before (a duplicate
 //! within the window, which must be skipped), with ORDERFLOW_DEDUP_RETENTION set to
 //! ORDERFLOW_BENCH_SOAK_WINDOW (60s; below the setting's 1 min minimum the bench-only
@@ -296,7 +296,7 @@ fn main() {
 }
 
 async fn soak() -> Value {
-    let rate = env_or("ORDERFLOW_BENCH_SOAK_RATE", 500);
+    let rate = env_or("ORDERFLOW_BENCH_SOAK_RATE", 300);
     let seconds = env_or("ORDERFLOW_BENCH_SOAK_SECONDS", 300);
     let sample_every = env_or("ORDERFLOW_BENCH_SOAK_SAMPLE", 5);
     let window_text = std::env::var("ORDERFLOW_BENCH_SOAK_WINDOW").unwrap_or_else(|_| "60s".into());
