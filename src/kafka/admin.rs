@@ -42,6 +42,35 @@ pub async fn ensure_topics(
     topics: &[(&str, i32)],
     replication: i32,
 ) -> anyhow::Result<()> {
+    create_missing(bootstrap_servers, topics, replication, &[]).await
+}
+
+/// Creates `topic` with `settings` (e.g. compaction) when missing, and waits until it is
+/// visible; an existing topic is left as it is, settings included.
+pub async fn create_with_settings(
+    bootstrap_servers: &str,
+    topic: &str,
+    partitions: i32,
+    replication: i32,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<()> {
+    create_missing(
+        bootstrap_servers,
+        &[(topic, partitions)],
+        replication,
+        settings,
+    )
+    .await
+}
+
+/// Creates the missing ones of `topics`, each with `settings`, then waits until every one is
+/// visible.
+async fn create_missing(
+    bootstrap_servers: &str,
+    topics: &[(&str, i32)],
+    replication: i32,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::types::RDKafkaErrorCode;
@@ -50,7 +79,10 @@ pub async fn ensure_topics(
     let new_topics: Vec<NewTopic> = topics
         .iter()
         .map(|(name, partitions)| {
-            NewTopic::new(name, *partitions, TopicReplication::Fixed(replication))
+            settings.iter().fold(
+                NewTopic::new(name, *partitions, TopicReplication::Fixed(replication)),
+                |topic, (key, value)| topic.set(key, value),
+            )
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -93,34 +125,6 @@ pub async fn ensure_topics(
     })
     .await??;
     Ok(())
-}
-
-/// Creates `topic` with `settings` (e.g. compaction) when missing, and waits until it is
-/// visible; an existing topic is left as it is, settings included.
-pub async fn create_with_settings(
-    bootstrap_servers: &str,
-    topic: &str,
-    partitions: i32,
-    replication: i32,
-    settings: &[(&str, &str)],
-) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    use rdkafka::types::RDKafkaErrorCode;
-
-    let admin: AdminClient<DefaultClientContext> = client_config(bootstrap_servers).create()?;
-    let mut new = NewTopic::new(topic, partitions, TopicReplication::Fixed(replication));
-    for (name, value) in settings {
-        new = new.set(name, value);
-    }
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for result in admin.create_topics([&new], &options).await? {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => anyhow::bail!("creating topic {topic} failed: {code}"),
-        }
-    }
-    ensure_topics(bootstrap_servers, &[(topic, partitions)], replication).await
 }
 
 /// Partition count of each topic (0 for a topic that does not exist), from one metadata
