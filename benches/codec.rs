@@ -7,17 +7,13 @@
 //! prints each round and the median, and writes every round's rates as JSON to the file
 //! ORDERFLOW_BENCH_JSON (`scripts/bench` puts them in BENCHMARKS.md).
 
+mod common;
+
+use common::env_or;
 use std::sync::Arc;
 use std::time::Instant;
 
 use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));

@@ -44,6 +44,9 @@
 //! the raw passthrough once), for
 //! `perf record` (scripts/bench profiles it this way).
 
+mod common;
+
+use common::{env_or, free_port, rss_mib};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,13 +76,6 @@ const RAW_WINDOW: usize = 2000;
 /// Events the JVM peer handles under another group before its measured window.
 const JVM_WARMUP: usize = 20_000;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn fresh_prefix() -> String {
     format!(
         "bench-{}.",
@@ -107,18 +103,6 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<f64>()
-        .ok()
-        .map(|kb| kb / 1024.0)
 }
 
 fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {
@@ -599,14 +583,6 @@ async fn retries(rate: usize, seconds: usize, retried_percent: usize) -> Value {
         "main": summary(main),
         "tiers": tiers,
     })
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Kills a child on drop, so a failed run leaves no process behind.

@@ -21,6 +21,9 @@
 //! Every event must succeed once (no retry, no dead letter), else the run fails.
 //! The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
 
+mod common;
+
+use common::env_or;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,13 +33,6 @@ use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
 use orderflow::kafka::Publisher;
 use serde_json::{json, Value};
 use tokio::sync::watch;
-
-fn env_or(name: &str, default: f64) -> f64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage fills the struct we pass; RUSAGE_SELF is always valid.

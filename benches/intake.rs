@@ -13,27 +13,15 @@
 //! service that exits fails the run. The JSON goes to the file ORDERFLOW_BENCH_JSON (else
 //! stdout); `scripts/bench` writes BENCHMARKS.md from it.
 
+mod common;
+
+use common::{env_or, free_port};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use orderflow::contracts::OrderCreated;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn(args: &[&str], prefix: &str, log: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_orderflow"))

@@ -17,6 +17,9 @@
 //! ORDERFLOW_BENCH_SAGAS (default 2000), ORDERFLOW_BENCH_PARTITIONS (default 3),
 //! ORDERFLOW_BENCH_STEP_REPLICAS (default 1), ORDERFLOW_BENCH_SAGA_DEDUP (default 0).
 
+mod common;
+
+use common::env_or;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -24,13 +27,6 @@ use orderflow::app::{codec, load_pipelines_and_sagas, orchestrators, processors,
 use orderflow::contracts::OrderCreated;
 use orderflow::simulate::{self, Behaviour};
 use tokio::sync::watch;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {

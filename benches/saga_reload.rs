@@ -23,6 +23,9 @@
 //! ORDERFLOW_BENCH_PARTITIONS (default 3). The JSON goes to the file ORDERFLOW_BENCH_JSON (else
 //! stdout).
 
+mod common;
+
+use common::env_or;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -36,13 +39,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::watch;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const WEEK: Duration = Duration::from_secs(7 * 86_400);
 

@@ -34,6 +34,9 @@
 //! which no partition was dropped or no saga state expired fails the run: no figure is recorded.
 //! The JSON goes to the file ORDERFLOW_BENCH_JSON (else stdout).
 
+mod common;
+
+use common::{env_or, free_port, rss_mib};
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -46,33 +49,6 @@ use orderflow::kafka::Publisher;
 use orderflow::saga::retention as saga_retention;
 use orderflow::simulate;
 use serde_json::{json, Value};
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<f64>()
-        .ok()
-        .map(|kb| kb / 1024.0)
-}
 
 /// `url` with its database name replaced by `name` (query parameters kept).
 fn with_database(url: &str, name: &str) -> String {

@@ -16,7 +16,6 @@ use orderflow::contracts::{AnyEvent, OrderCreated};
 use orderflow::saga::{find_state, SagaStatus};
 use orderflow::simulate::{self, Behaviour};
 use orderflow::telemetry::saga::SagaTelemetry;
-use rdkafka::Message;
 use tokio::sync::watch;
 
 /// The simulated services (1-5 ms per call) with `behaviour`, and the repository's pipelines
@@ -108,24 +107,6 @@ impl SagaRun {
             result.unwrap().unwrap();
         }
     }
-}
-
-/// Every event of `event_type` under `prefix`, decoded.
-async fn events(prefix: &str, event_type: &str) -> Vec<AnyEvent> {
-    let (codec, _) = codec(prefix);
-    let topic = format!("{prefix}{event_type}");
-    let records = tokio::task::spawn_blocking(move || read_topic(&topic))
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    for r in records {
-        out.push(
-            AnyEvent::decode(&codec, event_type, r.payload())
-                .await
-                .unwrap(),
-        );
-    }
-    out
 }
 
 /// How many events of `event_type` each order has.
@@ -567,14 +548,6 @@ async fn sigkilled_at_random_points_every_saga_still_ends_once() {
     );
     assert_eq!(interrupted, KILLS, "every kill must interrupt work");
     assert!(cancelled > 0 && confirmed > 0);
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn sagas_started(port: u16) -> f64 {

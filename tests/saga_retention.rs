@@ -106,24 +106,6 @@ async fn saga_dir_simulated() -> (PathBuf, tokio::task::JoinHandle<()>) {
     (saga_dir(addr, |_, t| t), server)
 }
 
-/// Every event of `event_type` under `prefix`, decoded.
-async fn events(prefix: &str, event_type: &str) -> Vec<AnyEvent> {
-    let (codec, _) = codec(prefix);
-    let topic = format!("{prefix}{event_type}");
-    let records = tokio::task::spawn_blocking(move || read_topic(&topic))
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    for r in records {
-        out.push(
-            AnyEvent::decode(&codec, event_type, r.payload())
-                .await
-                .unwrap(),
-        );
-    }
-    out
-}
-
 /// The shipping command of each order, once all of `orders` have one.
 async fn shipping_commands(prefix: &str, orders: &[OrderCreated]) -> HashMap<String, AnyEvent> {
     let deadline = Instant::now() + Duration::from_secs(60);

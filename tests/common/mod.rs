@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use orderflow::app::{processors, Connect};
 use orderflow::contracts::validate::Violations;
 use orderflow::contracts::{
-    Address, Catalog, Envelope, Event, EventCodec, Money, Naming, OrderCreated, OrderItem,
-    SubjectStrategy,
+    Address, AnyEvent, Catalog, Envelope, Event, EventCodec, Money, Naming, OrderCreated,
+    OrderItem, SubjectStrategy,
 };
 use orderflow::kafka::Publisher;
 use orderflow::pipeline;
@@ -291,6 +291,33 @@ pub fn pipeline_files(files: &[(&str, &str)]) -> PathBuf {
         std::fs::write(dir.join(name), yaml).unwrap();
     }
     dir
+}
+
+/// Every event of `event_type` under `prefix`, decoded.
+pub async fn events(prefix: &str, event_type: &str) -> Vec<AnyEvent> {
+    let (codec, _) = codec(prefix);
+    let topic = format!("{prefix}{event_type}");
+    let records = tokio::task::spawn_blocking(move || read_topic(&topic))
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for r in records {
+        out.push(
+            AnyEvent::decode(&codec, event_type, r.payload())
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// A local TCP port free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Every committed record of a topic, from the beginning to the end as of now (empty when the
