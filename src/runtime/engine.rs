@@ -28,6 +28,7 @@ use super::context::{MeteredContext, RebalanceEvent};
 use super::gate::{self, Admission, GateRules, Source};
 use super::lanes::{LaneKey, Lanes};
 use super::offsets::OffsetWindow;
+use super::room::{self, Budget, Room};
 use super::transactions::Batch;
 use super::work::{Finished, Job, Staged, Worker};
 use crate::contracts::events::now_millis;
@@ -54,10 +55,8 @@ pub enum Role {
 /// How much the engine holds at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Records of one partition in flight before it is paused.
-    pub partition_window: usize,
-    /// Records in flight across all partitions before the partition read from is paused.
-    pub budget: usize,
+    /// Records and bytes in flight before the partition read from is paused.
+    pub budget: Budget,
     /// Longest a graceful stop waits for records in flight.
     pub drain_timeout: Duration,
 }
@@ -68,7 +67,16 @@ struct Done {
     generation: u64,
     offset: i64,
     key: LaneKey,
+    /// Its input's weight against the byte budget.
+    bytes: usize,
     finished: Finished,
+}
+
+/// A record in its key's lane.
+struct Queued {
+    offset: i64,
+    bytes: usize,
+    job: Job,
 }
 
 /// One assigned partition's records in flight. A new state (a new generation) starts after a
@@ -76,8 +84,10 @@ struct Done {
 struct PartitionState {
     generation: u64,
     window: OffsetWindow<Option<Staged>>,
-    lanes: Lanes<(i64, Job)>,
+    lanes: Lanes<Queued>,
     tasks: HashMap<i64, AbortHandle>,
+    /// Bytes of its records whose tasks have not ended (waiting in a lane or running).
+    bytes: usize,
     /// Offset of a retry record not due yet: the partition is rewound to it and paused.
     retry_pause: Option<i64>,
     /// Paused because its window or the budget was full.
@@ -96,7 +106,9 @@ pub struct Engine {
 struct State {
     partitions: HashMap<TopicPartition, PartitionState>,
     next_generation: u64,
-    in_flight: usize,
+    room: Room,
+    /// Partitions paused for room: resuming is looked at only while there are some.
+    room_paused: usize,
     done_tx: mpsc::UnboundedSender<Done>,
     resume_tx: mpsc::UnboundedSender<(TopicPartition, u64)>,
     batch: Batch,
@@ -113,7 +125,8 @@ impl Engine {
         let mut s = State {
             partitions: HashMap::new(),
             next_generation: 0,
-            in_flight: 0,
+            room: Room::default(),
+            room_paused: 0,
             done_tx,
             resume_tx,
             batch: Batch::default(),
@@ -295,7 +308,9 @@ impl Engine {
             tracing::debug!(%topic, partition, "record not taken: {e:?}");
             return;
         }
-        s.in_flight += 1;
+        let bytes = room::record_bytes(&message);
+        s.room.take(bytes);
+        state.bytes += bytes;
         let job = Job {
             event_type: event_type.clone(),
             input_topic: input_topic.clone(),
@@ -303,13 +318,13 @@ impl Engine {
             message,
         };
         let key: LaneKey = job.message.key().map(<[u8]>::to_vec);
-        if let Some((offset, job)) = state.lanes.admit(key.clone(), (offset, job)) {
-            start(&self.worker, &s.done_tx, &tp, state, offset, key, job);
+        let queued = Queued { offset, bytes, job };
+        if let Some(queued) = state.lanes.admit(key.clone(), queued) {
+            start(&self.worker, &s.done_tx, &tp, state, key, queued);
         }
-        let full =
-            state.window.len() >= self.limits.partition_window || s.in_flight >= self.limits.budget;
-        if full && !state.room_paused {
+        if !state.room_paused && s.room.is_full(&self.limits.budget, state.window.len()) {
             state.room_paused = true;
+            s.room_paused += 1;
             self.pause(&tp);
         }
     }
@@ -323,16 +338,10 @@ impl Engine {
             return; // reset since: abandoned
         }
         state.tasks.remove(&done.offset);
-        if let Some((offset, job)) = state.lanes.finish(&done.key).filter(|_| !s.draining) {
-            start(
-                &self.worker,
-                &s.done_tx,
-                &done.tp,
-                state,
-                offset,
-                done.key,
-                job,
-            );
+        state.bytes -= done.bytes;
+        s.room.release_bytes(done.bytes);
+        if let Some(queued) = state.lanes.finish(&done.key).filter(|_| !s.draining) {
+            start(&self.worker, &s.done_tx, &done.tp, state, done.key, queued);
         }
         let staged = match done.finished {
             Finished::Written => None,
@@ -346,10 +355,12 @@ impl Engine {
         }
         let finished = state.window.take_finished();
         let Some((last, _)) = finished.last() else {
+            // Its bytes alone may have made room.
+            self.resume_if_room(s);
             return;
         };
         let last = *last;
-        s.in_flight -= finished.len();
+        s.room.release_records(finished.len());
         if self.worker.transactional {
             for (offset, staged) in finished {
                 s.batch
@@ -362,16 +373,16 @@ impl Engine {
         self.resume_if_room(s);
     }
 
-    /// Resumes partitions paused for room once they and the budget have room again.
+    /// Resumes partitions paused for room once they and the budgets have room again.
     fn resume_if_room(&self, s: &mut State) {
-        if s.in_flight >= self.limits.budget * 3 / 4 {
+        if s.room_paused == 0 || !s.room.has_room(&self.limits.budget) {
             return;
         }
-        let low = self.limits.partition_window / 2;
         let mut resume = Vec::new();
         for (tp, state) in s.partitions.iter_mut() {
-            if state.room_paused && state.window.len() <= low {
+            if state.room_paused && s.room.may_resume(&self.limits.budget, state.window.len()) {
                 state.room_paused = false;
+                s.room_paused -= 1;
                 if state.retry_pause.is_none() {
                     resume.push(tp.clone());
                 }
@@ -439,7 +450,11 @@ impl Engine {
         for task in state.tasks.values() {
             task.abort();
         }
-        s.in_flight -= state.window.len();
+        s.room.release_records(state.window.len());
+        s.room.release_bytes(state.bytes);
+        if state.room_paused {
+            s.room_paused -= 1;
+        }
         s.batch.remove(tp);
     }
 
@@ -549,6 +564,7 @@ fn new_state(next_generation: &mut u64) -> PartitionState {
         window: OffsetWindow::default(),
         lanes: Lanes::default(),
         tasks: HashMap::new(),
+        bytes: 0,
         retry_pause: None,
         room_paused: false,
     }
@@ -560,10 +576,10 @@ fn start(
     done_tx: &mpsc::UnboundedSender<Done>,
     tp: &TopicPartition,
     state: &mut PartitionState,
-    offset: i64,
     key: LaneKey,
-    job: Job,
+    queued: Queued,
 ) {
+    let Queued { offset, bytes, job } = queued;
     let (worker, done_tx) = (worker.clone(), done_tx.clone());
     let (tp_owned, generation) = (tp.clone(), state.generation);
     let task = tokio::spawn(async move {
@@ -573,6 +589,7 @@ fn start(
             generation,
             offset,
             key,
+            bytes,
             finished,
         });
     });

@@ -62,7 +62,7 @@ import org.apache.kafka.common.serialization.ByteArraySerializer;
  *       librdkafka's auto-commit of stored offsets in orderflow), at least once.
  * </ol>
  *
- * <p>Sends are pipelined: up to {@code --window} records (default 2000, orderflow's in-flight
+ * <p>Sends are pipelined: up to {@code --window} records (default 10000, orderflow's in-flight
  * budget) may wait for their acks; when the window is full the assigned partitions are paused
  * until half of it drains. With {@code --warmup-events W} the same code first handles W events of
  * the input under another consumer group, so the JIT has compiled the hot path before the measured
@@ -93,7 +93,7 @@ public final class FanOut {
     String input = required(args, "input");
     long expected = Long.parseLong(required(args, "events"));
     long warmup = Long.parseLong(args.getOrDefault("warmup-events", "0"));
-    int window = Integer.parseInt(args.getOrDefault("window", "2000"));
+    int window = Integer.parseInt(args.getOrDefault("window", "10000"));
     String prefix = args.getOrDefault("output-prefix", input + ".");
     List<String> outputs =
         args.containsKey("outputs")
