@@ -14,14 +14,18 @@ pub mod retention;
 pub mod saga;
 pub mod server;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::failure::ErrorClass;
 use metrics::{
     metrics, CacheLabels, ClassLabels, OutcomeLabels, PartitionLabels, PipelineLabels, TierLabels,
     TopicLabels,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// One thing that happened in a processor.
 #[derive(Debug)]
@@ -146,20 +150,55 @@ pub struct Snapshot {
 pub struct Telemetry {
     labels: PipelineLabels,
     counters: Arc<Counters>,
+    hot: Arc<HotSeries>,
+}
+
+/// Handles on the series every record touches, so a record costs no label building or
+/// label-set hashing (a handle shares its series' value). Per-topic handles are kept for the
+/// pipeline's own topics only, a set fixed by its file.
+#[derive(Debug)]
+struct HotSeries {
+    handler_seconds: Histogram,
+    end_to_end_seconds: Histogram,
+    succeeded: Counter,
+    duplicate: Counter,
+    consumed: RwLock<HashMap<String, Counter>>,
+    produced: RwLock<HashMap<String, Counter>>,
 }
 
 impl Telemetry {
     /// Creates every fixed label set of the pipeline at zero, so a series reads 0 rather than
     /// being absent before its first event (alerts and dashboards can tell the two apart).
     pub fn new(pipeline: &str, group: &str, retry_tiers: usize) -> Telemetry {
-        let telemetry = Telemetry {
-            labels: PipelineLabels {
-                pipeline: pipeline.to_string(),
-                group: group.to_string(),
-            },
-            counters: Arc::default(),
+        let labels = PipelineLabels {
+            pipeline: pipeline.to_string(),
+            group: group.to_string(),
         };
         let m = metrics();
+        let outcome = |outcome| OutcomeLabels {
+            pipeline: labels.pipeline.clone(),
+            group: labels.group.clone(),
+            outcome,
+        };
+        // One statement per handle: a family's lock guard lives to the end of its statement,
+        // and a second lookup in the same family while it is held would deadlock.
+        let handler_seconds = m.handler_seconds.get_or_create(&labels).clone();
+        let end_to_end_seconds = m.end_to_end_seconds.get_or_create(&labels).clone();
+        let succeeded = m.processed.get_or_create(&outcome("succeeded")).clone();
+        let duplicate = m.processed.get_or_create(&outcome("duplicate")).clone();
+        let hot = HotSeries {
+            handler_seconds,
+            end_to_end_seconds,
+            succeeded,
+            duplicate,
+            consumed: RwLock::default(),
+            produced: RwLock::default(),
+        };
+        let telemetry = Telemetry {
+            labels,
+            counters: Arc::default(),
+            hot: Arc::new(hot),
+        };
         let l = &telemetry.labels;
         for outcome in ["succeeded", "retried", "dead_lettered", "duplicate"] {
             let labels = OutcomeLabels {
@@ -203,6 +242,25 @@ impl Telemetry {
         }
     }
 
+    /// Increments `family`'s series for `topic` through the handle cache `cache`.
+    fn count_topic(
+        &self,
+        cache: &RwLock<HashMap<String, Counter>>,
+        family: &Family<TopicLabels, Counter>,
+        topic: &str,
+    ) {
+        if let Some(counter) = cache.read().expect("series lock").get(topic) {
+            counter.inc();
+            return;
+        }
+        let counter = family.get_or_create(&self.topic(topic)).clone();
+        counter.inc();
+        cache
+            .write()
+            .expect("series lock")
+            .insert(topic.to_string(), counter);
+    }
+
     fn outcome(&self, outcome: &'static str) {
         let labels = OutcomeLabels {
             pipeline: self.labels.pipeline.clone(),
@@ -231,13 +289,11 @@ impl Telemetry {
                 offset,
             } => {
                 c.consumed.fetch_add(1, Ordering::Relaxed);
-                m.consumed.get_or_create(&self.topic(topic)).inc();
+                self.count_topic(&self.hot.consumed, &m.consumed, topic);
                 tracing::trace!(pipeline = p, topic, partition, offset, "consumed");
             }
             ProcessorEvent::Handled { seconds } => {
-                m.handler_seconds
-                    .get_or_create(&self.labels)
-                    .observe(seconds);
+                self.hot.handler_seconds.observe(seconds);
             }
             ProcessorEvent::Succeeded {
                 topic,
@@ -247,15 +303,13 @@ impl Telemetry {
                 c.succeeded.fetch_add(1, Ordering::Relaxed);
                 c.produced
                     .fetch_add(outputs.len() as u64, Ordering::Relaxed);
-                self.outcome("succeeded");
+                self.hot.succeeded.inc();
                 for output in outputs {
-                    m.produced.get_or_create(&self.topic(output)).inc();
+                    self.count_topic(&self.hot.produced, &m.produced, output);
                 }
                 let age = (crate::contracts::events::now_millis() - occurred_at_ms).max(0) as f64
                     / 1000.0;
-                m.end_to_end_seconds
-                    .get_or_create(&self.labels)
-                    .observe(age);
+                self.hot.end_to_end_seconds.observe(age);
                 tracing::debug!(pipeline = p, topic, outputs = outputs.len(), "succeeded");
             }
             ProcessorEvent::TransientRetry {
@@ -368,7 +422,7 @@ impl Telemetry {
             }
             ProcessorEvent::Duplicate { topic, event_id } => {
                 c.duplicates.fetch_add(1, Ordering::Relaxed);
-                self.outcome("duplicate");
+                self.hot.duplicate.inc();
                 tracing::info!(pipeline = p, topic, event_id, "duplicate event id: skipped");
             }
             ProcessorEvent::DedupMarkFailed { event_id, error } => {
@@ -474,5 +528,66 @@ impl Telemetry {
             produce_failures: load(&c.produce_failures),
             duplicates: load(&c.duplicates),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(text: &str, name: &str, pipeline: &str, extra: &str) -> f64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with(name)
+                    && l.contains(&format!("pipeline=\"{pipeline}\""))
+                    && l.contains(extra)
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} series with {extra} for {pipeline}"))
+    }
+
+    #[test]
+    fn handles_kept_for_the_hot_path_count_in_the_registry() {
+        // Twice for one pipeline: a second processor shares the series, and creating it must
+        // not wait on a lock its first lookups still hold.
+        let first = Telemetry::new("hot-series-test", "g", 1);
+        let second = Telemetry::new("hot-series-test", "g", 1);
+        for telemetry in [&first, &second] {
+            telemetry.emit(ProcessorEvent::Consumed {
+                topic: "in",
+                partition: 0,
+                offset: 0,
+            });
+            telemetry.emit(ProcessorEvent::Succeeded {
+                topic: "in",
+                outputs: &["a".to_string(), "b".to_string(), "a".to_string()],
+                occurred_at_ms: 0,
+            });
+        }
+        let text = metrics::encode();
+        let p = "hot-series-test";
+        assert_eq!(
+            series(&text, "orderflow_events_consumed_total", p, "topic=\"in\""),
+            2.0
+        );
+        assert_eq!(
+            series(&text, "orderflow_records_produced_total", p, "topic=\"a\""),
+            4.0
+        );
+        assert_eq!(
+            series(&text, "orderflow_records_produced_total", p, "topic=\"b\""),
+            2.0
+        );
+        assert_eq!(
+            series(
+                &text,
+                "orderflow_events_processed_total",
+                p,
+                "outcome=\"succeeded\""
+            ),
+            2.0
+        );
+        assert_eq!(first.snapshot().produced, 3);
     }
 }
