@@ -58,6 +58,13 @@ pub enum Command {
     #[command(subcommand)]
     Pipelines(PipelinesCommand),
     /// Run pipelines until SIGTERM or Ctrl-C (then finish the record in hand, flush, commit).
+    #[command(
+        after_help = "Memory: each processor pauses the partition it reads from once it \
+holds ORDERFLOW_IN_FLIGHT_RECORDS records (default 10000, 100 to 1000000; one partition may \
+hold half) or ORDERFLOW_IN_FLIGHT_BYTES of input keys, payloads and headers (default 16MiB, \
+1MiB to 4GiB; a byte count or KiB, MiB, GiB). Each record costs about 10 KiB with four outputs \
+queued, and librdkafka holds a copy of each output: size the pod's memory limit for both."
+    )]
     Run(RunArgs),
     /// Inspect, replay and discard dead letters.
     #[command(subcommand)]

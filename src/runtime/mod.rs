@@ -57,18 +57,6 @@ use engine::{Engine, Limits, Role};
 
 /// Partitions of an input topic the runtime has to create itself.
 pub const DEFAULT_PARTITIONS: i32 = 3;
-/// What a processor holds in flight before the partition read from is paused. A budget caps
-/// throughput at itself over a record's time from read to acks (2,000 records held the fan-out
-/// benchmark near 17,000 events/s, 10,000 let it reach about 30,000); its cost is memory, about
-/// 10 KiB a record with four outputs queued (the benchmark's peak RSS rose by some 70 MiB from
-/// 2,000 to 10,000). The byte budget bounds records with large payloads, which the record count
-/// alone would let take gigabytes.
-const IN_FLIGHT: room::Budget = room::Budget {
-    // Records of one partition: two partitions can share the whole budget.
-    partition_window: 5_000,
-    records: 10_000,
-    bytes: 64 * 1024 * 1024,
-};
 /// Longest a graceful stop waits for in-flight writes (the pod's grace period is 45 s).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
 /// How often DLQ depth, retry backlog and readiness are measured.
@@ -88,6 +76,8 @@ pub struct Processor {
     dedup: Option<Arc<DedupStore>>,
     /// Exactly-once: outputs and offsets are committed in transactions.
     transactional: bool,
+    /// What it holds in flight ([`room::RECORDS_SETTING`], [`room::BYTES_SETTING`]).
+    budget: room::Budget,
 }
 
 impl Processor {
@@ -135,7 +125,9 @@ impl Processor {
             let id = topology::transactional_id(&pipeline.group_id(&naming), &instance_id());
             kafka::transactions::transactional(&mut producer_config, &id);
         }
+        let budget = room::Budget::from_env().map_err(anyhow::Error::msg)?;
         Ok(Processor {
+            budget,
             group_id: pipeline.group_id(&naming),
             step: StepRunner::for_pipeline(&pipeline, handlers),
             producer: producer_config
@@ -220,7 +212,7 @@ impl Processor {
             unrecorded: Arc::new(Semaphore::new(work::unrecorded_window(
                 self.pipeline.concurrency,
                 self.step.has_effects(),
-                IN_FLIGHT.records,
+                self.budget.records,
             ))),
             pipeline: self.pipeline,
             naming: self.naming,
@@ -243,7 +235,7 @@ impl Processor {
             consumer: Arc::new(consumer),
             roles: self.roles,
             limits: Limits {
-                budget: IN_FLIGHT,
+                budget: self.budget,
                 drain_timeout: DRAIN_TIMEOUT,
             },
             rebalances,

@@ -8,6 +8,19 @@
 
 use rdkafka::message::{Headers, Message};
 
+/// The setting (environment variable) of the record budget.
+pub const RECORDS_SETTING: &str = "ORDERFLOW_IN_FLIGHT_RECORDS";
+/// The setting (environment variable) of the byte budget.
+pub const BYTES_SETTING: &str = "ORDERFLOW_IN_FLIGHT_BYTES";
+/// 10,000 records lift the fan-out benchmark from about 17,000 events/s at 2,000 to about
+/// 30,000, at about 10 KiB a record (four outputs queued): some 100 MiB at the full budget.
+pub const DEFAULT_RECORDS: usize = 10_000;
+/// Input bytes; librdkafka holds a copy per output too, so a fan-out to four holds about five
+/// times this: it fits the manifests' 256 MiB processor limit with the records' own cost.
+pub const DEFAULT_BYTES: usize = 16 * 1024 * 1024;
+const RECORDS_BOUNDS: std::ops::RangeInclusive<usize> = 100..=1_000_000;
+const BYTES_BOUNDS: std::ops::RangeInclusive<usize> = 1024 * 1024..=4 * 1024 * 1024 * 1024;
+
 /// How much a processor may hold.
 #[derive(Debug, Clone, Copy)]
 pub struct Budget {
@@ -18,6 +31,90 @@ pub struct Budget {
     /// Bytes (key, payload and headers) of input records whose tasks have not ended. Records
     /// alone would let large payloads take gigabytes.
     pub bytes: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::with(DEFAULT_RECORDS, DEFAULT_BYTES)
+    }
+}
+
+impl Budget {
+    /// A budget of `records` and `bytes`; one partition may hold half the records, so two
+    /// partitions can share the whole budget.
+    pub fn with(records: usize, bytes: usize) -> Budget {
+        Budget {
+            partition_window: (records / 2).max(1),
+            records,
+            bytes,
+        }
+    }
+
+    /// The budget [`RECORDS_SETTING`] and [`BYTES_SETTING`] declare (unset: the defaults).
+    /// Every refusal names its setting, its value and the bounds, all of them at once.
+    pub fn from_settings(records: Option<&str>, bytes: Option<&str>) -> Result<Budget, String> {
+        let mut errors = Vec::new();
+        let records = match records.map(str::trim) {
+            None | Some("") => DEFAULT_RECORDS,
+            Some(value) => match value.replace('_', "").parse::<usize>() {
+                Ok(n) if RECORDS_BOUNDS.contains(&n) => n,
+                _ => {
+                    errors.push(format!(
+                        "{RECORDS_SETTING}={value:?} is not a record count from {} to {}",
+                        RECORDS_BOUNDS.start(),
+                        RECORDS_BOUNDS.end()
+                    ));
+                    DEFAULT_RECORDS
+                }
+            },
+        };
+        let bytes = match bytes.map(str::trim) {
+            None | Some("") => DEFAULT_BYTES,
+            Some(value) => match parse_bytes(value) {
+                Some(n) if BYTES_BOUNDS.contains(&n) => n,
+                _ => {
+                    errors.push(format!(
+                        "{BYTES_SETTING}={value:?} is not a size from 1MiB to 4GiB (a byte count, or with KiB, MiB or GiB)"
+                    ));
+                    DEFAULT_BYTES
+                }
+            },
+        };
+        if errors.is_empty() {
+            Ok(Budget::with(records, bytes))
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    /// The budget this process's environment declares.
+    pub fn from_env() -> Result<Budget, String> {
+        let var = |name| std::env::var(name).ok();
+        Budget::from_settings(
+            var(RECORDS_SETTING).as_deref(),
+            var(BYTES_SETTING).as_deref(),
+        )
+    }
+}
+
+/// `1048576`, `512KiB`, `64MiB` or `1GiB`; `None` for anything else or an overflow.
+fn parse_bytes(value: &str) -> Option<usize> {
+    let (digits, unit) = match value.find(|c: char| !c.is_ascii_digit() && c != '_') {
+        Some(at) => value.split_at(at),
+        None => (value, ""),
+    };
+    let unit = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1024,
+        "MiB" => 1024 * 1024,
+        "GiB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    digits
+        .replace('_', "")
+        .parse::<usize>()
+        .ok()?
+        .checked_mul(unit)
 }
 
 /// What the process holds now.
@@ -78,6 +175,54 @@ pub fn record_bytes(message: &impl Message) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unset_settings_give_the_defaults() {
+        let budget = Budget::from_settings(None, Some("  ")).unwrap();
+        assert_eq!(
+            (budget.records, budget.bytes, budget.partition_window),
+            (DEFAULT_RECORDS, DEFAULT_BYTES, DEFAULT_RECORDS / 2)
+        );
+    }
+
+    #[test]
+    fn settings_take_counts_and_sizes_with_units() {
+        let budget = Budget::from_settings(Some("20_000"), Some("256MiB")).unwrap();
+        assert_eq!((budget.records, budget.bytes), (20_000, 256 << 20));
+        assert_eq!(budget.partition_window, 10_000);
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("2048KiB", 2 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(
+                Budget::from_settings(None, Some(text)).unwrap().bytes,
+                bytes
+            );
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_all_named_with_their_values() {
+        let error = Budget::from_settings(Some("99"), Some("64MB")).unwrap_err();
+        assert!(
+            error.contains("ORDERFLOW_IN_FLIGHT_RECORDS=\"99\""),
+            "{error}"
+        );
+        assert!(
+            error.contains("ORDERFLOW_IN_FLIGHT_BYTES=\"64MB\""),
+            "{error}"
+        );
+        for bytes in ["1KiB", "5GiB", "-1", "99999999999999999999GiB", "MiB"] {
+            assert!(Budget::from_settings(None, Some(bytes)).is_err(), "{bytes}");
+        }
+        for records in ["0", "1000001", "ten", "-5"] {
+            assert!(
+                Budget::from_settings(Some(records), None).is_err(),
+                "{records}"
+            );
+        }
+    }
 
     const BUDGET: Budget = Budget {
         partition_window: 100,
