@@ -1,6 +1,7 @@
 //! Key-ordered concurrency in the runtime, against the real stack: each key's events reach the
 //! downstream in order while keys interleave; a slow key holds back neither other keys nor other
-//! partitions' offsets; a rebalance and a SIGKILL mid-run lose nothing and never run an event
+//! partitions' offsets; the byte budget stops reading while records wait, and nothing is lost
+//! when it resumes; a rebalance and a SIGKILL mid-run lose nothing and never run an event
 //! before its predecessor.
 
 mod common;
@@ -17,6 +18,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use common::*;
 use orderflow::contracts::{NotificationSent, OrderCreated};
+use orderflow::runtime::room::{record_bytes, Budget};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -357,6 +359,74 @@ async fn a_slow_key_holds_back_neither_other_keys_nor_other_partitions() {
     assert_eq!(output_sequences(&prefix)[&slow], vec![1, 2, 3]);
     let committed = committed_by_partition(&group, &topic, 3);
     assert_eq!(committed, ends, "everything committed once finished");
+    cleanup(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_byte_budget_stops_reading_while_records_wait_and_loses_nothing() {
+    let downstream = SeqDownstream::new((0, 0));
+    let addr = downstream.start().await;
+    let dir = pipeline_dir(addr, 16);
+    let prefix = prefix("bytes");
+    let (keys, per_key) = (3000, 2);
+    let total = (keys * per_key as usize) as u64;
+    let (ids, _) = publish_sequences(&prefix, keys, per_key).await;
+    // Every call waits until the gate opens: whatever is read stays in flight.
+    downstream
+        .seen
+        .lock()
+        .unwrap()
+        .held
+        .extend(ids.iter().map(Uuid::to_string));
+    // Only the byte budget can bind: the record budget and the window are far above the input.
+    let budget = Budget {
+        partition_window: 1_000_000,
+        records: 1_000_000,
+        bytes: 1 << 20,
+    };
+    let smallest = read_topic(&format!("{prefix}order.created"))
+        .iter()
+        .map(record_bytes)
+        .min()
+        .unwrap();
+    // What fits under the budget, plus the one record per partition that finds it full.
+    let bound = (budget.bytes / smallest) as u64 + 3;
+    assert!(
+        bound < total / 2,
+        "records of {smallest} bytes: the budget would not bind"
+    );
+    let running = Running::start_budget(connect(&prefix), &dir, false, Some(budget)).await;
+    let consumed = || running.telemetry["notify"].snapshot().consumed;
+    let mut last = (u64::MAX, Instant::now());
+    wait_for(
+        "reading stops with the calls held",
+        Duration::from_secs(60),
+        || {
+            let now = consumed();
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            downstream.in_flight() == 16 && last.1.elapsed() >= Duration::from_secs(2)
+        },
+    )
+    .await;
+    let read = consumed();
+    assert!(
+        read <= bound,
+        "{read} records read while none could finish: more than the {bound} that fit in {} bytes",
+        budget.bytes
+    );
+    downstream.gate.send(true).unwrap();
+    running
+        .wait_done(&["notify"], total, Duration::from_secs(120))
+        .await;
+    running.stop().await;
+    // Paused and resumed on bytes alone: every key's events arrive, once each, in order.
+    let outputs = output_sequences(&prefix);
+    assert_eq!(outputs.len(), keys);
+    for (key, seqs) in &outputs {
+        assert_eq!(seqs, &vec![1, 2], "{key}");
+    }
     cleanup(&dir);
 }
 

@@ -149,6 +149,12 @@ impl Processor {
         self.telemetry.clone()
     }
 
+    /// Holds at most `budget` in flight instead of what the environment declares.
+    pub fn with_budget(mut self, budget: room::Budget) -> Processor {
+        self.budget = budget;
+        self
+    }
+
     pub fn pipeline(&self) -> &Pipeline {
         &self.pipeline
     }

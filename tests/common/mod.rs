@@ -919,8 +919,24 @@ impl Running {
     /// Like [`Running::start_with`]; `dedup: false` builds the processors without the dedup
     /// store (`orderflow run --no-dedup`), so a repeated event id is handled, and seen, again.
     pub async fn start_dedup(connect: Connect, dir: &Path, dedup: bool) -> Running {
+        Running::start_budget(connect, dir, dedup, None).await
+    }
+
+    /// Like [`Running::start_dedup`]; each processor holds at most `budget` in flight when given.
+    pub async fn start_budget(
+        connect: Connect,
+        dir: &Path,
+        dedup: bool,
+        budget: Option<orderflow::runtime::room::Budget>,
+    ) -> Running {
         let pipelines = pipeline::load_dir(dir, &orderflow::steps::HANDLER_NAMES).unwrap();
-        let processors = processors(&connect, pipelines, dedup).await.unwrap();
+        let mut processors = processors(&connect, pipelines, dedup).await.unwrap();
+        if let Some(budget) = budget {
+            processors = processors
+                .into_iter()
+                .map(|p| p.with_budget(budget))
+                .collect();
+        }
         let telemetry = processors
             .iter()
             .map(|p| (p.pipeline().name.clone(), p.telemetry()))
