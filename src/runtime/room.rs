@@ -12,8 +12,8 @@ use rdkafka::message::{Headers, Message};
 pub const RECORDS_SETTING: &str = "ORDERFLOW_IN_FLIGHT_RECORDS";
 /// The setting (environment variable) of the byte budget.
 pub const BYTES_SETTING: &str = "ORDERFLOW_IN_FLIGHT_BYTES";
-/// 10,000 records lift the fan-out benchmark from about 17,000 events/s at 2,000 to about
-/// 30,000, at about 10 KiB a record (four outputs queued): some 100 MiB at the full budget.
+/// 10,000 records lifted the fan-out benchmark from 19,056 events/s with 2,000 to 29,054
+/// (BENCHMARKS.md), at about 10 KiB a record (four outputs queued): some 100 MiB when full.
 pub const DEFAULT_RECORDS: usize = 10_000;
 /// Input bytes; librdkafka holds a copy per output too, so a fan-out to four holds about five
 /// times this: it fits the manifests' 256 MiB processor limit with the records' own cost.
@@ -31,12 +31,6 @@ pub struct Budget {
     /// Bytes (key, payload and headers) of input records whose tasks have not ended. Records
     /// alone would let large payloads take gigabytes.
     pub bytes: usize,
-}
-
-impl Default for Budget {
-    fn default() -> Self {
-        Budget::with(DEFAULT_RECORDS, DEFAULT_BYTES)
-    }
 }
 
 impl Budget {
