@@ -6,6 +6,10 @@
 //! error, writer schemas are cached by id (a registry outage after warm-up does not stop
 //! decoding), and the body is resolved from the writer schema to the local reader schema, so a
 //! consumer on v1 reads v2 data and the reverse, where the two are compatible.
+//!
+//! When the writer schema is the reader's (the same canonical form: the usual case), the body
+//! is read straight into the typed event by `serde_avro_fast`, with no generic `Value` in between;
+//! any other writer goes through apache-avro's resolution. Both refuse bytes left over.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,7 +140,33 @@ struct WriterSchema {
     schema: Schema,
     name: String,
     canonical: String,
+    /// The same schema for the direct path; `None` if that parser refuses it (the generic path
+    /// still reads it).
+    direct: Option<serde_avro_fast::Schema>,
 }
+
+impl WriterSchema {
+    fn new(id: u32, schema: Schema) -> WriterSchema {
+        let canonical = schema.canonical_form();
+        let direct = match canonical.parse::<serde_avro_fast::Schema>() {
+            Ok(direct) => Some(direct),
+            Err(e) => {
+                tracing::debug!("schema {id} is read by the generic decoder only: {e}");
+                None
+            }
+        };
+        WriterSchema {
+            name: record_name(&schema),
+            canonical,
+            schema,
+            direct,
+        }
+    }
+}
+
+/// The most items one array or map of a body may claim: a bound on the decoder's loop, far above
+/// what fits in a Kafka record (each item takes at least a byte in every orderflow contract).
+const MAX_ITEMS: usize = 1 << 20;
 
 /// Encodes and decodes typed events against one registry.
 pub struct EventCodec {
@@ -246,11 +276,7 @@ impl EventCodec {
     }
 
     fn cache_writer(&self, id: u32, schema: Schema) -> Arc<WriterSchema> {
-        let writer = Arc::new(WriterSchema {
-            name: record_name(&schema),
-            canonical: schema.canonical_form(),
-            schema,
-        });
+        let writer = Arc::new(WriterSchema::new(id, schema));
         self.writers
             .write()
             .expect("cache lock")
@@ -299,7 +325,6 @@ impl EventCodec {
             .local_schema::<E>()
             .ok_or_else(|| DecodeError::NoReaderSchema(E::EVENT_TYPE.to_string()))?;
         let writer = self.writer_schema(id).await?;
-        let value = decode_body(id, &writer, body)?;
         let incompatible = |detail: String| DecodeError::IncompatibleWriter {
             id,
             writer: writer.name.clone(),
@@ -309,16 +334,24 @@ impl EventCodec {
         if writer.name != reader.fullname {
             return Err(incompatible("the record names differ".into()));
         }
-        // Same canonical form: nothing to resolve. Otherwise Avro's schema resolution fills
-        // defaults for fields the writer lacks and drops the ones the reader does not know.
-        let value = if writer.canonical == reader.canonical {
-            value
-        } else {
-            value
-                .resolve(&reader.schema)
-                .map_err(|e| incompatible(e.to_string()))?
+        let event: E = match &writer.direct {
+            Some(direct) if writer.canonical == reader.canonical => {
+                decode_direct(id, &writer, direct, body)?
+            }
+            _ => {
+                // Avro's schema resolution fills defaults for fields the writer lacks and drops
+                // the ones the reader does not know.
+                let value = decode_body(id, &writer, body)?;
+                let value = if writer.canonical == reader.canonical {
+                    value
+                } else {
+                    value
+                        .resolve(&reader.schema)
+                        .map_err(|e| incompatible(e.to_string()))?
+                };
+                apache_avro::from_value(&value).map_err(|e| incompatible(e.to_string()))?
+            }
         };
-        let event: E = apache_avro::from_value(&value).map_err(|e| incompatible(e.to_string()))?;
         event.validate()?;
         Ok(event)
     }
@@ -332,6 +365,40 @@ impl EventCodec {
         let writer = self.writer_schema(id).await?;
         Ok((writer.name.clone(), decode_body(id, &writer, body)?))
     }
+}
+
+/// Reads `body` written with `writer` straight into `E`, whose schema is the writer's. A field
+/// that does not parse as its type (e.g. a uuid that is not one) is a corrupt body here.
+fn decode_direct<E: Event>(
+    id: u32,
+    writer: &WriterSchema,
+    direct: &serde_avro_fast::Schema,
+    body: &[u8],
+) -> Result<E, DecodeError> {
+    use std::io::BufRead;
+    let corrupt = |detail: String| DecodeError::CorruptBody {
+        id,
+        writer: writer.name.clone(),
+        detail,
+    };
+    let mut config = serde_avro_fast::de::DeserializerConfig::new(direct);
+    config.max_seq_size = MAX_ITEMS;
+    let mut state = serde_avro_fast::de::DeserializerState::with_config(
+        serde_avro_fast::de::read::SliceRead::new(body),
+        config,
+    );
+    let event = E::deserialize(state.deserializer()).map_err(|e| corrupt(e.to_string()))?;
+    let left = state
+        .into_reader()
+        .fill_buf()
+        .map(|rest| rest.len())
+        .unwrap_or_default();
+    if left > 0 {
+        return Err(corrupt(format!(
+            "{left} byte(s) left over after the record"
+        )));
+    }
+    Ok(event)
 }
 
 fn decode_body(id: u32, writer: &WriterSchema, body: &[u8]) -> Result<Value, DecodeError> {
@@ -409,5 +476,85 @@ mod tests {
         ));
         let (id, body) = split_wire_format(Some(b"\x00\x00\x00\x01\x02body")).unwrap();
         assert_eq!((id, body), (258, &b"body"[..]));
+    }
+
+    use crate::contracts::OrderCreated;
+    use proptest::prelude::*;
+
+    /// order.created's schema as a cached writer, a sample event and its body (built once).
+    fn order_created() -> &'static (WriterSchema, OrderCreated, Vec<u8>) {
+        static BUILT: std::sync::OnceLock<(WriterSchema, OrderCreated, Vec<u8>)> =
+            std::sync::OnceLock::new();
+        BUILT.get_or_init(|| {
+            let avro = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/avro"));
+            let catalog = Catalog::load(avro).unwrap();
+            let schema = catalog.event("order.created").unwrap().schema.clone();
+            let event = OrderCreated::sample("codec-test");
+            let value = apache_avro::to_value(&event)
+                .unwrap()
+                .resolve(&schema)
+                .unwrap();
+            let body = apache_avro::writer::datum::GenericDatumWriter::builder(&schema)
+                .build()
+                .unwrap()
+                .write_value_to_vec(value)
+                .unwrap();
+            (WriterSchema::new(1, schema), event, body)
+        })
+    }
+
+    fn generic(writer: &WriterSchema, body: &[u8]) -> Result<OrderCreated, String> {
+        let value = decode_body(1, writer, body).map_err(|e| e.to_string())?;
+        apache_avro::from_value(&value).map_err(|e| e.to_string())
+    }
+
+    fn direct(writer: &WriterSchema, body: &[u8]) -> Result<OrderCreated, String> {
+        let schema = writer
+            .direct
+            .as_ref()
+            .expect("the direct parser reads the contract");
+        decode_direct(1, writer, schema, body).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_direct_decoder_reads_a_valid_body_as_the_generic_one_does() {
+        let (writer, event, body) = order_created();
+        let read = direct(writer, body).unwrap();
+        assert_eq!(&read, event);
+        assert_eq!(Ok(read), generic(writer, body));
+        let mut longer = body.clone();
+        longer.push(0);
+        let err = direct(writer, &longer).unwrap_err();
+        assert!(err.contains("1 byte(s) left over"), "{err}");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+        /// Whatever the bytes, the direct path accepts what the generic one accepts, and reads
+        /// the same event: it changes the cost of decoding, never its answer.
+        #[test]
+        fn the_direct_and_generic_decoders_agree_on_mutated_bodies(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+            extra in proptest::collection::vec(any::<u8>(), 0..3),
+        ) {
+            let (writer, _, body) = order_created();
+            let mut body = body.clone();
+            for (at, byte) in flips {
+                let i = at.index(body.len());
+                body[i] = byte;
+            }
+            if truncate {
+                body.truncate(cut.index(body.len()));
+            }
+            body.extend(extra);
+            match (direct(writer, &body), generic(writer, &body)) {
+                (Ok(a), Ok(b)) => prop_assert_eq!(a, b),
+                (Err(_), Err(_)) => {}
+                (a, b) => prop_assert!(false, "direct {:?} but generic {:?}", a, b),
+            }
+        }
     }
 }
