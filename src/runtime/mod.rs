@@ -129,7 +129,7 @@ impl Processor {
         Ok(Processor {
             budget,
             group_id: pipeline.group_id(&naming),
-            step: StepRunner::for_pipeline(&pipeline, handlers),
+            step: StepRunner::for_pipeline(&pipeline, handlers, &naming),
             producer: producer_config
                 .create_with_context(context.clone())
                 .context("creating the producer")?,

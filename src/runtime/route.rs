@@ -6,6 +6,7 @@
 //! builds records, it does not write them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rdkafka::message::{Message, OwnedMessage};
 
@@ -19,7 +20,7 @@ use crate::pipeline::Pipeline;
 pub enum Ending {
     Succeeded {
         /// Topic of each record written.
-        outputs: Vec<String>,
+        outputs: Vec<Arc<str>>,
         event_id: uuid::Uuid,
         occurred_at_ms: i64,
     },
@@ -111,7 +112,7 @@ impl FailureRouting<'_> {
             key: message.key().map(Into::into),
             payload: message.payload().map(Into::into),
             partition,
-            topic: topic.clone(),
+            topic: topic.as_str().into(),
         };
         let ending = if due_ms.is_some() {
             Ending::Retried {
@@ -178,7 +179,7 @@ mod tests {
             &failure,
             Route::Tier(1),
         );
-        assert_eq!(first.topic, p.retry_topic("in", 1));
+        assert_eq!(&*first.topic, p.retry_topic("in", 1));
         assert_eq!(first.partition, Some(1));
         assert!(matches!(ending, Ending::Retried { tier: 1, .. }));
         let context = FailureContext {
@@ -199,7 +200,7 @@ mod tests {
             &failure,
             Route::DeadLetter,
         );
-        assert_eq!(last.topic, p.dlq_topic("in"));
+        assert_eq!(&*last.topic, p.dlq_topic("in"));
         assert!(matches!(ending, Ending::DeadLettered { .. }));
     }
 
@@ -222,7 +223,7 @@ mod tests {
             &failure,
             Route::DeadLetter,
         );
-        assert_eq!(record.topic, p.dlq_topic("in"));
+        assert_eq!(&*record.topic, p.dlq_topic("in"));
         assert_eq!(record.partition, None);
     }
 

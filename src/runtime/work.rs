@@ -292,9 +292,9 @@ impl Worker {
         // One copy of the input's key and payload, shared by its copies.
         let key: Option<Arc<[u8]>> = message.key().map(Arc::from);
         let payload: Option<Arc<[u8]>> = message.payload().map(Arc::from);
-        for to in &outcome.copies {
+        for to in outcome.copies.iter() {
             records.push(OutRecord {
-                topic: self.naming.topic(to),
+                topic: to.clone(),
                 partition: None,
                 key: key.clone(),
                 payload: payload.clone(),

@@ -23,7 +23,8 @@ const QUEUE_FULL_PAUSE: Duration = Duration::from_millis(2);
 /// input fans out to (librdkafka copies them when it takes the record).
 #[derive(Debug)]
 pub struct OutRecord {
-    pub topic: String,
+    /// Shared: a record's copies and its telemetry name the topic without a copy each.
+    pub topic: Arc<str>,
     pub partition: Option<i32>,
     pub key: Option<Arc<[u8]>>,
     pub payload: Option<Arc<[u8]>>,
@@ -54,11 +55,11 @@ impl OutRecord {
         let topic = naming.topic(event.event_type());
         let payload = event.encode(codec, &topic).await?;
         Ok(OutRecord {
+            topic: topic.into(),
             headers: Some(crate::kafka::cloudevents_headers(event.envelope())),
             key: Some(event.key().into_bytes().into()),
             payload: Some(payload.into()),
             partition: None,
-            topic,
         })
     }
 }

@@ -163,7 +163,7 @@ impl Orchestrator {
         let changed = batch.take_changed();
         for ((partition, order_id), saga) in &changed {
             records.push(OutRecord {
-                topic: self.state_topic.clone(),
+                topic: self.state_topic.as_str().into(),
                 partition: Some(*partition),
                 key: Some(order_id.to_string().into_bytes().into()),
                 // None: the saga expired, a tombstone for compaction to remove it.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::contracts::AnyEvent;
+use crate::contracts::{AnyEvent, Naming};
 use crate::failure::Failure;
 use crate::pipeline::{Pipeline, Step};
 
@@ -20,8 +20,9 @@ pub use http::HttpCaller;
 pub struct Outcome {
     /// New events, each published to the topic of its type.
     pub events: Vec<AnyEvent>,
-    /// Topics (without prefix) that get a copy of the input record, key and headers kept.
-    pub copies: Vec<String>,
+    /// Topics (prefix included) that get a copy of the input record, key and headers kept.
+    /// Shared with the step: routing allocates no name per record.
+    pub copies: Arc<[Arc<str>]>,
 }
 
 /// A Rust handler for what no declared step can do. Its name (one a pipeline file can use:
@@ -34,15 +35,18 @@ pub trait Handler: Send + Sync {
 /// A pipeline's step, ready to run.
 #[derive(Clone)]
 pub enum StepRunner {
-    Route(Vec<String>),
+    /// The topics to copy to, prefix included.
+    Route(Arc<[Arc<str>]>),
     Http(HttpCaller),
     Custom(Arc<dyn Handler>),
 }
 
 impl StepRunner {
-    pub fn for_pipeline(pipeline: &Pipeline, handlers: &Handlers) -> StepRunner {
+    pub fn for_pipeline(pipeline: &Pipeline, handlers: &Handlers, naming: &Naming) -> StepRunner {
         match &pipeline.step {
-            Step::Route { to } => StepRunner::Route(to.clone()),
+            Step::Route { to } => {
+                StepRunner::Route(to.iter().map(|t| Arc::from(naming.topic(t))).collect())
+            }
             Step::Http(http) => StepRunner::Http(HttpCaller::new(http.clone(), &pipeline.name)),
             Step::Custom { handler } => StepRunner::Custom(
                 handlers
@@ -65,11 +69,11 @@ impl StepRunner {
             }),
             StepRunner::Http(caller) => Ok(Outcome {
                 events: vec![caller.call(event).await?],
-                copies: Vec::new(),
+                copies: Arc::new([]),
             }),
             StepRunner::Custom(handler) => Ok(Outcome {
                 events: handler.handle(event).await?,
-                copies: Vec::new(),
+                copies: Arc::new([]),
             }),
         }
     }

@@ -41,7 +41,7 @@ pub enum ProcessorEvent<'a> {
     /// The step succeeded and every output is acknowledged.
     Succeeded {
         topic: &'a str,
-        outputs: &'a [String],
+        outputs: &'a [std::sync::Arc<str>],
         occurred_at_ms: i64,
     },
     /// A failure was retried in process (transient class).
@@ -561,7 +561,7 @@ mod tests {
             });
             telemetry.emit(ProcessorEvent::Succeeded {
                 topic: "in",
-                outputs: &["a".to_string(), "b".to_string(), "a".to_string()],
+                outputs: &["a".into(), "b".into(), "a".into()],
                 occurred_at_ms: 0,
             });
         }
