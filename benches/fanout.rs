@@ -16,7 +16,8 @@
 //!   read order): the most a client of this library can do with the same delivery rule;
 //! - orderflow's fan-out (`route` to four topics): decode, validate, four writes, offset at
 //!   the watermark of acknowledged records; without and with the dedup store (the latter over
-//!   the first ORDERFLOW_BENCH_DEDUP_EVENTS of them, default N: it is far slower);
+//!   the first ORDERFLOW_BENCH_DEDUP_EVENTS of them, default N; `scripts/bench` gives it all N,
+//!   the same work as every other side);
 //! - the JVM peer (`benches/jvm-peer`, kafka-clients + Avro): the same work, pipelined, commits
 //!   after the acks, warmed up on up to 20,000 events under another group before its measured
 //!   window.
