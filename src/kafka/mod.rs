@@ -11,12 +11,15 @@
 //! - [`read`]: a reader that commits nothing, a topic's partitions, reading partitions up to
 //!   their end (the dead-letter tools and the monitor).
 //! - [`headers`]: the failure context on retry and dead-letter records: one writer, one reader.
+//! - [`rebalance`]: applying a rebalance with the protocol the consumer names (never asking
+//!   librdkafka, which can hang once the consumer is closing).
 
 pub mod admin;
 pub mod client;
 pub mod headers;
 pub mod publisher;
 pub mod read;
+pub mod rebalance;
 pub mod transactions;
 
 pub use admin::{ensure_topics, grow_partitions, MAX_PARTITIONS};

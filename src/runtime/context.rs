@@ -7,9 +7,11 @@ use std::sync::Arc;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::TopicPartitionList;
 use tokio::sync::mpsc;
 
+use crate::kafka::{self, rebalance::Protocol};
 use crate::telemetry::{ProcessorEvent, Telemetry};
 
 /// librdkafka emits statistics this often (`statistics.interval.ms`).
@@ -100,6 +102,16 @@ impl ClientContext for MeteredContext {
 }
 
 impl ConsumerContext for MeteredContext {
+    /// Processors use the `cooperative-sticky` assignor (`kafka::consumer_config`).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        kafka::rebalance::apply(self, consumer, Protocol::Cooperative, err, tpl);
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
             self.report(RebalanceEvent::Revoked, tpl);

@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
-use rdkafka::ClientContext;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use crate::kafka::{self, rebalance::Protocol};
 
 /// Notes rebalances, so the loop forgets the states of partitions it may no longer own.
 #[derive(Clone, Default)]
@@ -19,6 +22,16 @@ pub struct RebalanceContext {
 impl ClientContext for RebalanceContext {}
 
 impl ConsumerContext for RebalanceContext {
+    /// The saga's consumer uses the `range` assignor (orchestrator.rs): eager.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        kafka::rebalance::apply(self, consumer, Protocol::Eager, err, tpl);
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(_) = rebalance {
             self.rebalanced.store(true, Ordering::SeqCst);
