@@ -1,11 +1,13 @@
-//! The engine: one consumer feeding per-key lanes, one task per record, offsets stored at each
-//! partition's contiguous finished watermark.
+//! The engine: one consumer feeding per-key lanes, offsets stored at each partition's
+//! contiguous finished watermark.
 //!
 //! For each record read: the retry gate admits it (or pauses its partition until it is due, or
 //! dead-letters it), it enters its partition's offset window and its key's lane, and when the
-//! lane lets it start its task runs (`work`). When a task ends the engine finishes it in the
-//! window, starts the next record of its key, and stores the partition's new watermark (at least
-//! once) or moves the finished prefix into the batch's transaction (exactly once).
+//! lane lets it start its work runs (`work`): on the engine's own task when nothing in it
+//! waits (a route step, no dedup store: then only its writes are left, polled with the
+//! engine's), else as a task of its own. When a record's work ends the engine finishes it in
+//! the window, starts the next record of its key, and stores the partition's new watermark (at
+//! least once) or moves the finished prefix into the batch's transaction (exactly once).
 //!
 //! Invariants: an offset is stored only past records that are finished (written and
 //! acknowledged); a partition whose window or the process's in-flight budget is full is paused,
@@ -14,10 +16,13 @@
 //! librdkafka call runs on an executor thread.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -30,7 +35,7 @@ use super::lanes::{LaneKey, Lanes};
 use super::offsets::OffsetWindow;
 use super::room::{self, Budget, Room};
 use super::transactions::Batch;
-use super::work::{Finished, Job, Staged, Worker};
+use super::work::{Finished, Inline, Job, Staged, Worker};
 use crate::contracts::events::now_millis;
 use crate::kafka::headers::FailureContext;
 use crate::kafka::transactions::TransactionError;
@@ -85,7 +90,9 @@ struct PartitionState {
     generation: u64,
     window: OffsetWindow<Option<Staged>>,
     lanes: Lanes<Queued>,
-    tasks: HashMap<i64, AbortHandle>,
+    /// Records started: their task (aborted if the partition is abandoned), or none when it
+    /// runs on the engine's own task (its writes then finish, unheeded).
+    tasks: HashMap<i64, Option<AbortHandle>>,
     /// Bytes of its records whose tasks have not ended (waiting in a lane or running).
     bytes: usize,
     /// Offset of a retry record not due yet: the partition is rewound to it and paused.
@@ -114,6 +121,8 @@ struct State {
     batch: Batch,
     /// Stopping: records already running finish, none starts.
     draining: bool,
+    /// The writes of records run on the engine's own task, each ending as a [`Done`].
+    writing: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
 }
 
 impl Engine {
@@ -131,6 +140,7 @@ impl Engine {
             resume_tx,
             batch: Batch::default(),
             draining: false,
+            writing: FuturesUnordered::new(),
         };
         let transactional = self.worker.transactional;
         while !*shutdown.borrow() {
@@ -145,6 +155,7 @@ impl Engine {
                         self.commit_batch(&mut s).await?;
                     }
                 }
+                Some(done) = s.writing.next(), if !s.writing.is_empty() => self.finished(&mut s, done),
                 _ = sleep_until(commit_at), if transactional && commit_at.is_some() => {
                     self.commit_batch(&mut s).await?;
                 }
@@ -194,6 +205,7 @@ impl Engine {
                 biased;
                 Some(event) = self.rebalances.recv() => self.rebalanced(s, event),
                 Some(done) = done_rx.recv() => self.finished(s, done),
+                Some(done) = s.writing.next(), if !s.writing.is_empty() => self.finished(s, done),
                 _ = tokio::time::sleep_until(until) => {
                     let unfinished: usize = s.partitions.values().map(|p| p.window.len()).sum();
                     tracing::warn!(
@@ -208,7 +220,7 @@ impl Engine {
         }
         self.commit_batch(s).await?;
         for state in s.partitions.values() {
-            for task in state.tasks.values() {
+            for task in state.tasks.values().flatten() {
                 task.abort();
             }
         }
@@ -320,7 +332,12 @@ impl Engine {
         let key: LaneKey = job.message.key().map(<[u8]>::to_vec);
         let queued = Queued { offset, bytes, job };
         if let Some(queued) = state.lanes.admit(key.clone(), queued) {
-            start(&self.worker, &s.done_tx, &tp, state, key, queued);
+            let starts = Starts {
+                worker: &self.worker,
+                done_tx: &s.done_tx,
+                writing: &s.writing,
+            };
+            starts.start(&tp, state, key, queued);
         }
         if !state.room_paused && s.room.is_full(&self.limits.budget, state.window.len()) {
             state.room_paused = true;
@@ -341,7 +358,12 @@ impl Engine {
         state.bytes -= done.bytes;
         s.room.release_bytes(done.bytes);
         if let Some(queued) = state.lanes.finish(&done.key).filter(|_| !s.draining) {
-            start(&self.worker, &s.done_tx, &done.tp, state, done.key, queued);
+            let starts = Starts {
+                worker: &self.worker,
+                done_tx: &s.done_tx,
+                writing: &s.writing,
+            };
+            starts.start(&done.tp, state, done.key, queued);
         }
         let staged = match done.finished {
             Finished::Written => None,
@@ -447,7 +469,7 @@ impl Engine {
     /// Drops a partition's records in flight: their tasks stop, their offsets stay where they
     /// are, their staged outputs are never written.
     fn abandon(&self, s: &mut State, tp: &TopicPartition, state: PartitionState) {
-        for task in state.tasks.values() {
+        for task in state.tasks.values().flatten() {
             task.abort();
         }
         s.room.release_records(state.window.len());
@@ -570,30 +592,50 @@ fn new_state(next_generation: &mut u64) -> PartitionState {
     }
 }
 
-/// Starts a record's task; its end comes back as a [`Done`].
-fn start(
-    worker: &Arc<Worker>,
-    done_tx: &mpsc::UnboundedSender<Done>,
-    tp: &TopicPartition,
-    state: &mut PartitionState,
-    key: LaneKey,
-    queued: Queued,
-) {
-    let Queued { offset, bytes, job } = queued;
-    let (worker, done_tx) = (worker.clone(), done_tx.clone());
-    let (tp_owned, generation) = (tp.clone(), state.generation);
-    let task = tokio::spawn(async move {
-        let finished = worker.run(job).await;
-        let _ = done_tx.send(Done {
+/// Where started records go: a task of their own, or the engine's writes.
+struct Starts<'a> {
+    worker: &'a Arc<Worker>,
+    done_tx: &'a mpsc::UnboundedSender<Done>,
+    writing: &'a FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
+}
+
+impl Starts<'_> {
+    /// Starts a record: on the engine's task when nothing in it waits (then only its writes
+    /// are left, polled with the engine's), else as a task of its own. Its end comes back as
+    /// a [`Done`].
+    fn start(&self, tp: &TopicPartition, state: &mut PartitionState, key: LaneKey, queued: Queued) {
+        let Queued { offset, bytes, job } = queued;
+        let (tp_owned, generation) = (tp.clone(), state.generation);
+        let done = move |finished| Done {
             tp: tp_owned,
             generation,
             offset,
             key,
             bytes,
             finished,
+        };
+        let job = match self.worker.try_inline(job) {
+            Inline::Finished(finished) => {
+                // Through the channel, so the engine finishes it after this record's admission.
+                let _ = self.done_tx.send(done(finished));
+                state.tasks.insert(offset, None);
+                return;
+            }
+            Inline::Writing(writes) => {
+                self.writing
+                    .push(Box::pin(async move { done(writes.await) }));
+                state.tasks.insert(offset, None);
+                return;
+            }
+            Inline::Declined(job) => job,
+        };
+        let (worker, done_tx) = (self.worker.clone(), self.done_tx.clone());
+        let task = tokio::spawn(async move {
+            let finished = worker.run(job).await;
+            let _ = done_tx.send(done(finished));
         });
-    });
-    state.tasks.insert(offset, task.abort_handle());
+        state.tasks.insert(offset, Some(task.abort_handle()));
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

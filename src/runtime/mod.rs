@@ -213,6 +213,7 @@ impl Processor {
             ?topics,
             "processor started"
         );
+        let runs_inline = self.step.is_immediate() && self.dedup.is_none();
         let worker = Arc::new(work::Worker {
             permits: Arc::new(Semaphore::new(self.pipeline.concurrency)),
             unrecorded: Arc::new(Semaphore::new(work::unrecorded_window(
@@ -229,6 +230,7 @@ impl Processor {
             telemetry: self.telemetry,
             dedup: self.dedup,
             claims: claims::Claims::default(),
+            runs_inline,
             partitions,
             transactional: self.transactional,
             stopping: Default::default(),

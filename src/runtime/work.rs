@@ -1,4 +1,5 @@
-//! The work on one record, run as its own task once its lane lets it start: wait until due,
+//! The work on one record, run once its lane lets it start (as its own task, or on the
+//! engine's task when nothing in it waits, see [`Worker::try_inline`]): wait until due,
 //! decode, claim its event id, skip it if already handled, run the step (transient failures
 //! retried here, in its lane), encode the outputs; then, at least once, write them and wait for
 //! every ack and store the dedup mark.
@@ -11,13 +12,16 @@
 //! unwritten, for the batch's transaction. It never touches the consumer or an offset.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::FutureProducer;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::claims::{Claim, Claimed, Claims};
 use super::context::MeteredContext;
@@ -75,6 +79,9 @@ pub struct Worker {
     pub transactional: bool,
     /// Stopping: a record whose step has not started yet is abandoned (read again later).
     pub stopping: AtomicBool,
+    /// The step only routes and no dedup store is asked: records may run without a task of
+    /// their own ([`Worker::try_inline`]).
+    pub runs_inline: bool,
 }
 
 /// One record, admitted by the gate (anything but a pause).
@@ -83,6 +90,16 @@ pub struct Job {
     pub event_type: String,
     pub input_topic: String,
     pub admission: Admission,
+}
+
+/// A record's work done without a task of its own ([`Worker::try_inline`]).
+pub enum Inline {
+    /// Nothing is left to wait for (exactly once: staged).
+    Finished(Finished),
+    /// The rest: its writes, their acks and its telemetry.
+    Writing(Pin<Box<dyn Future<Output = Finished> + Send>>),
+    /// Something in it would wait: nothing of it is done, it runs as a task.
+    Declined(Job),
 }
 
 /// How a record's task ended.
@@ -115,65 +132,107 @@ struct Processed {
 impl Worker {
     /// Runs one record to its end (see the module's comment).
     pub async fn run(self: Arc<Self>, job: Job) -> Finished {
-        let _unrecorded = self
+        let unrecorded = self
             .unrecorded
             .clone()
             .acquire_owned()
             .await
             .expect("permits stay open");
-        let topic = job.message.topic().to_string();
-        let Some(processed) = self.process(job).await else {
+        let Some(processed) = self.process(&job).await else {
             return Finished::Abandoned;
         };
+        self.finish(job.message.topic(), processed, unrecorded)
+            .await
+    }
+
+    /// Runs a record's work on the caller's task, without a task of its own, when nothing in
+    /// it has to wait: the step only routes (no call), no dedup store is asked, the writer
+    /// schema is cached, no other record holds its event id and a permit is free. Otherwise
+    /// the job comes back, nothing of it done (claims and permits taken are given back), and
+    /// it runs as a task. What is left (writing and waiting for the acks) is returned as a
+    /// future for the caller to poll.
+    pub fn try_inline(self: &Arc<Self>, job: Job) -> Inline {
+        if !self.runs_inline || matches!(job.admission, Admission::Hold { .. }) {
+            return Inline::Declined(job);
+        }
+        let Ok(unrecorded) = self.unrecorded.clone().try_acquire_owned() else {
+            return Inline::Declined(job);
+        };
+        let Some(processed) = self.process(&job).now_or_never() else {
+            return Inline::Declined(job);
+        };
+        let Some(processed) = processed else {
+            return Inline::Finished(Finished::Abandoned);
+        };
         if self.transactional {
-            return Finished::Staged(Staged {
-                topic,
-                records: processed.records,
-                ending: processed.ending,
-                claim: processed.claim,
-            });
+            return Inline::Finished(self.stage(job.message.topic(), processed));
+        }
+        let worker = self.clone();
+        Inline::Writing(Box::pin(async move {
+            worker
+                .finish(job.message.topic(), processed, unrecorded)
+                .await
+        }))
+    }
+
+    /// After processing: at least once, write and wait for the acks, store the mark, tell;
+    /// exactly once, hand the records back for the batch's transaction.
+    async fn finish(
+        &self,
+        topic: &str,
+        processed: Processed,
+        _unrecorded: OwnedSemaphorePermit,
+    ) -> Finished {
+        if self.transactional {
+            return self.stage(topic, processed);
         }
         self.write_until_acknowledged(processed.records).await;
         if let Some(event_id) = processed.ending.handled_event() {
             self.mark_until_stored(&[event_id]).await;
         }
         drop(processed.claim);
-        self.tell(&topic, processed.ending);
+        self.tell(topic, processed.ending);
         Finished::Written
     }
 
-    async fn process(&self, job: Job) -> Option<Processed> {
+    fn stage(&self, topic: &str, processed: Processed) -> Finished {
+        Finished::Staged(Staged {
+            topic: topic.to_string(),
+            records: processed.records,
+            ending: processed.ending,
+            claim: processed.claim,
+        })
+    }
+
+    async fn process(&self, job: &Job) -> Option<Processed> {
         let Job {
             message,
             event_type,
             input_topic,
             admission,
         } = job;
-        let context = match admission {
+        // Lateness is told once the step has run, so a record whose inline attempt gave up
+        // (and runs again as a task) is told once.
+        let (context, lateness) = match admission {
             Admission::Run { context, late_ms } => {
-                if let (Some(c), Some(late_ms)) = (&context, late_ms) {
-                    self.telemetry.emit(ProcessorEvent::RetryLateness {
-                        tier: c.tier,
-                        late_ms,
-                    });
-                }
-                context
+                let lateness = context
+                    .as_ref()
+                    .zip(*late_ms)
+                    .map(|(c, late)| (c.tier, late));
+                (context.clone(), lateness)
             }
             Admission::Hold { context, wait } => {
-                tokio::time::sleep(wait).await;
-                if let Some(due) = context.due_ms {
-                    self.telemetry.emit(ProcessorEvent::RetryLateness {
-                        tier: context.tier,
-                        late_ms: now_millis().saturating_sub(due),
-                    });
-                }
-                Some(context)
+                tokio::time::sleep(*wait).await;
+                let lateness = context
+                    .due_ms
+                    .map(|due| (context.tier, now_millis().saturating_sub(due)));
+                (Some(context.clone()), lateness)
             }
             Admission::Reject { reason } => {
-                let failure = Failure::BadRetryHeaders(reason);
+                let failure = Failure::BadRetryHeaders(reason.clone());
                 return Some(self.failed(
-                    &message,
-                    &input_topic,
+                    message,
+                    input_topic,
                     None,
                     ErrorClass::Permanent,
                     &failure,
@@ -183,7 +242,11 @@ impl Worker {
             Admission::Pause { .. } => unreachable!("the engine pauses, it does not dispatch"),
         };
         let started = Instant::now();
-        let result = self.handle(&event_type, &message, context.as_ref()).await;
+        let result = self.handle(event_type, message, context.as_ref()).await;
+        if let Some((tier, late_ms)) = lateness {
+            self.telemetry
+                .emit(ProcessorEvent::RetryLateness { tier, late_ms });
+        }
         self.telemetry.emit(ProcessorEvent::Handled {
             seconds: started.elapsed().as_secs_f64(),
         });
@@ -191,7 +254,7 @@ impl Worker {
             Ok(processed) => Some(processed),
             Err(Unhandled::Abandoned) => None,
             Err(Unhandled::Failed(class, failure, route)) => {
-                Some(self.failed(&message, &input_topic, context, class, &failure, route))
+                Some(self.failed(message, input_topic, context, class, &failure, route))
             }
         }
     }

@@ -61,6 +61,12 @@ impl StepRunner {
         !matches!(self, StepRunner::Route(_))
     }
 
+    /// Whether the step answers at once, never waiting on anything (a route): it may then run
+    /// on the engine's own task.
+    pub fn is_immediate(&self) -> bool {
+        matches!(self, StepRunner::Route(_))
+    }
+
     pub async fn run(&self, event: &AnyEvent) -> Result<Outcome, Failure> {
         match self {
             StepRunner::Route(to) => Ok(Outcome {
