@@ -310,6 +310,76 @@ async fn a_failing_dlq_write_holds_the_offset_until_it_succeeds() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+// A route step without the dedup store runs on the engine's own task: a write the broker
+// refuses comes back through the producer's report and is written again by a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_route_write_holds_the_offset_until_it_succeeds() {
+    let dir = pipeline_files(&[(
+        "copy.yaml",
+        "name: copy\ngroup: copy\ninputs: [order.created]\nstep: {route: {to: [order.copied]}}\n",
+    )]);
+    let prefix = prefix("routefail");
+    let (publisher, topic) = publisher(&prefix).await;
+    // The output accepts no record of a realistic size.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let output = format!("{prefix}order.copied");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for result in admin
+        .create_topics(
+            &[
+                NewTopic::new(&topic, 1, TopicReplication::Fixed(1)),
+                NewTopic::new(&output, 1, TopicReplication::Fixed(1))
+                    .set("max.message.bytes", "100"),
+            ],
+            &options,
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let orders = [OrderCreated::sample("test"), OrderCreated::sample("test")];
+    for order in &orders {
+        publisher.publish(&topic, order).await.unwrap();
+    }
+    let running = Running::start_dedup(connect(&prefix), &dir, false).await;
+    // Eight rounds of both refused: with pauses of 200 ms, 400 ms, ... between them, more than
+    // 5 s (the auto-commit interval) have passed since the first.
+    running
+        .wait_until(
+            "eight rounds of refused writes",
+            Duration::from_secs(30),
+            |t| t["copy"].snapshot().produce_failures >= 16,
+        )
+        .await;
+    let s = running.telemetry["copy"].snapshot();
+    assert_eq!((s.succeeded, s.dead_lettered), (0, 0), "{s:?}");
+    let committed =
+        || tokio::task::block_in_place(|| committed_inputs(&format!("{prefix}copy"), &topic));
+    assert!(committed() <= 0, "nothing may be committed yet");
+
+    // Once the topic accepts them, both land and the offset moves past them.
+    let mut config = AlterConfig::new(ResourceSpecifier::Topic(&output));
+    config = config.set("max.message.bytes", "1048588");
+    for result in admin.alter_configs(&[config], &options).await.unwrap() {
+        result.unwrap();
+    }
+    running
+        .wait_done(&["copy"], 2, Duration::from_secs(30))
+        .await;
+    running.stop().await;
+    assert_eq!(committed(), 2);
+    let mut copied = keys(&read_topic(&output));
+    let mut published: Vec<String> = orders.iter().map(|o| o.data.order_id.to_string()).collect();
+    copied.sort();
+    published.sort();
+    assert_eq!(copied, published, "each copied once");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_repeated_event_id_has_no_second_effect_even_after_a_restart() {
     let downstream = Downstream::default();

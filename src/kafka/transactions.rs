@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::ConsumerGroupMetadata;
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::{Producer, ProducerContext};
 use rdkafka::TopicPartitionList;
 
 /// Bound of each transactional call.
@@ -53,28 +52,36 @@ pub fn transactional<'a>(
 
 /// Registers the transactional id with the broker, fencing an earlier producer of that id and
 /// aborting the transaction it left open. Once per producer, before its first transaction.
-pub async fn init<C: ClientContext + 'static>(
-    producer: &FutureProducer<C>,
-) -> Result<(), TransactionError> {
+pub async fn init<C, P>(producer: &P) -> Result<(), TransactionError>
+where
+    C: ProducerContext,
+    P: Producer<C> + Clone + Send + 'static,
+{
     let producer = producer.clone();
     blocking(move || producer.init_transactions(CALL_TIMEOUT)).await
 }
 
 /// Begins a transaction.
-pub async fn begin<C: ClientContext + 'static>(
-    producer: &FutureProducer<C>,
-) -> Result<(), TransactionError> {
+pub async fn begin<C, P>(producer: &P) -> Result<(), TransactionError>
+where
+    C: ProducerContext,
+    P: Producer<C> + Clone + Send + 'static,
+{
     let producer = producer.clone();
     blocking(move || producer.begin_transaction()).await
 }
 
 /// Adds the consumer's `offsets` to the open transaction and commits it. No offsets: commits
 /// the records alone (the group's metadata is needed only to add offsets).
-pub async fn commit<C: ClientContext + 'static>(
-    producer: &FutureProducer<C>,
+pub async fn commit<C, P>(
+    producer: &P,
     offsets: TopicPartitionList,
     metadata: Option<ConsumerGroupMetadata>,
-) -> Result<(), TransactionError> {
+) -> Result<(), TransactionError>
+where
+    C: ProducerContext,
+    P: Producer<C> + Clone + Send + 'static,
+{
     let producer = producer.clone();
     blocking(move || {
         if offsets.count() > 0 {
@@ -89,9 +96,11 @@ pub async fn commit<C: ClientContext + 'static>(
 }
 
 /// Aborts the open transaction.
-pub async fn abort<C: ClientContext + 'static>(
-    producer: &FutureProducer<C>,
-) -> Result<(), TransactionError> {
+pub async fn abort<C, P>(producer: &P) -> Result<(), TransactionError>
+where
+    C: ProducerContext,
+    P: Producer<C> + Clone + Send + 'static,
+{
     let producer = producer.clone();
     blocking(move || producer.abort_transaction(CALL_TIMEOUT)).await
 }

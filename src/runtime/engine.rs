@@ -4,8 +4,8 @@
 //! For each record read: the retry gate admits it (or pauses its partition until it is due, or
 //! dead-letters it), it enters its partition's offset window and its key's lane, and when the
 //! lane lets it start its work runs (`work`): on the engine's own task when nothing in it
-//! waits (a route step, no dedup store: then only its writes are left, polled with the
-//! engine's), else as a task of its own. When a record's work ends the engine finishes it in
+//! waits (a route step, no dedup store: then only its writes are left, their acks counted by
+//! the producer), else as a task of its own. When a record's work ends the engine finishes it in
 //! the window, starts the next record of its key, and stores the partition's new watermark (at
 //! least once) or moves the finished prefix into the batch's transaction (exactly once).
 //!
@@ -16,13 +16,10 @@
 //! librdkafka call runs on an executor thread.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -121,8 +118,6 @@ struct State {
     batch: Batch,
     /// Stopping: records already running finish, none starts.
     draining: bool,
-    /// The writes of records run on the engine's own task, each ending as a [`Done`].
-    writing: FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
 }
 
 impl Engine {
@@ -140,7 +135,6 @@ impl Engine {
             resume_tx,
             batch: Batch::default(),
             draining: false,
-            writing: FuturesUnordered::new(),
         };
         let transactional = self.worker.transactional;
         while !*shutdown.borrow() {
@@ -155,7 +149,6 @@ impl Engine {
                         self.commit_batch(&mut s).await?;
                     }
                 }
-                Some(done) = s.writing.next(), if !s.writing.is_empty() => self.finished(&mut s, done),
                 _ = sleep_until(commit_at), if transactional && commit_at.is_some() => {
                     self.commit_batch(&mut s).await?;
                 }
@@ -205,7 +198,6 @@ impl Engine {
                 biased;
                 Some(event) = self.rebalances.recv() => self.rebalanced(s, event),
                 Some(done) = done_rx.recv() => self.finished(s, done),
-                Some(done) = s.writing.next(), if !s.writing.is_empty() => self.finished(s, done),
                 _ = tokio::time::sleep_until(until) => {
                     let unfinished: usize = s.partitions.values().map(|p| p.window.len()).sum();
                     tracing::warn!(
@@ -335,7 +327,6 @@ impl Engine {
             let starts = Starts {
                 worker: &self.worker,
                 done_tx: &s.done_tx,
-                writing: &s.writing,
             };
             starts.start(&tp, state, key, queued);
         }
@@ -361,7 +352,6 @@ impl Engine {
             let starts = Starts {
                 worker: &self.worker,
                 done_tx: &s.done_tx,
-                writing: &s.writing,
             };
             starts.start(&done.tp, state, done.key, queued);
         }
@@ -592,48 +582,38 @@ fn new_state(next_generation: &mut u64) -> PartitionState {
     }
 }
 
-/// Where started records go: a task of their own, or the engine's writes.
+/// Where started records go: run on the engine's task, or as tasks of their own.
 struct Starts<'a> {
     worker: &'a Arc<Worker>,
     done_tx: &'a mpsc::UnboundedSender<Done>,
-    writing: &'a FuturesUnordered<Pin<Box<dyn Future<Output = Done> + Send>>>,
 }
 
 impl Starts<'_> {
     /// Starts a record: on the engine's task when nothing in it waits (then only its writes
-    /// are left, polled with the engine's), else as a task of its own. Its end comes back as
-    /// a [`Done`].
+    /// are left, their acks counted by the producer), else as a task of its own. Its end comes
+    /// back as a [`Done`].
     fn start(&self, tp: &TopicPartition, state: &mut PartitionState, key: LaneKey, queued: Queued) {
         let Queued { offset, bytes, job } = queued;
-        let (tp_owned, generation) = (tp.clone(), state.generation);
-        let done = move |finished| Done {
-            tp: tp_owned,
-            generation,
-            offset,
-            key,
-            bytes,
-            finished,
+        let (tp_owned, generation, done_tx) = (tp.clone(), state.generation, self.done_tx.clone());
+        let on_end = move |finished| {
+            let _ = done_tx.send(Done {
+                tp: tp_owned,
+                generation,
+                offset,
+                key,
+                bytes,
+                finished,
+            });
         };
-        let job = match self.worker.try_inline(job) {
-            Inline::Finished(finished) => {
-                // Through the channel, so the engine finishes it after this record's admission.
-                let _ = self.done_tx.send(done(finished));
+        let (job, on_end) = match self.worker.try_inline(job, on_end) {
+            Inline::Started => {
                 state.tasks.insert(offset, None);
                 return;
             }
-            Inline::Writing(writes) => {
-                self.writing
-                    .push(Box::pin(async move { done(writes.await) }));
-                state.tasks.insert(offset, None);
-                return;
-            }
-            Inline::Declined(job) => job,
+            Inline::Declined(job, on_end) => (job, on_end),
         };
-        let (worker, done_tx) = (self.worker.clone(), self.done_tx.clone());
-        let task = tokio::spawn(async move {
-            let finished = worker.run(job).await;
-            let _ = done_tx.send(done(finished));
-        });
+        let worker = self.worker.clone();
+        let task = tokio::spawn(async move { on_end(worker.run(job).await) });
         state.tasks.insert(offset, Some(task.abort_handle()));
     }
 }

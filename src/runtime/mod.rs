@@ -42,7 +42,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::contracts::{EventCodec, Naming};
@@ -69,7 +68,7 @@ pub struct Processor {
     bootstrap_servers: String,
     codec: Arc<EventCodec>,
     step: StepRunner,
-    producer: FutureProducer<MeteredContext>,
+    producer: writer::Producer,
     context: MeteredContext,
     telemetry: Telemetry,
     roles: HashMap<String, Role>,
@@ -230,6 +229,7 @@ impl Processor {
             telemetry: self.telemetry,
             dedup: self.dedup,
             claims: claims::Claims::default(),
+            runtime: tokio::runtime::Handle::current(),
             runs_inline,
             partitions,
             transactional: self.transactional,

@@ -10,7 +10,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::future::join_all;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
@@ -109,24 +108,12 @@ impl Batch {
             return Err((e, starts));
         }
         let mut staged: Vec<Staged> = self.parts.into_values().flat_map(|p| p.staged).collect();
-        let mut deliveries = Vec::new();
+        let records = staged
+            .iter_mut()
+            .flat_map(|s| s.records.drain(..))
+            .collect();
         let mut failed = None;
-        for record in staged.iter_mut().flat_map(|s| &mut s.records) {
-            match writer::enqueue(&worker.producer, record).await {
-                Ok(delivery) => deliveries.push((record, delivery)),
-                Err(e) => {
-                    failed = Some(e.to_string());
-                    break;
-                }
-            }
-        }
-        let (records, futures): (Vec<_>, Vec<_>) = deliveries.into_iter().unzip();
-        for (record, ack) in records.into_iter().zip(join_all(futures).await) {
-            let error = match ack {
-                Ok(Ok(_)) => continue,
-                Ok(Err((e, _))) => e.to_string(),
-                Err(_) => "the producer went away".to_string(),
-            };
+        for (record, error) in writer::write_all(&worker.producer, records).await {
             worker.telemetry.emit(ProcessorEvent::ProduceFailed {
                 topic: &record.topic,
                 error: &error,

@@ -12,23 +12,19 @@
 //! unwritten, for the batch's transaction. It never touches the consumer or an offset.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::FutureProducer;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::claims::{Claim, Claimed, Claims};
-use super::context::MeteredContext;
 use super::dedup::DedupStore;
 use super::gate::Admission;
 use super::route::{Ending, FailureRouting};
-use super::writer::{self, OutRecord};
+use super::writer::{self, Acks, OutRecord, Refused};
 use crate::contracts::events::now_millis;
 use crate::contracts::{AnyEvent, EventCodec, Naming};
 use crate::failure::{self, ErrorClass, Failure, Route};
@@ -64,7 +60,10 @@ pub struct Worker {
     pub group_id: String,
     pub codec: Arc<EventCodec>,
     pub step: StepRunner,
-    pub producer: FutureProducer<MeteredContext>,
+    pub producer: writer::Producer,
+    /// Where tasks are started from the producer's polling thread (to write refused records
+    /// again).
+    pub runtime: tokio::runtime::Handle,
     pub telemetry: Telemetry,
     pub dedup: Option<Arc<DedupStore>>,
     pub claims: Claims,
@@ -92,14 +91,15 @@ pub struct Job {
     pub admission: Admission,
 }
 
-/// A record's work done without a task of its own ([`Worker::try_inline`]).
-pub enum Inline {
-    /// Nothing is left to wait for (exactly once: staged).
-    Finished(Finished),
-    /// The rest: its writes, their acks and its telemetry.
-    Writing(Pin<Box<dyn Future<Output = Finished> + Send>>),
+/// What became of a record offered to [`Worker::try_inline`].
+// Matched as soon as it is returned: boxing the job would cost every declined record an
+// allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum Inline<F> {
+    /// Under way on no task of its own: its `on_end` is called when it ends.
+    Started,
     /// Something in it would wait: nothing of it is done, it runs as a task.
-    Declined(Job),
+    Declined(Job, F),
 }
 
 /// How a record's task ended.
@@ -147,32 +147,68 @@ impl Worker {
 
     /// Runs a record's work on the caller's task, without a task of its own, when nothing in
     /// it has to wait: the step only routes (no call), no dedup store is asked, the writer
-    /// schema is cached, no other record holds its event id and a permit is free. Otherwise
-    /// the job comes back, nothing of it done (claims and permits taken are given back), and
-    /// it runs as a task. What is left (writing and waiting for the acks) is returned as a
-    /// future for the caller to poll.
-    pub fn try_inline(self: &Arc<Self>, job: Job) -> Inline {
+    /// schema is cached, no other record holds its event id and a permit is free. Its writes
+    /// are offered to the producer here; `on_end` is called when the last is acknowledged (on
+    /// the producer's polling thread; refused writes are written again by a task first).
+    /// Otherwise the job comes back with `on_end`, nothing of it done (claims and permits
+    /// taken are given back), to run as a task.
+    pub fn try_inline<F>(self: &Arc<Self>, job: Job, on_end: F) -> Inline<F>
+    where
+        F: FnOnce(Finished) + Send + 'static,
+    {
         if !self.runs_inline || matches!(job.admission, Admission::Hold { .. }) {
-            return Inline::Declined(job);
+            return Inline::Declined(job, on_end);
         }
         let Ok(unrecorded) = self.unrecorded.clone().try_acquire_owned() else {
-            return Inline::Declined(job);
+            return Inline::Declined(job, on_end);
         };
         let Some(processed) = self.process(&job).now_or_never() else {
-            return Inline::Declined(job);
+            return Inline::Declined(job, on_end);
         };
         let Some(processed) = processed else {
-            return Inline::Finished(Finished::Abandoned);
+            on_end(Finished::Abandoned);
+            return Inline::Started;
         };
+        let topic = job.message.topic().to_string();
         if self.transactional {
-            return Inline::Finished(self.stage(job.message.topic(), processed));
+            on_end(self.stage(&topic, processed));
+            return Inline::Started;
+        }
+        let Processed {
+            records,
+            ending,
+            claim,
+        } = processed;
+        debug_assert!(self.dedup.is_none(), "no mark to store inline");
+        let end = move |worker: &Worker| {
+            drop((claim, unrecorded));
+            worker.tell(&topic, ending);
+            on_end(Finished::Written);
+        };
+        if records.is_empty() {
+            end(self);
+            return Inline::Started;
         }
         let worker = self.clone();
-        Inline::Writing(Box::pin(async move {
-            worker
-                .finish(job.message.topic(), processed, unrecorded)
-                .await
-        }))
+        let acks = Acks::new(records.len(), move |refused| {
+            if refused.is_empty() {
+                return end(&worker);
+            }
+            let runtime = worker.runtime.clone();
+            runtime.spawn(async move {
+                worker.rewrite_until_acknowledged(refused).await;
+                end(&worker);
+            });
+        });
+        let waiting = writer::offer(&self.producer, records, &acks);
+        if !waiting.is_empty() {
+            // The producer's queue is full: a task offers the rest when there is room.
+            let worker = self.clone();
+            self.runtime.spawn(async move {
+                writer::offer_all(&worker.producer, waiting, &acks).await;
+            });
+        }
+        Inline::Started
     }
 
     /// After processing: at least once, write and wait for the acks, store the mark, tell;
@@ -378,13 +414,15 @@ impl Worker {
 
     /// Writes the records; refused ones are written again after a growing pause, until every
     /// one is acknowledged (the partition's offset waits, reading pauses when its window fills).
-    async fn write_until_acknowledged(&self, mut records: Vec<OutRecord>) {
+    async fn write_until_acknowledged(&self, records: Vec<OutRecord>) {
+        let refused = writer::write_all(&self.producer, records).await;
+        self.rewrite_until_acknowledged(refused).await;
+    }
+
+    /// Writes refused records again after a growing pause, until every one is acknowledged.
+    async fn rewrite_until_acknowledged(&self, mut refused: Refused) {
         let mut round = 0u32;
-        while !records.is_empty() {
-            let refused = writer::write_all(&self.producer, records).await;
-            if refused.is_empty() {
-                return;
-            }
+        while !refused.is_empty() {
             round += 1;
             for (record, error) in &refused {
                 self.telemetry.emit(ProcessorEvent::ProduceFailed {
@@ -394,7 +432,8 @@ impl Worker {
                 });
             }
             tokio::time::sleep(repeat_pause(round)).await;
-            records = refused.into_iter().map(|(r, _)| r).collect();
+            let records = refused.into_iter().map(|(r, _)| r).collect();
+            refused = writer::write_all(&self.producer, records).await;
         }
     }
 
