@@ -9,9 +9,11 @@
 //! - [`gate`]: the retry gate: run now, wait a moment in the lane, pause the partition until
 //!   due, or dead-letter a record whose failure headers cannot be trusted.
 //! - [`lanes`] and [`offsets`]: per-key order within a partition, and the watermark.
-//! - [`work`]: one record's task: decode, [`claims`] on its event id, the [`dedup`] check, the
+//! - [`work`]: one record's work: decode, [`claims`] on its event id, the [`dedup`] check, the
 //!   step under the `concurrency` permits (transient retries wait in the lane), encode, write
-//!   and wait for acks ([`writer`]), store the dedup mark.
+//!   and wait for acks ([`writer`]: the producer counts each input's acks down), store the dedup
+//!   mark. It runs as a task of its own, or on the engine's task when nothing in it waits (a
+//!   route step without the dedup store): then the producer's last ack ends it.
 //! - [`route`]: what a failure becomes: the next retry tier or the dead-letter topic, with
 //!   [`crate::kafka::headers`] carrying its context.
 //! - [`transactions`]: exactly once, a batch of inputs' outputs and offsets in one transaction.
