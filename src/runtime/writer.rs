@@ -215,3 +215,33 @@ pub async fn write_all(producer: &Producer, records: Vec<OutRecord>) -> Refused 
     // librdkafka reports every record it took, even when it is destroyed (as refused).
     rx.await.unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(topic: &str) -> OutRecord {
+        OutRecord {
+            topic: topic.into(),
+            partition: None,
+            key: None,
+            payload: None,
+            headers: None,
+        }
+    }
+
+    #[test]
+    fn what_waits_runs_once_after_the_last_report_with_the_refused_ones() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let acks = Acks::new(3, move |refused: Refused| {
+            let topics: Vec<String> = refused.iter().map(|(r, _)| r.topic.to_string()).collect();
+            tx.send(topics).unwrap();
+        });
+        acks.settle(None);
+        acks.settle(Some((record("b"), "too large".into())));
+        assert!(rx.try_recv().is_err(), "one write is still unsettled");
+        acks.settle(None);
+        assert_eq!(rx.try_recv().unwrap(), vec!["b".to_string()]);
+        assert!(rx.try_recv().is_err(), "and only once");
+    }
+}
