@@ -94,6 +94,93 @@ fn cpu_seconds() -> f64 {
     t(usage.ru_utime) + t(usage.ru_stime)
 }
 
+/// CPU seconds of this process's threads, summed by thread name (tokio's workers, librdkafka's
+/// broker threads, the producer's polling thread): where a side's CPU goes.
+fn cpu_by_thread() -> HashMap<String, f64> {
+    let mut by_name = HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // ended meanwhile
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        *by_name
+            .entry(stat[open + 1..close].trim().to_string())
+            .or_insert(0.0) += ticks;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    by_name.values_mut().for_each(|t| *t /= hz);
+    by_name
+}
+
+/// The local Kafka broker's process (`scripts/stack` starts one, `kafka.Kafka`), if it runs on
+/// this machine: its CPU per event is part of what a side costs.
+fn local_broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg == b"kafka.Kafka")
+                .then_some(pid)
+        })
+}
+
+/// A measuring window's start: wall time, the process's CPU and its split by thread, and the
+/// local broker's CPU.
+struct Window {
+    started: Instant,
+    cpu: f64,
+    threads: HashMap<String, f64>,
+    broker: Option<(u32, f64)>,
+}
+
+impl Window {
+    fn start() -> Self {
+        Window {
+            started: Instant::now(),
+            cpu: cpu_seconds(),
+            threads: cpu_by_thread(),
+            broker: local_broker_pid().map(|pid| (pid, process_cpu_seconds(pid))),
+        }
+    }
+
+    /// [`throughput`] over the window, with the CPU microseconds per event of each thread name
+    /// (threads that ended inside the window are missing from it).
+    fn finish(&self, events: usize) -> Value {
+        let mut measured = throughput(
+            events,
+            self.started.elapsed().as_secs_f64(),
+            cpu_seconds() - self.cpu,
+        );
+        let threads: serde_json::Map<String, Value> = cpu_by_thread()
+            .into_iter()
+            .map(|(name, t)| {
+                let spent = t - self.threads.get(&name).copied().unwrap_or(0.0);
+                (name, json!((spent / events as f64 * 1e7).round() / 10.0))
+            })
+            .filter(|(_, us)| us.as_f64() > Some(0.0))
+            .collect();
+        measured["cpu_microseconds_per_event_by_thread"] = Value::Object(threads);
+        if let Some((pid, cpu)) = self.broker {
+            let spent = process_cpu_seconds(pid) - cpu;
+            measured["broker_cpu_microseconds_per_event"] =
+                json!((spent / events as f64 * 1e7).round() / 10.0);
+        }
+        measured
+    }
+}
+
 /// CPU seconds (user + system, all threads) of another process, from /proc/PID/stat.
 fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -187,7 +274,7 @@ async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> 
         assert!(Instant::now() < limit, "orderflow read nothing in 300 s");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (started, cpu_started) = (Instant::now(), cpu_seconds());
+    let window = Window::start();
     while telemetry.snapshot().succeeded < events as u64 {
         assert!(
             Instant::now() < limit,
@@ -196,7 +283,7 @@ async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> 
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let (elapsed, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu_started);
+    let measured = window.finish(events);
     stop.send(true).unwrap();
     task.await.unwrap();
     let s = telemetry.snapshot();
@@ -204,7 +291,7 @@ async fn fan_out(connect: &Connect, events: usize, dedup: bool, pass: usize) -> 
         s.succeeded >= events as u64 && s.dead_lettered == 0 && s.produced == 4 * s.succeeded,
         "orderflow fan-out: wrong counts: {s:?}"
     );
-    throughput(events, elapsed, cpu)
+    measured
 }
 
 /// The ceiling of the client: see the file's comment.
@@ -241,7 +328,7 @@ async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Value
             }
             m = consumer.recv(), if read < events && in_flight.len() < window_size => {
                 let m = m.expect("raw passthrough: reading");
-                window.get_or_insert_with(|| (Instant::now(), cpu_seconds()));
+                window.get_or_insert_with(Window::start);
                 read += 1;
                 let headers = m.headers().map(|h| h.detach());
                 let mut acks = Vec::with_capacity(outputs.len());
@@ -274,12 +361,7 @@ async fn raw_passthrough(connect: &Connect, input: &str, events: usize) -> Value
             }
         }
     }
-    let (started, cpu_started) = window.unwrap();
-    throughput(
-        events,
-        started.elapsed().as_secs_f64(),
-        cpu_seconds() - cpu_started,
-    )
+    window.unwrap().finish(events)
 }
 
 fn script(name: &str) -> PathBuf {

@@ -22,6 +22,9 @@
 //! first request, waits for a free pooled connection, then takes whatever else is queued (no
 //! added wait) and sends it as one statement per consumer group, pipelined on that connection;
 //! while the pool is busy, requests pile up and go together next. No lock is held across a query.
+//! An answer goes to a caller waiting on it, or to a continuation ([`DedupStore::seen_then`],
+//! [`DedupStore::mark_then`]) run where the batch is answered, once its connection is given back:
+//! then no task waits per request. A continuation dropped unanswered is called with an error.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,13 +120,55 @@ struct SeenRequest {
     event_id: Uuid,
     /// Marks older than this do not count (the store's window or a pipeline's shorter one).
     window: Duration,
-    reply: oneshot::Sender<Result<bool, DedupError>>,
+    reply: Reply<bool>,
 }
 
 struct MarkRequest {
     group: String,
     event_ids: Vec<Uuid>,
-    reply: oneshot::Sender<Result<(), DedupError>>,
+    reply: Reply<()>,
+}
+
+/// A continuation given an answer of the store.
+pub type Then<T> = Box<dyn FnOnce(Result<T, DedupError>) + Send>;
+
+/// Where a request's answer goes.
+enum Reply<T> {
+    /// A caller waiting for it.
+    Waiting(Option<oneshot::Sender<Result<T, DedupError>>>),
+    /// A continuation, run where the batch is answered. Dropped unanswered (a batch's task
+    /// ended early), it is called with an error, so nothing waits for ever.
+    Then(Option<Then<T>>),
+}
+
+impl<T> Reply<T> {
+    fn send(mut self, answer: Result<T, DedupError>) {
+        match &mut self {
+            Reply::Waiting(tx) => {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(answer);
+                }
+            }
+            Reply::Then(then) => {
+                if let Some(then) = then.take() {
+                    then(answer);
+                }
+            }
+        }
+    }
+}
+
+impl<T> Drop for Reply<T> {
+    fn drop(&mut self) {
+        if let Reply::Then(then) = self {
+            if let Some(then) = then.take() {
+                then(Err(DedupError {
+                    url: String::new(),
+                    detail: "the dedup batcher dropped the request".to_string(),
+                }));
+            }
+        }
+    }
 }
 
 /// What the store has sent to PostgreSQL, for tests and benchmarks.
@@ -252,12 +297,35 @@ impl DedupStore {
                 group: group.to_string(),
                 event_id,
                 window: window.min(self.shared.retention.window),
-                reply,
+                reply: Reply::Waiting(Some(reply)),
             })
             .map_err(|_| self.error("the dedup batcher has stopped"))?;
         let answer = self.wait(answer).await;
         crate::telemetry::dedup::seen(started.elapsed().as_secs_f64());
         answer
+    }
+
+    /// [`DedupStore::seen_within`] without a waiting task: `then` is given the answer where the
+    /// batch is answered (within the pool's connect and statement timeouts).
+    pub fn seen_then(&self, group: &str, event_id: Uuid, window: Duration, then: Then<bool>) {
+        self.counters.seen_calls.fetch_add(1, Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let then: Then<bool> = Box::new(move |answer| {
+            crate::telemetry::dedup::seen(started.elapsed().as_secs_f64());
+            then(answer)
+        });
+        let request = SeenRequest {
+            group: group.to_string(),
+            event_id,
+            window: window.min(self.shared.retention.window),
+            reply: Reply::Then(Some(then)),
+        };
+        if let Err(refused) = self.seen.send(request) {
+            refused
+                .0
+                .reply
+                .send(Err(self.error("the dedup batcher has stopped")));
+        }
     }
 
     /// Records that `group` has handled `event_id` (a repeat is a no-op).
@@ -276,10 +344,30 @@ impl DedupStore {
             .send(MarkRequest {
                 group: group.to_string(),
                 event_ids: event_ids.to_vec(),
-                reply,
+                reply: Reply::Waiting(Some(reply)),
             })
             .map_err(|_| self.error("the dedup batcher has stopped"))?;
         self.wait(answer).await
+    }
+
+    /// [`DedupStore::mark_many`] without a waiting task: `then` is given the outcome where the
+    /// batch is answered.
+    pub fn mark_then(&self, group: &str, event_ids: Vec<Uuid>, then: Then<()>) {
+        if event_ids.is_empty() {
+            return then(Ok(()));
+        }
+        self.counters.mark_calls.fetch_add(1, Ordering::Relaxed);
+        let request = MarkRequest {
+            group: group.to_string(),
+            event_ids,
+            reply: Reply::Then(Some(then)),
+        };
+        if let Err(refused) = self.marks.send(request) {
+            refused
+                .0
+                .reply
+                .send(Err(self.error("the dedup batcher has stopped")));
+        }
     }
 
     pub fn stats(&self) -> DedupStats {
@@ -374,13 +462,13 @@ trait Request: Send + 'static {
 
 impl Request for SeenRequest {
     fn fail(self, e: DedupError) {
-        let _ = self.reply.send(Err(e));
+        self.reply.send(Err(e));
     }
 }
 
 impl Request for MarkRequest {
     fn fail(self, e: DedupError) {
-        let _ = self.reply.send(Err(e));
+        self.reply.send(Err(e));
     }
 }
 
@@ -436,17 +524,19 @@ async fn answer_seen(
         }
     }
     drop(by_group);
+    // Continuations run below: the connection goes back to the pool first.
+    drop(conn);
     match result {
         Ok(found) => {
             for r in batch {
                 let seen = found.contains(&(r.group, r.event_id));
-                let _ = r.reply.send(Ok(seen));
+                r.reply.send(Ok(seen));
             }
         }
         Err(e) => {
             let e = DedupError::from(e);
             for r in batch {
-                let _ = r.reply.send(Err(e.clone()));
+                r.reply.send(Err(e.clone()));
             }
         }
     }
@@ -516,9 +606,10 @@ async fn write_marks(
         }
     }
     drop(by_group);
+    drop(conn);
     let result = result.map_err(DedupError::from);
     for r in batch {
-        let _ = r.reply.send(result.clone());
+        r.reply.send(result.clone());
     }
 }
 
@@ -542,5 +633,48 @@ async fn insert_marks(
         });
         conn.timed(futures::future::try_join_all(inserts)).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A continuation and what it was given.
+    fn recorded() -> (Then<bool>, Arc<Mutex<Vec<Result<bool, DedupError>>>>) {
+        let given = Arc::new(Mutex::new(Vec::new()));
+        let g = given.clone();
+        (
+            Box::new(move |answer| g.lock().unwrap().push(answer)),
+            given,
+        )
+    }
+
+    #[test]
+    fn a_continuation_is_given_its_answer_once() {
+        let (then, given) = recorded();
+        Reply::Then(Some(then)).send(Ok(true));
+        let given = given.lock().unwrap();
+        assert_eq!(given.len(), 1);
+        assert!(matches!(given[0], Ok(true)));
+    }
+
+    #[test]
+    fn a_continuation_dropped_unanswered_is_given_an_error() {
+        let (then, given) = recorded();
+        let request = SeenRequest {
+            group: "g".into(),
+            event_id: Uuid::new_v4(),
+            window: Duration::from_secs(1),
+            reply: Reply::Then(Some(then)),
+        };
+        drop(request); // as a batch's task ending before it answers
+        let given = given.lock().unwrap();
+        assert_eq!(given.len(), 1, "called once, not left waiting");
+        let Err(e) = &given[0] else {
+            panic!("an error, not an answer")
+        };
+        assert!(e.detail.contains("dropped"), "{e}");
     }
 }

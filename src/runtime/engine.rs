@@ -3,9 +3,9 @@
 //!
 //! For each record read: the retry gate admits it (or pauses its partition until it is due, or
 //! dead-letters it), it enters its partition's offset window and its key's lane, and when the
-//! lane lets it start its work runs (`work`): on the engine's own task when nothing in it
-//! waits (a route step, no dedup store: then only its writes are left, their acks counted by
-//! the producer), else as a task of its own. When a record's work ends the engine finishes it in
+//! lane lets it start its work runs (`work`): without a task of its own when its step is a
+//! route (decode and claim here, the rest from the dedup store's answer and the producer's
+//! acks), else as a task of its own. When a record's work ends the engine finishes it in
 //! the window, starts the next record of its key, and stores the partition's new watermark (at
 //! least once) or moves the finished prefix into the batch's transaction (exactly once).
 //!
@@ -88,7 +88,7 @@ struct PartitionState {
     window: OffsetWindow<Option<Staged>>,
     lanes: Lanes<Queued>,
     /// Records started: their task (aborted if the partition is abandoned), or none when it
-    /// runs on the engine's own task (its writes then finish, unheeded).
+    /// runs without one (its writes and mark then finish, unheeded).
     tasks: HashMap<i64, Option<AbortHandle>>,
     /// Bytes of its records whose tasks have not ended (waiting in a lane or running).
     bytes: usize,
@@ -589,9 +589,9 @@ struct Starts<'a> {
 }
 
 impl Starts<'_> {
-    /// Starts a record: on the engine's task when nothing in it waits (then only its writes
-    /// are left, their acks counted by the producer), else as a task of its own. Its end comes
-    /// back as a [`Done`].
+    /// Starts a record: without a task of its own when only the dedup store and the producer
+    /// make it wait ([`Worker::try_inline`]), else as a task of its own. Its end comes back as a
+    /// [`Done`].
     fn start(&self, tp: &TopicPartition, state: &mut PartitionState, key: LaneKey, queued: Queued) {
         let Queued { offset, bytes, job } = queued;
         let (tp_owned, generation, done_tx) = (tp.clone(), state.generation, self.done_tx.clone());

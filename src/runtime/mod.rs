@@ -12,8 +12,9 @@
 //! - [`work`]: one record's work: decode, [`claims`] on its event id, the [`dedup`] check, the
 //!   step under the `concurrency` permits (transient retries wait in the lane), encode, write
 //!   and wait for acks ([`writer`]: the producer counts each input's acks down), store the dedup
-//!   mark. It runs as a task of its own, or on the engine's task when nothing in it waits (a
-//!   route step without the dedup store): then the producer's last ack ends it.
+//!   mark. It runs as a task of its own, or without one when its step is a route: decode and
+//!   claim on the engine's task, the rest from the dedup store's answer (if asked), and the
+//!   producer's last ack (then the mark's reply) ends it.
 //! - [`route`]: what a failure becomes: the next retry tier or the dead-letter topic, with
 //!   [`crate::kafka::headers`] carrying its context.
 //! - [`transactions`]: exactly once, a batch of inputs' outputs and offsets in one transaction.
@@ -214,7 +215,7 @@ impl Processor {
             ?topics,
             "processor started"
         );
-        let runs_inline = self.step.is_immediate() && self.dedup.is_none();
+        let runs_inline = self.step.is_immediate();
         let worker = Arc::new(work::Worker {
             permits: Arc::new(Semaphore::new(self.pipeline.concurrency)),
             unrecorded: Arc::new(Semaphore::new(work::unrecorded_window(

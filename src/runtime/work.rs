@@ -1,5 +1,6 @@
-//! The work on one record, run once its lane lets it start (as its own task, or on the
-//! engine's task when nothing in it waits, see [`Worker::try_inline`]): wait until due,
+//! The work on one record, run once its lane lets it start (as its own task, or without one
+//! when only the dedup store and the producer make it wait, see [`Worker::try_inline`]): wait
+//! until due,
 //! decode, claim its event id, skip it if already handled, run the step (transient failures
 //! retried here, in its lane), encode the outputs; then, at least once, write them and wait for
 //! every ack and store the dedup mark.
@@ -21,7 +22,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::claims::{Claim, Claimed, Claims};
-use super::dedup::DedupStore;
+use super::dedup::{DedupError, DedupStore};
 use super::gate::Admission;
 use super::route::{Ending, FailureRouting};
 use super::writer::{self, Acks, OutRecord, Refused};
@@ -78,8 +79,8 @@ pub struct Worker {
     pub transactional: bool,
     /// Stopping: a record whose step has not started yet is abandoned (read again later).
     pub stopping: AtomicBool,
-    /// The step only routes and no dedup store is asked: records may run without a task of
-    /// their own ([`Worker::try_inline`]).
+    /// The step only routes: records may run without a task of their own
+    /// ([`Worker::try_inline`]).
     pub runs_inline: bool,
 }
 
@@ -122,6 +123,26 @@ pub struct Staged {
     pub claim: Option<Claim>,
 }
 
+/// A record decoded, its event id claimed: what its dedup check and step need.
+struct Ready {
+    event: AnyEvent,
+    claim: Claim,
+    context: Option<FailureContext>,
+    /// Tier and milliseconds after its due time, told once the step has run.
+    lateness: Option<(usize, i64)>,
+    started: Instant,
+}
+
+/// What [`Worker::prepare`] came to.
+// Matched as soon as it is returned, like [`Inline`].
+#[allow(clippy::large_enum_variant)]
+enum Prepared {
+    /// Ended before its step: rejected by the gate, undecodable, or a repeat of an event that
+    /// succeeded in a record still in flight.
+    Ended(Processed),
+    Ready(Ready),
+}
+
 /// What processing gave, before writing.
 struct Processed {
     records: Vec<OutRecord>,
@@ -145,13 +166,16 @@ impl Worker {
             .await
     }
 
-    /// Runs a record's work on the caller's task, without a task of its own, when nothing in
-    /// it has to wait: the step only routes (no call), no dedup store is asked, the writer
-    /// schema is cached, no other record holds its event id and a permit is free. Its writes
-    /// are offered to the producer here; `on_end` is called when the last is acknowledged (on
-    /// the producer's polling thread; refused writes are written again by a task first).
-    /// Otherwise the job comes back with `on_end`, nothing of it done (claims and permits
-    /// taken are given back), to run as a task.
+    /// Runs a record's work without a task of its own when nothing in it waits but the dedup
+    /// store: the step only routes (no call), the writer schema is cached, no other record holds
+    /// its event id and a permit is free. Decode and claim run on the caller's task; with a
+    /// dedup store the rest continues from the store's answer ([`DedupStore::seen_then`]), as
+    /// it does from the producer's acks and the mark. `on_end` is called when the record ends
+    /// (its writes acknowledged, refused ones written again by a task first, and its mark
+    /// stored). Otherwise the job comes back with `on_end`, nothing of it done (claims and
+    /// permits taken are given back), to run as a task.
+    ///
+    /// [`DedupStore::seen_then`]: super::dedup::DedupStore::seen_then
     pub fn try_inline<F>(self: &Arc<Self>, job: Job, on_end: F) -> Inline<F>
     where
         F: FnOnce(Finished) + Send + 'static,
@@ -162,32 +186,96 @@ impl Worker {
         let Ok(unrecorded) = self.unrecorded.clone().try_acquire_owned() else {
             return Inline::Declined(job, on_end);
         };
-        let Some(processed) = self.process(&job).now_or_never() else {
+        let Some(prepared) = self.prepare(&job).now_or_never() else {
             return Inline::Declined(job, on_end);
         };
+        let ready = match prepared {
+            Prepared::Ended(processed) => {
+                self.conclude(&job, Some(processed), unrecorded, on_end);
+                return Inline::Started;
+            }
+            Prepared::Ready(ready) => ready,
+        };
+        let Some(dedup) = self.dedup.clone() else {
+            let Some(processed) = self.complete(&job, ready, Ok(false)).now_or_never() else {
+                return Inline::Declined(job, on_end);
+            };
+            self.conclude(&job, processed, unrecorded, on_end);
+            return Inline::Started;
+        };
+        let (worker, event_id) = (self.clone(), ready.event.envelope().event_id);
+        let window = self.dedup_window(&dedup);
+        let after_seen = move |seen| {
+            let mut completing = Box::pin(async move {
+                let processed = worker.complete(&job, ready, seen).await;
+                worker.conclude(&job, processed, unrecorded, on_end);
+            });
+            // A route never waits, but its permit may: then the rest runs as a task.
+            if completing.as_mut().now_or_never().is_none() {
+                tokio::spawn(completing);
+            }
+        };
+        dedup.seen_then(&self.group_id, event_id, window, Box::new(after_seen));
+        Inline::Started
+    }
+
+    /// A record run without a task of its own, processed: at least once its writes are offered,
+    /// and the last ack (then the mark) ends it; exactly once it is staged.
+    fn conclude<F>(
+        self: &Arc<Self>,
+        job: &Job,
+        processed: Option<Processed>,
+        unrecorded: OwnedSemaphorePermit,
+        on_end: F,
+    ) where
+        F: FnOnce(Finished) + Send + 'static,
+    {
         let Some(processed) = processed else {
             on_end(Finished::Abandoned);
-            return Inline::Started;
+            return;
         };
         let topic = job.message.topic().to_string();
         if self.transactional {
             on_end(self.stage(&topic, processed));
-            return Inline::Started;
+            return;
         }
         let Processed {
             records,
             ending,
             claim,
         } = processed;
-        debug_assert!(self.dedup.is_none(), "no mark to store inline");
-        let end = move |worker: &Worker| {
+        let handled = ending.handled_event().filter(|_| self.dedup.is_some());
+        let told = move |worker: &Worker| {
             drop((claim, unrecorded));
             worker.tell(&topic, ending);
             on_end(Finished::Written);
         };
+        // After the acks: the mark, then the end.
+        let end = move |worker: &Arc<Worker>| match (handled, &worker.dedup) {
+            (Some(event_id), Some(dedup)) => {
+                let w = worker.clone();
+                let after_mark = move |stored: Result<(), DedupError>| match stored {
+                    Ok(()) => told(&w),
+                    Err(e) => {
+                        w.telemetry.emit(ProcessorEvent::DedupMarkFailed {
+                            event_id: &event_id.to_string(),
+                            error: &e.to_string(),
+                        });
+                        let runtime = w.runtime.clone();
+                        runtime.spawn(async move {
+                            tokio::time::sleep(repeat_pause(1)).await;
+                            w.mark_until_stored(&[event_id]).await;
+                            told(&w);
+                        });
+                    }
+                };
+                dedup.mark_then(&worker.group_id, vec![event_id], Box::new(after_mark));
+            }
+            _ => told(worker),
+        };
         if records.is_empty() {
             end(self);
-            return Inline::Started;
+            return;
         }
         let worker = self.clone();
         let acks = Acks::new(records.len(), move |refused| {
@@ -208,7 +296,6 @@ impl Worker {
                 writer::offer_all(&worker.producer, waiting, &acks).await;
             });
         }
-        Inline::Started
     }
 
     /// After processing: at least once, write and wait for the acks, store the mark, tell;
@@ -241,6 +328,27 @@ impl Worker {
     }
 
     async fn process(&self, job: &Job) -> Option<Processed> {
+        let ready = match self.prepare(job).await {
+            Prepared::Ended(processed) => return Some(processed),
+            Prepared::Ready(ready) => ready,
+        };
+        let seen = match &self.dedup {
+            Some(dedup) => {
+                let event_id = ready.event.envelope().event_id;
+                (dedup.seen_within(&self.group_id, event_id, self.dedup_window(dedup))).await
+            }
+            None => Ok(false),
+        };
+        self.complete(job, ready, seen).await
+    }
+
+    /// Marks older than this do not make a repeat: the pipeline's window, else the store's.
+    fn dedup_window(&self, dedup: &DedupStore) -> Duration {
+        (self.pipeline.dedup_retention).unwrap_or(dedup.retention().window)
+    }
+
+    /// Up to the dedup check: the gate's word (waiting until due), decode, claim the event id.
+    async fn prepare(&self, job: &Job) -> Prepared {
         let Job {
             message,
             event_type,
@@ -266,7 +374,7 @@ impl Worker {
             }
             Admission::Reject { reason } => {
                 let failure = Failure::BadRetryHeaders(reason.clone());
-                return Some(self.failed(
+                return Prepared::Ended(self.failed(
                     message,
                     input_topic,
                     None,
@@ -278,7 +386,79 @@ impl Worker {
             Admission::Pause { .. } => unreachable!("the engine pauses, it does not dispatch"),
         };
         let started = Instant::now();
-        let result = self.handle(event_type, message, context.as_ref()).await;
+        let tier = context.as_ref().map_or(0, |c| c.tier);
+        let event = match AnyEvent::decode(&self.codec, event_type, message.payload()).await {
+            Ok(event) => event,
+            Err(e) => {
+                self.handled(lateness, started);
+                let Unhandled::Failed(class, failure, route) =
+                    self.final_failure(tier, Failure::Decode(e))
+                else {
+                    unreachable!("a final failure")
+                };
+                return Prepared::Ended(self.failed(
+                    message,
+                    input_topic,
+                    context,
+                    class,
+                    &failure,
+                    route,
+                ));
+            }
+        };
+        let event_id = event.envelope().event_id;
+        let claim = match self.claims.claim(event_id).await {
+            Claimed::Mine(claim) => claim,
+            Claimed::Duplicate => {
+                self.handled(lateness, started);
+                return Prepared::Ended(duplicate(event_id));
+            }
+        };
+        Prepared::Ready(Ready {
+            event,
+            claim,
+            context,
+            lateness,
+            started,
+        })
+    }
+
+    /// From the dedup check's answer: the step (transient failures retried in this lane) and
+    /// its outputs. None when stopping before the step started.
+    async fn complete(
+        &self,
+        job: &Job,
+        ready: Ready,
+        seen: Result<bool, DedupError>,
+    ) -> Option<Processed> {
+        let Ready {
+            event,
+            claim,
+            context,
+            lateness,
+            started,
+        } = ready;
+        let result = self
+            .handle(&job.message, event, claim, context.as_ref(), seen)
+            .await;
+        self.handled(lateness, started);
+        match result {
+            Ok(processed) => Some(processed),
+            Err(Unhandled::Abandoned) => None,
+            Err(Unhandled::Failed(class, failure, route)) => Some(self.failed(
+                &job.message,
+                &job.input_topic,
+                context,
+                class,
+                &failure,
+                route,
+            )),
+        }
+    }
+
+    /// Telemetry once a record's step has run (or it ended before): its lateness after a
+    /// retry's due time and how long it took.
+    fn handled(&self, lateness: Option<(usize, i64)>, started: Instant) {
         if let Some((tier, late_ms)) = lateness {
             self.telemetry
                 .emit(ProcessorEvent::RetryLateness { tier, late_ms });
@@ -286,13 +466,6 @@ impl Worker {
         self.telemetry.emit(ProcessorEvent::Handled {
             seconds: started.elapsed().as_secs_f64(),
         });
-        match result {
-            Ok(processed) => Some(processed),
-            Err(Unhandled::Abandoned) => None,
-            Err(Unhandled::Failed(class, failure, route)) => {
-                Some(self.failed(message, input_topic, context, class, &failure, route))
-            }
-        }
     }
 
     fn failed(
@@ -318,35 +491,30 @@ impl Worker {
         }
     }
 
-    /// Decode, claim, dedup check, the step (transient failures retried in this lane), encode.
+    /// A failure that is not retried here: to the next tier or the dead-letter topic.
+    fn final_failure(&self, tier: usize, failure: Failure) -> Unhandled {
+        let tiers = self.pipeline.retry.tiers.len();
+        let class = self.pipeline.classifier.classify(&failure);
+        let route = failure::route(class, u32::MAX, 0, tier, tiers);
+        Unhandled::Failed(failure::promoted(class), failure, route)
+    }
+
+    /// The dedup check's answer, the step (transient failures retried in this lane), encode.
     async fn handle(
         &self,
-        event_type: &str,
         message: &OwnedMessage,
+        event: AnyEvent,
+        claim: Claim,
         context: Option<&FailureContext>,
+        seen: Result<bool, DedupError>,
     ) -> Result<Processed, Unhandled> {
         let tier = context.map_or(0, |c| c.tier);
         let tiers = self.pipeline.retry.tiers.len();
-        let final_route = |failure: Failure| {
-            let class = self.pipeline.classifier.classify(&failure);
-            let route = failure::route(class, u32::MAX, 0, tier, tiers);
-            Unhandled::Failed(failure::promoted(class), failure, route)
-        };
-        let event = AnyEvent::decode(&self.codec, event_type, message.payload())
-            .await
-            .map_err(|e| final_route(Failure::Decode(e)))?;
         let event_id = event.envelope().event_id;
-        let claim = match self.claims.claim(event_id).await {
-            Claimed::Mine(claim) => claim,
-            Claimed::Duplicate => return Ok(duplicate(event_id)),
-        };
-        if let Some(dedup) = &self.dedup {
-            let window = (self.pipeline.dedup_retention).unwrap_or(dedup.retention().window);
-            match dedup.seen_within(&self.group_id, event_id, window).await {
-                Ok(true) => return Ok(duplicate(event_id)),
-                Ok(false) => {}
-                Err(e) => return Err(final_route(Failure::Dependency(e.to_string()))),
-            }
+        match seen {
+            Ok(true) => return Ok(duplicate(event_id)),
+            Ok(false) => {}
+            Err(e) => return Err(self.final_failure(tier, Failure::Dependency(e.to_string()))),
         }
         let mut attempts = 0;
         let outcome = loop {
@@ -385,7 +553,7 @@ impl Worker {
             records.push(
                 OutRecord::event(event, &self.codec, &self.naming)
                     .await
-                    .map_err(|e| final_route(Failure::Encode(e)))?,
+                    .map_err(|e| self.final_failure(tier, Failure::Encode(e)))?,
             );
         }
         // One copy of the input's key and payload, shared by its copies.
