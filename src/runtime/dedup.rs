@@ -641,8 +641,10 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    type Given = Arc<Mutex<Vec<Result<bool, DedupError>>>>;
+
     /// A continuation and what it was given.
-    fn recorded() -> (Then<bool>, Arc<Mutex<Vec<Result<bool, DedupError>>>>) {
+    fn recorded() -> (Then<bool>, Given) {
         let given = Arc::new(Mutex::new(Vec::new()));
         let g = given.clone();
         (
