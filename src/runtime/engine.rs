@@ -10,8 +10,9 @@
 //! least once) or moves the finished prefix into the batch's transaction (exactly once).
 //!
 //! Invariants: an offset is stored only past records that are finished (written and
-//! acknowledged); a partition whose window or the process's in-flight budget is full is paused,
-//! not the process; a revoked partition's tasks are abandoned and nothing of it is stored or
+//! acknowledged); a partition whose window is full is paused, not the process; while the
+//! in-flight budget is full nothing is read, for a bounded time, then the partitions read from
+//! are paused (`room`); a revoked partition's tasks are abandoned and nothing of it is stored or
 //! committed afterwards (its new owner reads them again). It owns the consumer; no blocking
 //! librdkafka call runs on an executor thread.
 
@@ -30,7 +31,7 @@ use super::context::{MeteredContext, RebalanceEvent};
 use super::gate::{self, Admission, GateRules, Source};
 use super::lanes::{LaneKey, Lanes};
 use super::offsets::OffsetWindow;
-use super::room::{self, Budget, Room};
+use super::room::{self, Budget, Reading, Room};
 use super::transactions::Batch;
 use super::work::{Finished, Inline, Job, Staged, Worker};
 use crate::contracts::events::now_millis;
@@ -111,6 +112,8 @@ struct State {
     partitions: HashMap<TopicPartition, PartitionState>,
     next_generation: u64,
     room: Room,
+    /// Reading stops while the budget is full, for a bounded time.
+    reading: Reading,
     /// Partitions paused for room: resuming is looked at only while there are some.
     room_paused: usize,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -130,6 +133,7 @@ impl Engine {
             partitions: HashMap::new(),
             next_generation: 0,
             room: Room::default(),
+            reading: Reading::default(),
             room_paused: 0,
             done_tx,
             resume_tx,
@@ -139,6 +143,10 @@ impl Engine {
         let transactional = self.worker.transactional;
         while !*shutdown.borrow() {
             let commit_at = s.batch.deadline();
+            let read_at = s
+                .reading
+                .wait(&s.room, &self.limits.budget, std::time::Instant::now())
+                .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -153,7 +161,9 @@ impl Engine {
                     self.commit_batch(&mut s).await?;
                 }
                 Some((tp, generation)) = resume_rx.recv() => self.resume_due(&mut s, tp, generation).await,
-                message = self.consumer.recv() => match message {
+                // The budget stayed full this long: read again (and pause what is read from).
+                _ = sleep_until(read_at), if read_at.is_some() => {}
+                message = self.consumer.recv(), if read_at.is_none() => match message {
                     Ok(message) => {
                         let message = message.detach();
                         // librdkafka ran any rebalance callback inside this recv, before the
@@ -330,7 +340,11 @@ impl Engine {
             };
             starts.start(&tp, state, key, queued);
         }
-        if !state.room_paused && s.room.is_full(&self.limits.budget, state.window.len()) {
+        let overdue = s.reading.is_overdue(std::time::Instant::now());
+        if !state.room_paused
+            && s.room
+                .is_full(&self.limits.budget, state.window.len(), overdue)
+        {
             state.room_paused = true;
             s.room_paused += 1;
             self.pause(&tp);

@@ -1,12 +1,24 @@
-//! Room: what a processor holds in flight, and when a partition must pause or may resume.
+//! Room: what a processor holds in flight, when it reads, and when a partition must pause or
+//! may resume.
 //!
-//! Invariant: records and input bytes in flight stay bounded: a partition is paused once its
-//! own window, the process's record budget or its byte budget is full, and resumed only when
-//! all three are back under their low-water marks (half the window, three quarters of each
-//! budget), so a partition does not flap on every record. Pure: it pauses nothing itself; the
-//! engine does, with what it says.
+//! Invariant: records and input bytes in flight stay bounded. While the process holds its whole
+//! record or byte budget it reads nothing ([`Reading`]); librdkafka keeps what it has fetched, so
+//! reading goes on, record by record, as soon as records finish. Only if the budget stays full
+//! for longer than [`UNREAD_AT_MOST`] (reading serves rebalances too) does it read again and
+//! pause each partition it reads from. A partition whose own window is full is paused at once.
+//! A paused partition resumes only when all three are back under their low-water marks (half
+//! the window, three quarters of each budget), so it does not flap on every record. Pure: it
+//! pauses nothing itself; the engine does, with what it says.
+
+use std::time::{Duration, Instant};
 
 use rdkafka::message::{Headers, Message};
+
+/// Longest the engine stops reading while the process holds its whole budget: long enough for
+/// records in flight to finish and make room (pausing instead would drop what librdkafka has
+/// fetched, to be fetched again, and admit the next records in one burst), short enough that a
+/// rebalance waits for it no longer than this.
+pub const UNREAD_AT_MOST: Duration = Duration::from_millis(500);
 
 /// The setting (environment variable) of the record budget.
 pub const RECORDS_SETTING: &str = "ORDERFLOW_IN_FLIGHT_RECORDS";
@@ -137,11 +149,15 @@ impl Room {
         self.bytes = self.bytes.saturating_sub(bytes);
     }
 
-    /// Whether the partition just read from, holding `window` records, must pause.
-    pub fn is_full(&self, budget: &Budget, window: usize) -> bool {
-        window >= budget.partition_window
-            || self.records >= budget.records
-            || self.bytes >= budget.bytes
+    /// The process holds its whole record or byte budget.
+    pub fn is_over(&self, budget: &Budget) -> bool {
+        self.records >= budget.records || self.bytes >= budget.bytes
+    }
+
+    /// Whether the partition just read from, holding `window` records, must pause: its window is
+    /// full, or the budget is and reading has stopped for as long as it may (`overdue`).
+    pub fn is_full(&self, budget: &Budget, window: usize, overdue: bool) -> bool {
+        window >= budget.partition_window || (overdue && self.is_over(budget))
     }
 
     /// Whether the process is under both budgets' low-water marks (three quarters).
@@ -152,6 +168,33 @@ impl Room {
     /// Whether a paused partition holding `window` records may resume.
     pub fn may_resume(&self, budget: &Budget, window: usize) -> bool {
         self.has_room(budget) && window <= budget.partition_window / 2
+    }
+}
+
+/// Whether the engine reads now: not while the process holds its whole budget, for at most
+/// [`UNREAD_AT_MOST`] at a time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Reading {
+    /// When the budget was found full, while it still is.
+    full_since: Option<Instant>,
+}
+
+impl Reading {
+    /// None: read now. Some(instant): read nothing until then, unless room comes first.
+    pub fn wait(&mut self, room: &Room, budget: &Budget, now: Instant) -> Option<Instant> {
+        if !room.is_over(budget) {
+            self.full_since = None;
+            return None;
+        }
+        let until = *self.full_since.get_or_insert(now) + UNREAD_AT_MOST;
+        (now < until).then_some(until)
+    }
+
+    /// The budget has been full for as long as reading may stop: records read now pause their
+    /// partitions.
+    pub fn is_overdue(&self, now: Instant) -> bool {
+        self.full_since
+            .is_some_and(|since| now >= since + UNREAD_AT_MOST)
     }
 }
 
@@ -230,12 +273,12 @@ mod tests {
             records: 100,
             bytes: 100,
         };
-        assert!(room.is_full(&BUDGET, 100));
-        assert!(!room.is_full(&BUDGET, 99));
+        assert!(room.is_full(&BUDGET, 100, false));
+        assert!(!room.is_full(&BUDGET, 99, false));
     }
 
     #[test]
-    fn either_budget_pauses_the_partition_read_from() {
+    fn either_budget_pauses_the_partition_read_from_only_once_reading_is_overdue() {
         let by_records = Room {
             records: 400,
             bytes: 0,
@@ -244,8 +287,44 @@ mod tests {
             records: 1,
             bytes: 4000,
         };
-        assert!(by_records.is_full(&BUDGET, 1));
-        assert!(by_bytes.is_full(&BUDGET, 1));
+        for room in [by_records, by_bytes] {
+            assert!(room.is_over(&BUDGET));
+            assert!(!room.is_full(&BUDGET, 1, false), "reading stops first");
+            assert!(room.is_full(&BUDGET, 1, true));
+        }
+    }
+
+    #[test]
+    fn reading_stops_while_the_budget_is_full_for_at_most_the_bound() {
+        let (full, under) = (
+            Room {
+                records: 400,
+                bytes: 0,
+            },
+            Room {
+                records: 399,
+                bytes: 3999,
+            },
+        );
+        let t0 = Instant::now();
+        let mut reading = Reading::default();
+        assert_eq!(reading.wait(&under, &BUDGET, t0), None);
+        let until = t0 + UNREAD_AT_MOST;
+        assert_eq!(reading.wait(&full, &BUDGET, t0), Some(until));
+        // Still full later: the bound counts from when it became full, not from each look.
+        let later = t0 + UNREAD_AT_MOST / 2;
+        assert_eq!(reading.wait(&full, &BUDGET, later), Some(until));
+        assert!(!reading.is_overdue(later));
+        assert_eq!(reading.wait(&full, &BUDGET, until), None, "reads again");
+        assert!(reading.is_overdue(until));
+        // Room again: reading goes on and the next full budget starts a new bound.
+        assert_eq!(reading.wait(&under, &BUDGET, until), None);
+        assert!(!reading.is_overdue(until));
+        let next = until + Duration::from_secs(1);
+        assert_eq!(
+            reading.wait(&full, &BUDGET, next),
+            Some(next + UNREAD_AT_MOST)
+        );
     }
 
     #[test]
