@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,10 +18,18 @@ enum Phase {
     Succeeded,
 }
 
+/// An id in flight: its phase, and whom to wake when it changes (only once someone waits, so
+/// the common case, an id nobody repeats, allocates nothing but its map slot).
+#[derive(Debug)]
+struct Held {
+    phase: Phase,
+    waiting: Option<Arc<Notify>>,
+}
+
 /// The ids in flight; cheap to clone and share between tasks.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
-    inner: Arc<Mutex<HashMap<Uuid, watch::Receiver<Phase>>>>,
+    inner: Arc<Mutex<HashMap<Uuid, Held>>>,
 }
 
 /// The right to run one event id's step; dropping it without [`Claim::succeeded`] (a failure,
@@ -30,7 +38,6 @@ pub struct Claims {
 pub struct Claim {
     claims: Claims,
     id: Uuid,
-    phase: watch::Sender<Phase>,
 }
 
 /// What [`Claims::claim`] found.
@@ -45,28 +52,33 @@ impl Claims {
     /// Claims `id`, waiting while another record with it is running.
     pub async fn claim(&self, id: Uuid) -> Claimed {
         loop {
-            let mut waiting = {
+            let changed = {
                 let mut map = self.inner.lock().expect("claims lock");
-                match map.get(&id) {
-                    Some(phase) if *phase.borrow() == Phase::Succeeded => {
-                        return Claimed::Duplicate
-                    }
-                    Some(phase) => phase.clone(),
+                match map.get_mut(&id) {
+                    Some(held) if held.phase == Phase::Succeeded => return Claimed::Duplicate,
+                    // Registered under the lock: a change after it is not missed.
+                    Some(held) => held
+                        .waiting
+                        .get_or_insert_with(Default::default)
+                        .clone()
+                        .notified_owned(),
                     None => {
-                        let (tx, rx) = watch::channel(Phase::Running);
-                        map.insert(id, rx);
+                        map.insert(
+                            id,
+                            Held {
+                                phase: Phase::Running,
+                                waiting: None,
+                            },
+                        );
                         return Claimed::Mine(Claim {
                             claims: self.clone(),
                             id,
-                            phase: tx,
                         });
                     }
                 }
             };
-            // Ends when the holder succeeds (a duplicate) or lets go (try again).
-            if waiting.changed().await.is_ok() && *waiting.borrow() == Phase::Succeeded {
-                return Claimed::Duplicate;
-            }
+            // Ends when the holder succeeds (a duplicate, seen above) or lets go (try again).
+            changed.await;
         }
     }
 
@@ -84,17 +96,27 @@ impl Claim {
     /// The step succeeded: until this claim is dropped (after the dedup mark), a repeat of the
     /// id is a duplicate.
     pub fn succeeded(&self) {
-        let _ = self.phase.send(Phase::Succeeded);
+        let mut map = self.claims.inner.lock().expect("claims lock");
+        if let Some(held) = map.get_mut(&self.id) {
+            held.phase = Phase::Succeeded;
+            if let Some(waiting) = &held.waiting {
+                waiting.notify_waiters();
+            }
+        }
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.claims
+        let held = self
+            .claims
             .inner
             .lock()
             .expect("claims lock")
             .remove(&self.id);
+        if let Some(waiting) = held.and_then(|h| h.waiting) {
+            waiting.notify_waiters();
+        }
     }
 }
 
