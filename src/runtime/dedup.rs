@@ -80,6 +80,8 @@ pub struct DedupStore {
     call_limit: Duration,
     /// The periodic expiry, stopped with the store.
     expiry: tokio::task::AbortHandle,
+    /// The database's URL (redacted), for errors that do not come from it.
+    url: Arc<str>,
 }
 
 /// What the batchers and the expiry task share.
@@ -171,6 +173,14 @@ impl<T> Drop for Reply<T> {
     }
 }
 
+/// An error of a dropped request, which knows no URL, given the store's.
+fn named(mut e: DedupError, url: &str) -> DedupError {
+    if e.url.is_empty() {
+        e.url = url.to_string();
+    }
+    e
+}
+
 /// What the store has sent to PostgreSQL, for tests and benchmarks.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DedupStats {
@@ -255,6 +265,7 @@ impl DedupStore {
         let t = db.timeouts();
         DedupStore {
             call_limit: t.connect + t.statement + Duration::from_secs(1),
+            url: db.url().into(),
             db,
             seen,
             marks,
@@ -309,10 +320,10 @@ impl DedupStore {
     /// batch is answered (within the pool's connect and statement timeouts).
     pub fn seen_then(&self, group: &str, event_id: Uuid, window: Duration, then: Then<bool>) {
         self.counters.seen_calls.fetch_add(1, Ordering::Relaxed);
-        let started = std::time::Instant::now();
+        let (started, url) = (std::time::Instant::now(), self.url.clone());
         let then: Then<bool> = Box::new(move |answer| {
             crate::telemetry::dedup::seen(started.elapsed().as_secs_f64());
-            then(answer)
+            then(answer.map_err(|e| named(e, &url)))
         });
         let request = SeenRequest {
             group: group.to_string(),
@@ -357,6 +368,8 @@ impl DedupStore {
             return then(Ok(()));
         }
         self.counters.mark_calls.fetch_add(1, Ordering::Relaxed);
+        let url = self.url.clone();
+        let then: Then<()> = Box::new(move |stored| then(stored.map_err(|e| named(e, &url))));
         let request = MarkRequest {
             group: group.to_string(),
             event_ids,

@@ -204,7 +204,7 @@ impl Worker {
             return Inline::Started;
         };
         let (worker, event_id) = (self.clone(), ready.event.envelope().event_id);
-        let window = self.dedup_window(&dedup);
+        let (window, runtime) = (self.dedup_window(&dedup), self.runtime.clone());
         let after_seen = move |seen| {
             let mut completing = Box::pin(async move {
                 let processed = worker.complete(&job, ready, seen).await;
@@ -212,7 +212,7 @@ impl Worker {
             });
             // A route never waits, but its permit may: then the rest runs as a task.
             if completing.as_mut().now_or_never().is_none() {
-                tokio::spawn(completing);
+                runtime.spawn(completing);
             }
         };
         dedup.seen_then(&self.group_id, event_id, window, Box::new(after_seen));
@@ -391,11 +391,8 @@ impl Worker {
             Ok(event) => event,
             Err(e) => {
                 self.handled(lateness, started);
-                let Unhandled::Failed(class, failure, route) =
-                    self.final_failure(tier, Failure::Decode(e))
-                else {
-                    unreachable!("a final failure")
-                };
+                let failure = Failure::Decode(e);
+                let (class, route) = self.final_route(tier, &failure);
                 return Prepared::Ended(self.failed(
                     message,
                     input_topic,
@@ -491,12 +488,18 @@ impl Worker {
         }
     }
 
-    /// A failure that is not retried here: to the next tier or the dead-letter topic.
-    fn final_failure(&self, tier: usize, failure: Failure) -> Unhandled {
+    /// How a failure that is not retried here is reported, and where it goes: the next tier
+    /// or the dead-letter topic.
+    fn final_route(&self, tier: usize, failure: &Failure) -> (ErrorClass, Route) {
         let tiers = self.pipeline.retry.tiers.len();
-        let class = self.pipeline.classifier.classify(&failure);
+        let class = self.pipeline.classifier.classify(failure);
         let route = failure::route(class, u32::MAX, 0, tier, tiers);
-        Unhandled::Failed(failure::promoted(class), failure, route)
+        (failure::promoted(class), route)
+    }
+
+    fn final_failure(&self, tier: usize, failure: Failure) -> Unhandled {
+        let (class, route) = self.final_route(tier, &failure);
+        Unhandled::Failed(class, failure, route)
     }
 
     /// The dedup check's answer, the step (transient failures retried in this lane), encode.
