@@ -105,19 +105,22 @@ fn cpu_by_thread() -> HashMap<String, f64> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue; // ended meanwhile
         };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        *by_name
-            .entry(stat[open + 1..close].trim().to_string())
-            .or_insert(0.0) += ticks;
+        let (name, seconds) = stat_cpu_seconds(&stat);
+        *by_name.entry(name.to_string()).or_insert(0.0) += seconds;
     }
+    by_name
+}
+
+/// The command name and CPU seconds (user + system) of a /proc stat line.
+fn stat_cpu_seconds(stat: &str) -> (&str, f64) {
+    // The command name may hold spaces: the fields after it follow the last ')'.
+    let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    by_name.values_mut().for_each(|t| *t /= hz);
-    by_name
+    (stat[open + 1..close].trim(), ticks / hz)
 }
 
 /// The local Kafka broker's process (`scripts/stack` starts one, `kafka.Kafka`), if it runs on
@@ -185,14 +188,7 @@ impl Window {
 fn process_cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .unwrap_or_else(|e| panic!("process {pid} is gone: {e}"));
-    // The command name may hold spaces: the fields after it follow the last ')'.
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    stat_cpu_seconds(&stat).1
 }
 
 fn percentile<T: Copy + Default>(sorted: &[T], p: f64) -> T {

@@ -332,10 +332,7 @@ impl DedupStore {
             reply: Reply::Then(Some(then)),
         };
         if let Err(refused) = self.seen.send(request) {
-            refused
-                .0
-                .reply
-                .send(Err(self.error("the dedup batcher has stopped")));
+            refused.0.fail(self.error("the dedup batcher has stopped"));
         }
     }
 
@@ -376,10 +373,7 @@ impl DedupStore {
             reply: Reply::Then(Some(then)),
         };
         if let Err(refused) = self.marks.send(request) {
-            refused
-                .0
-                .reply
-                .send(Err(self.error("the dedup batcher has stopped")));
+            refused.0.fail(self.error("the dedup batcher has stopped"));
         }
     }
 

@@ -145,7 +145,7 @@ impl Engine {
             let commit_at = s.batch.deadline();
             let read_at = s
                 .reading
-                .wait(&s.room, &self.limits.budget, std::time::Instant::now())
+                .wait(&s.room, &self.limits.budget, std::time::Instant::now)
                 .map(tokio::time::Instant::from_std);
             tokio::select! {
                 biased;
@@ -340,7 +340,8 @@ impl Engine {
             };
             starts.start(&tp, state, key, queued);
         }
-        let overdue = s.reading.is_overdue(std::time::Instant::now());
+        let overdue =
+            s.room.is_over(&self.limits.budget) && s.reading.is_overdue(std::time::Instant::now());
         if !state.room_paused
             && s.room
                 .is_full(&self.limits.budget, state.window.len(), overdue)

@@ -180,12 +180,19 @@ pub struct Reading {
 }
 
 impl Reading {
-    /// None: read now. Some(instant): read nothing until then, unless room comes first.
-    pub fn wait(&mut self, room: &Room, budget: &Budget, now: Instant) -> Option<Instant> {
+    /// None: read now. Some(instant): read nothing until then, unless room comes first. `now`
+    /// is asked only while the budget is full (the engine looks before every record).
+    pub fn wait(
+        &mut self,
+        room: &Room,
+        budget: &Budget,
+        now: impl FnOnce() -> Instant,
+    ) -> Option<Instant> {
         if !room.is_over(budget) {
             self.full_since = None;
             return None;
         }
+        let now = now();
         let until = *self.full_since.get_or_insert(now) + UNREAD_AT_MOST;
         (now < until).then_some(until)
     }
@@ -308,21 +315,21 @@ mod tests {
         );
         let t0 = Instant::now();
         let mut reading = Reading::default();
-        assert_eq!(reading.wait(&under, &BUDGET, t0), None);
+        assert_eq!(reading.wait(&under, &BUDGET, || t0), None);
         let until = t0 + UNREAD_AT_MOST;
-        assert_eq!(reading.wait(&full, &BUDGET, t0), Some(until));
+        assert_eq!(reading.wait(&full, &BUDGET, || t0), Some(until));
         // Still full later: the bound counts from when it became full, not from each look.
         let later = t0 + UNREAD_AT_MOST / 2;
-        assert_eq!(reading.wait(&full, &BUDGET, later), Some(until));
+        assert_eq!(reading.wait(&full, &BUDGET, || later), Some(until));
         assert!(!reading.is_overdue(later));
-        assert_eq!(reading.wait(&full, &BUDGET, until), None, "reads again");
+        assert_eq!(reading.wait(&full, &BUDGET, || until), None, "reads again");
         assert!(reading.is_overdue(until));
         // Room again: reading goes on and the next full budget starts a new bound.
-        assert_eq!(reading.wait(&under, &BUDGET, until), None);
+        assert_eq!(reading.wait(&under, &BUDGET, || until), None);
         assert!(!reading.is_overdue(until));
         let next = until + Duration::from_secs(1);
         assert_eq!(
-            reading.wait(&full, &BUDGET, next),
+            reading.wait(&full, &BUDGET, || next),
             Some(next + UNREAD_AT_MOST)
         );
     }

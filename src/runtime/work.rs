@@ -244,15 +244,15 @@ impl Worker {
             ending,
             claim,
         } = processed;
-        let handled = ending.handled_event().filter(|_| self.dedup.is_some());
+        let mark = ending.handled_event().zip(self.dedup.clone());
         let told = move |worker: &Worker| {
             drop((claim, unrecorded));
             worker.tell(&topic, ending);
             on_end(Finished::Written);
         };
         // After the acks: the mark, then the end.
-        let end = move |worker: &Arc<Worker>| match (handled, &worker.dedup) {
-            (Some(event_id), Some(dedup)) => {
+        let end = move |worker: &Arc<Worker>| match mark {
+            Some((event_id, dedup)) => {
                 let w = worker.clone();
                 let after_mark = move |stored: Result<(), DedupError>| match stored {
                     Ok(()) => told(&w),
@@ -271,7 +271,7 @@ impl Worker {
                 };
                 dedup.mark_then(&worker.group_id, vec![event_id], Box::new(after_mark));
             }
-            _ => told(worker),
+            None => told(worker),
         };
         if records.is_empty() {
             end(self);
