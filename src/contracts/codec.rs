@@ -3,17 +3,15 @@
 //!
 //! Encoding goes through `schema_registry_converter` with the event's schema from the local
 //! catalog. Decoding is explicit: the header is parsed here so every malformed input gets its own
-//! error, writer schemas are cached by id (a registry outage after warm-up does not stop
-//! decoding), and the body is resolved from the writer schema to the local reader schema, so a
-//! consumer on v1 reads v2 data and the reverse, where the two are compatible.
+//! error, writer schemas come from [`super::writers`] (cached by id, fetched once), and the body
+//! is resolved from the writer schema to the local reader schema, so a consumer on v1 reads v2
+//! data and the reverse, where the two are compatible.
 //!
 //! When the writer schema is the reader's (the same canonical form: the usual case), the body
 //! is read straight into the typed event by `serde_avro_fast`, with no generic `Value` in between;
 //! any other writer goes through apache-avro's resolution. Both refuse bytes left over.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use apache_avro::reader::datum::GenericDatumReader;
@@ -28,9 +26,10 @@ use schema_registry_converter::schema_registry_common::{
 
 use super::catalog::{Catalog, EventSchema};
 use super::events::Event;
-use super::registry::{RegistryClient, RegistryError};
+use super::registry::RegistryClient;
 use super::subjects::{Naming, SubjectStrategy};
 use super::validate::ValidationError;
+use super::writers::{WriterSchema, WriterSchemas};
 
 /// The Confluent wire format's first byte.
 pub const MAGIC_BYTE: u8 = 0;
@@ -57,7 +56,8 @@ impl EncodeError {
 
 /// Why a record could not be turned into a typed event. Each malformed input has its own
 /// variant; only `RegistryUnavailable` is retryable, everything else is permanent.
-#[derive(Debug, thiserror::Error)]
+// Clone: every record waiting for one writer-schema fetch gets its error.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DecodeError {
     #[error("record has no value (a tombstone or an empty payload)")]
     Empty,
@@ -128,42 +128,6 @@ pub fn split_wire_format(payload: Option<&[u8]>) -> Result<(u32, &[u8]), DecodeE
     Ok((id, &payload[HEADER_LEN..]))
 }
 
-fn record_name(schema: &Schema) -> String {
-    match schema {
-        Schema::Record(record) => record.name.fullname(None),
-        other => format!("{:?}", apache_avro::schema::SchemaKind::from(other)),
-    }
-}
-
-/// A writer schema fetched once by id.
-struct WriterSchema {
-    schema: Schema,
-    name: String,
-    canonical: String,
-    /// The same schema for the direct path; `None` if that parser refuses it (the generic path
-    /// still reads it).
-    direct: Option<serde_avro_fast::Schema>,
-}
-
-impl WriterSchema {
-    fn new(id: u32, schema: Schema) -> WriterSchema {
-        let canonical = schema.canonical_form();
-        let direct = match canonical.parse::<serde_avro_fast::Schema>() {
-            Ok(direct) => Some(direct),
-            Err(e) => {
-                tracing::debug!("schema {id} is read by the generic decoder only: {e}");
-                None
-            }
-        };
-        WriterSchema {
-            name: record_name(&schema),
-            canonical,
-            schema,
-            direct,
-        }
-    }
-}
-
 /// The most items one array or map of a body may claim: a bound on the decoder's loop, far above
 /// what fits in a Kafka record (each item takes at least a byte in every orderflow contract).
 const MAX_ITEMS: usize = 1 << 20;
@@ -174,9 +138,7 @@ pub struct EventCodec {
     naming: Naming,
     encoder: AvroEncoder,
     registry: RegistryClient,
-    writers: RwLock<HashMap<u32, Arc<WriterSchema>>>,
-    cache_hits: AtomicU64,
-    cache_misses: AtomicU64,
+    writers: WriterSchemas,
 }
 
 impl EventCodec {
@@ -205,9 +167,7 @@ impl EventCodec {
             naming,
             encoder: AvroEncoder::new(settings),
             registry: RegistryClient::new(registry_url),
-            writers: RwLock::new(HashMap::new()),
-            cache_hits: AtomicU64::new(0),
-            cache_misses: AtomicU64::new(0),
+            writers: WriterSchemas::default(),
         })
     }
 
@@ -223,12 +183,10 @@ impl EventCodec {
         &self.registry
     }
 
-    /// Writer-schema lookups so far: (served from the cache, fetched from the registry).
+    /// Writer-schema lookups so far: (served from the cache or by a fetch already under way,
+    /// fetched from the registry).
     pub fn cache_lookups(&self) -> (u64, u64) {
-        (
-            self.cache_hits.load(Ordering::Relaxed),
-            self.cache_misses.load(Ordering::Relaxed),
-        )
+        self.writers.lookups()
     }
 
     fn local_schema<E: Event>(&self) -> Option<&EventSchema> {
@@ -271,50 +229,8 @@ impl EventCodec {
             id,
             detail: e.to_string(),
         })?;
-        self.cache_writer(id, schema);
+        self.writers.insert(id, schema);
         Ok(())
-    }
-
-    fn cache_writer(&self, id: u32, schema: Schema) -> Arc<WriterSchema> {
-        let writer = Arc::new(WriterSchema::new(id, schema));
-        self.writers
-            .write()
-            .expect("cache lock")
-            .insert(id, writer.clone());
-        writer
-    }
-
-    async fn writer_schema(&self, id: u32) -> Result<Arc<WriterSchema>, DecodeError> {
-        if let Some(found) = self.writers.read().expect("cache lock").get(&id) {
-            self.cache_hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(found.clone());
-        }
-        self.cache_misses.fetch_add(1, Ordering::Relaxed);
-        let text = match self.registry.schema_by_id(id).await {
-            Ok(Some(text)) => text,
-            Ok(None) => return Err(DecodeError::UnknownSchemaId { id }),
-            Err(e @ RegistryError::Refused { status: 404, .. }) => {
-                tracing::debug!("schema {id}: {e}");
-                return Err(DecodeError::UnknownSchemaId { id });
-            }
-            Err(e) if e.is_retryable() => {
-                return Err(DecodeError::RegistryUnavailable {
-                    id,
-                    detail: e.to_string(),
-                })
-            }
-            Err(e) => {
-                return Err(DecodeError::UnusableSchema {
-                    id,
-                    detail: e.to_string(),
-                })
-            }
-        };
-        let schema = Schema::parse_str(&text).map_err(|e| DecodeError::UnusableSchema {
-            id,
-            detail: e.to_string(),
-        })?;
-        Ok(self.cache_writer(id, schema))
     }
 
     /// Decodes a payload into the typed event `E`: wire header, writer schema by id (cached),
@@ -324,7 +240,7 @@ impl EventCodec {
         let reader = self
             .local_schema::<E>()
             .ok_or_else(|| DecodeError::NoReaderSchema(E::EVENT_TYPE.to_string()))?;
-        let writer = self.writer_schema(id).await?;
+        let writer = self.writers.get(id, &self.registry).await?;
         let incompatible = |detail: String| DecodeError::IncompatibleWriter {
             id,
             writer: writer.name.clone(),
@@ -362,7 +278,7 @@ impl EventCodec {
         payload: Option<&[u8]>,
     ) -> Result<(String, Value), DecodeError> {
         let (id, body) = split_wire_format(payload)?;
-        let writer = self.writer_schema(id).await?;
+        let writer = self.writers.get(id, &self.registry).await?;
         Ok((writer.name.clone(), decode_body(id, &writer, body)?))
     }
 }

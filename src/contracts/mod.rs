@@ -10,6 +10,7 @@ pub mod registry;
 pub mod status;
 pub mod subjects;
 pub mod validate;
+pub mod writers;
 
 pub use any::{AnyEvent, FromDataError, EVENT_TYPES};
 pub use catalog::{Catalog, CatalogError, EventSchema};
