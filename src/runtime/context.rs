@@ -20,8 +20,8 @@ pub const STATISTICS_INTERVAL_MS: &str = "5000";
 /// Partitions taken from or given to this consumer, for the engine.
 #[derive(Debug)]
 pub enum RebalanceEvent {
-    Revoked(Vec<(String, i32)>),
-    Assigned(Vec<(String, i32)>),
+    Revoked(Vec<(Arc<str>, i32)>),
+    Assigned(Vec<(Arc<str>, i32)>),
 }
 
 #[derive(Clone)]
@@ -52,14 +52,14 @@ impl MeteredContext {
 
     fn report(
         &self,
-        event: impl FnOnce(Vec<(String, i32)>) -> RebalanceEvent,
+        event: impl FnOnce(Vec<(Arc<str>, i32)>) -> RebalanceEvent,
         tpl: &TopicPartitionList,
     ) {
         if let Some(to) = &self.rebalances {
             let tps = tpl
                 .elements()
                 .iter()
-                .map(|e| (e.topic().to_string(), e.partition()))
+                .map(|e| (e.topic().into(), e.partition()))
                 .collect();
             let _ = to.send(event(tps));
         }

@@ -22,13 +22,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
 
 use super::context::{MeteredContext, RebalanceEvent};
 use super::gate::{self, Admission, GateRules, Source};
+use super::input::Input;
 use super::lanes::{LaneKey, Lanes};
 use super::offsets::OffsetWindow;
 use super::room::{self, Budget, Reading, Room};
@@ -39,18 +40,18 @@ use crate::kafka::headers::FailureContext;
 use crate::kafka::transactions::TransactionError;
 use crate::telemetry::ProcessorEvent;
 
-/// A partition of a subscribed topic.
-pub type TopicPartition = (String, i32);
+/// A partition of a subscribed topic (its name shared, not copied per record).
+pub type TopicPartition = (Arc<str>, i32);
 
 /// What a subscribed topic is to this pipeline.
 #[derive(Debug, Clone)]
 pub enum Role {
     Input {
-        event_type: String,
+        event_type: Arc<str>,
     },
     Retry {
-        input_topic: String,
-        event_type: String,
+        input_topic: Arc<str>,
+        event_type: Arc<str>,
         tier: usize,
     },
 }
@@ -102,7 +103,7 @@ struct PartitionState {
 pub struct Engine {
     pub worker: Arc<Worker>,
     pub consumer: Arc<StreamConsumer<MeteredContext>>,
-    pub roles: HashMap<String, Role>,
+    pub roles: HashMap<Arc<str>, Role>,
     pub limits: Limits,
     pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
     pub gate_rules: GateRules,
@@ -165,7 +166,11 @@ impl Engine {
                 _ = sleep_until(read_at), if read_at.is_some() => {}
                 message = self.consumer.recv(), if read_at.is_none() => match message {
                     Ok(message) => {
-                        let message = message.detach();
+                        let Some(topic) = self.roles.get_key_value(message.topic()).map(|(t, _)| t.clone()) else {
+                            tracing::error!(topic = message.topic(), "record from a topic this pipeline did not subscribe to");
+                            continue;
+                        };
+                        let message = Input::read(&message, topic);
                         // librdkafka ran any rebalance callback inside this recv, before the
                         // message: apply those first, so the message meets its new assignment.
                         while let Ok(event) = self.rebalances.try_recv() {
@@ -250,9 +255,9 @@ impl Engine {
     }
 
     /// A record read: through the gate, into its window and lane.
-    async fn admit(&self, s: &mut State, message: OwnedMessage) {
+    async fn admit(&self, s: &mut State, message: Input) {
         let (topic, partition, offset) = (
-            message.topic().to_string(),
+            message.shared_topic().clone(),
             message.partition(),
             message.offset(),
         );
@@ -275,8 +280,7 @@ impl Engine {
             offset,
         });
         let Some(role) = self.roles.get(&topic) else {
-            tracing::error!(%topic, "record from a topic this pipeline did not subscribe to");
-            return;
+            return; // read only from subscribed topics (checked as it is read)
         };
         let (event_type, input_topic, source, context) = match role {
             Role::Input { event_type } => (event_type, &topic, Source::Input, None),
@@ -293,7 +297,7 @@ impl Engine {
                     input_partitions: self
                         .worker
                         .partitions
-                        .get(input_topic)
+                        .get(&**input_topic)
                         .copied()
                         .unwrap_or(0),
                 },
@@ -331,7 +335,7 @@ impl Engine {
             admission,
             message,
         };
-        let key: LaneKey = job.message.key().map(<[u8]>::to_vec);
+        let key: LaneKey = job.message.shared_key();
         let queued = Queued { offset, bytes, job };
         if let Some(queued) = state.lanes.admit(key.clone(), queued) {
             let starts = Starts {

@@ -7,9 +7,10 @@
 //! bounds that).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
-/// A record's key; `None` for records without one.
-pub type LaneKey = Option<Vec<u8>>;
+/// A record's key (shared with the record, not copied); `None` for records without one.
+pub type LaneKey = Option<Arc<[u8]>>;
 
 #[derive(Debug)]
 pub struct Lanes<J> {
@@ -74,7 +75,7 @@ mod tests {
     use super::*;
 
     fn key(k: &str) -> LaneKey {
-        Some(k.as_bytes().to_vec())
+        Some(k.as_bytes().into())
     }
 
     #[test]

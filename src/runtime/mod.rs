@@ -3,7 +3,7 @@
 //!
 //! # Stages
 //! A record goes through these files in order; each opens with what it owns and must not do.
-//! - [`engine`]: reads records, keeps each partition's offset window and key lanes, pauses a
+//! - [`engine`]: reads records (as an [`input::Input`]), keeps each partition's offset window and key lanes, pauses a
 //!   partition when its window or an in-flight budget is full ([`room`]), handles rebalances, stores
 //!   offsets at the contiguous finished watermark (or hands them to the batch's transaction).
 //! - [`gate`]: the retry gate: run now, wait a moment in the lane, pause the partition until
@@ -30,6 +30,7 @@ pub mod context;
 pub mod dedup;
 pub mod engine;
 pub mod gate;
+pub mod input;
 pub mod lanes;
 pub mod monitor;
 pub mod offsets;
@@ -74,7 +75,7 @@ pub struct Processor {
     producer: writer::Producer,
     context: MeteredContext,
     telemetry: Telemetry,
-    roles: HashMap<String, Role>,
+    roles: HashMap<Arc<str>, Role>,
     dedup: Option<Arc<DedupStore>>,
     /// Exactly-once: outputs and offsets are committed in transactions.
     transactional: bool,
@@ -97,18 +98,18 @@ impl Processor {
             let input_topic = naming.topic(event_type);
             for tier in 1..=pipeline.retry.tiers.len() {
                 roles.insert(
-                    pipeline.retry_topic(&input_topic, tier),
+                    pipeline.retry_topic(&input_topic, tier).into(),
                     Role::Retry {
-                        input_topic: input_topic.clone(),
-                        event_type: event_type.clone(),
+                        input_topic: input_topic.as_str().into(),
+                        event_type: event_type.as_str().into(),
                         tier,
                     },
                 );
             }
             roles.insert(
-                input_topic,
+                input_topic.into(),
                 Role::Input {
-                    event_type: event_type.clone(),
+                    event_type: event_type.as_str().into(),
                 },
             );
         }
@@ -206,7 +207,7 @@ impl Processor {
             codec: self.codec.clone(),
         };
         let monitoring = tokio::spawn(monitor.run(MONITOR_EVERY, shutdown.clone()));
-        let topics: Vec<&str> = self.roles.keys().map(String::as_str).collect();
+        let topics: Vec<&str> = self.roles.keys().map(|t| &**t).collect();
         consumer.subscribe(&topics).context("subscribing")?;
         tracing::info!(
             pipeline = %self.pipeline.name,

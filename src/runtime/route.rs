@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
+
+use super::input::Input;
 
 use super::writer::OutRecord;
 use crate::failure::{ErrorClass, Failure, Route};
@@ -64,7 +66,7 @@ pub struct FailureRouting<'a> {
 impl FailureRouting<'_> {
     pub fn record(
         &self,
-        message: &OwnedMessage,
+        message: &Input,
         input_topic: &str,
         previous: Option<FailureContext>,
         class: ErrorClass,
@@ -143,14 +145,14 @@ mod tests {
         crate::pipeline::parse(std::path::Path::new("p.yaml"), text, &[]).unwrap()
     }
 
-    fn message(partition: i32) -> OwnedMessage {
-        OwnedMessage::new(
-            Some(b"payload".to_vec()),
-            Some(b"key".to_vec()),
-            "in".into(),
-            Timestamp::CreateTime(5),
+    fn message(partition: i32) -> Input {
+        Input::new(
+            "in",
             partition,
             42,
+            Timestamp::CreateTime(5),
+            Some(b"key"),
+            Some(b"payload"),
             None,
         )
     }

@@ -159,7 +159,7 @@ mod tests {
     fn a_batch_is_bounded_by_count_and_a_revoked_partition_leaves_it_whole() {
         let mut batch = Batch::default();
         assert!(batch.is_empty() && batch.deadline().is_none());
-        let (a, b) = (("in".to_string(), 0), ("in".to_string(), 1));
+        let (a, b) = (("in".into(), 0), ("in".into(), 1));
         batch.add(&a, 10, staged());
         batch.add(&a, 11, staged());
         batch.add(&b, 3, staged());

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
+
+use super::input::Input;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::claims::{Claim, Claimed, Claims};
@@ -86,9 +88,9 @@ pub struct Worker {
 
 /// One record, admitted by the gate (anything but a pause).
 pub struct Job {
-    pub message: OwnedMessage,
-    pub event_type: String,
-    pub input_topic: String,
+    pub message: Input,
+    pub event_type: Arc<str>,
+    pub input_topic: Arc<str>,
     pub admission: Admission,
 }
 
@@ -116,7 +118,7 @@ pub enum Finished {
 
 /// A record's outputs waiting for the batch's transaction.
 pub struct Staged {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub records: Vec<OutRecord>,
     pub ending: Ending,
     /// Held until the transaction commits and the mark is stored.
@@ -152,17 +154,17 @@ struct Processed {
 
 impl Worker {
     /// Runs one record to its end (see the module's comment).
-    pub async fn run(self: Arc<Self>, job: Job) -> Finished {
+    pub async fn run(self: Arc<Self>, mut job: Job) -> Finished {
         let unrecorded = self
             .unrecorded
             .clone()
             .acquire_owned()
             .await
             .expect("permits stay open");
-        let Some(processed) = self.process(&job).await else {
+        let Some(processed) = self.process(&mut job).await else {
             return Finished::Abandoned;
         };
-        self.finish(job.message.topic(), processed, unrecorded)
+        self.finish(job.message.shared_topic(), processed, unrecorded)
             .await
     }
 
@@ -176,7 +178,7 @@ impl Worker {
     /// permits taken are given back), to run as a task.
     ///
     /// [`DedupStore::seen_then`]: super::dedup::DedupStore::seen_then
-    pub fn try_inline<F>(self: &Arc<Self>, job: Job, on_end: F) -> Inline<F>
+    pub fn try_inline<F>(self: &Arc<Self>, mut job: Job, on_end: F) -> Inline<F>
     where
         F: FnOnce(Finished) + Send + 'static,
     {
@@ -197,7 +199,7 @@ impl Worker {
             Prepared::Ready(ready) => ready,
         };
         let Some(dedup) = self.dedup.clone() else {
-            let Some(processed) = self.complete(&job, ready, Ok(false)).now_or_never() else {
+            let Some(processed) = self.complete(&mut job, ready, Ok(false)).now_or_never() else {
                 return Inline::Declined(job, on_end);
             };
             self.conclude(&job, processed, unrecorded, on_end);
@@ -207,7 +209,7 @@ impl Worker {
         let (window, runtime) = (self.dedup_window(&dedup), self.runtime.clone());
         let after_seen = move |seen| {
             let mut completing = Box::pin(async move {
-                let processed = worker.complete(&job, ready, seen).await;
+                let processed = worker.complete(&mut job, ready, seen).await;
                 worker.conclude(&job, processed, unrecorded, on_end);
             });
             // A route never waits, but its permit may: then the rest runs as a task.
@@ -234,7 +236,7 @@ impl Worker {
             on_end(Finished::Abandoned);
             return;
         };
-        let topic = job.message.topic().to_string();
+        let topic = job.message.shared_topic().clone();
         if self.transactional {
             on_end(self.stage(&topic, processed));
             return;
@@ -302,7 +304,7 @@ impl Worker {
     /// exactly once, hand the records back for the batch's transaction.
     async fn finish(
         &self,
-        topic: &str,
+        topic: &Arc<str>,
         processed: Processed,
         _unrecorded: OwnedSemaphorePermit,
     ) -> Finished {
@@ -318,16 +320,16 @@ impl Worker {
         Finished::Written
     }
 
-    fn stage(&self, topic: &str, processed: Processed) -> Finished {
+    fn stage(&self, topic: &Arc<str>, processed: Processed) -> Finished {
         Finished::Staged(Staged {
-            topic: topic.to_string(),
+            topic: topic.clone(),
             records: processed.records,
             ending: processed.ending,
             claim: processed.claim,
         })
     }
 
-    async fn process(&self, job: &Job) -> Option<Processed> {
+    async fn process(&self, job: &mut Job) -> Option<Processed> {
         let ready = match self.prepare(job).await {
             Prepared::Ended(processed) => return Some(processed),
             Prepared::Ready(ready) => ready,
@@ -424,7 +426,7 @@ impl Worker {
     /// its outputs. None when stopping before the step started.
     async fn complete(
         &self,
-        job: &Job,
+        job: &mut Job,
         ready: Ready,
         seen: Result<bool, DedupError>,
     ) -> Option<Processed> {
@@ -436,7 +438,7 @@ impl Worker {
             started,
         } = ready;
         let result = self
-            .handle(&job.message, event, claim, context.as_ref(), seen)
+            .handle(&mut job.message, event, claim, context.as_ref(), seen)
             .await;
         self.handled(lateness, started);
         match result {
@@ -467,7 +469,7 @@ impl Worker {
 
     fn failed(
         &self,
-        message: &OwnedMessage,
+        message: &Input,
         input_topic: &str,
         context: Option<FailureContext>,
         class: ErrorClass,
@@ -505,7 +507,7 @@ impl Worker {
     /// The dedup check's answer, the step (transient failures retried in this lane), encode.
     async fn handle(
         &self,
-        message: &OwnedMessage,
+        message: &mut Input,
         event: AnyEvent,
         claim: Claim,
         context: Option<&FailureContext>,
@@ -559,18 +561,9 @@ impl Worker {
                     .map_err(|e| self.final_failure(tier, Failure::Encode(e)))?,
             );
         }
-        // One copy of the input's key and payload, shared by its copies.
-        let key: Option<Arc<[u8]>> = message.key().map(Arc::from);
-        let payload: Option<Arc<[u8]>> = message.payload().map(Arc::from);
-        for to in outcome.copies.iter() {
-            records.push(OutRecord {
-                topic: to.clone(),
-                partition: None,
-                key: key.clone(),
-                payload: payload.clone(),
-                headers: Some(writer::copy_headers(message.headers())),
-            });
-        }
+        // Last: it takes the input's headers, and nothing after it waits, so an inline attempt
+        // that gives up (and runs again as a task) still has them.
+        message.copy_to(&outcome.copies, &mut records);
         claim.succeeded();
         Ok(Processed {
             ending: Ending::Succeeded {

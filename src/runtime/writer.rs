@@ -75,11 +75,6 @@ impl OutRecord {
     }
 }
 
-/// Copies every header of a record: librdkafka's own copy, one call for the whole set.
-pub fn copy_headers(headers: Option<&OwnedHeaders>) -> OwnedHeaders {
-    headers.map_or_else(OwnedHeaders::new, OwnedHeaders::clone)
-}
-
 /// Offers a record to a future producer (the saga's), waiting while its queue is full; the
 /// returned delivery resolves with the ack. Errors other than a full queue are returned at
 /// once, the record's headers given back to it.
