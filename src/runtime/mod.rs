@@ -3,9 +3,10 @@
 //!
 //! # Stages
 //! A record goes through these files in order; each opens with what it owns and must not do.
-//! - [`engine`]: reads records (as an [`input::Input`]), keeps each partition's offset window and key lanes, pauses a
-//!   partition when its window or an in-flight budget is full ([`room`]), handles rebalances, stores
-//!   offsets at the contiguous finished watermark (or hands them to the batch's transaction).
+//! - [`engine`]: reads records (each an [`input::Input`]), keeps each partition's offset window
+//!   and key lanes, pauses a partition when its window or an in-flight budget is full
+//!   ([`room`]), handles rebalances, stores offsets at the contiguous finished watermark (or
+//!   hands them to the batch's transaction).
 //! - [`gate`]: the retry gate: run now, wait a moment in the lane, pause the partition until
 //!   due, or dead-letter a record whose failure headers cannot be trusted.
 //! - [`lanes`] and [`offsets`]: per-key order within a partition, and the watermark.

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use rdkafka::message::Message;
 
 use super::input::Input;
-
 use super::writer::OutRecord;
 use crate::failure::{ErrorClass, Failure, Route};
 use crate::kafka::headers::{self, truncate, FailureContext, MAX_ERROR_MESSAGE};

@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt as _;
 use rdkafka::message::Message;
-
-use super::input::Input;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::claims::{Claim, Claimed, Claims};
 use super::dedup::{DedupError, DedupStore};
 use super::gate::Admission;
+use super::input::Input;
 use super::route::{Ending, FailureRouting};
 use super::writer::{self, Acks, OutRecord, Refused};
 use crate::contracts::events::now_millis;
