@@ -13,7 +13,7 @@ use rdkafka::Timestamp;
 use super::writer::OutRecord;
 
 /// A record read from a subscribed topic.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Input {
     topic: Arc<str>,
     partition: i32,
