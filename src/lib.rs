@@ -6,7 +6,8 @@
 //! - [`contracts`]: the event contracts, knowing nothing of consumers or pipelines.
 //!   - [`contracts::catalog`]: the `.avsc` files of `avro/`, references expanded.
 //!   - [`contracts::events`] and [`contracts::validate`]: typed events and their rules.
-//!   - [`contracts::codec`]: Confluent wire format; validated encoding, classified decoding.
+//!   - [`contracts::codec`]: Confluent wire format; validated encoding, classified decoding;
+//!     [`contracts::writers`]: the writer schemas it decodes with, fetched once per id.
 //!   - [`contracts::registry`], [`contracts::compatibility`], [`contracts::subjects`]: the
 //!     registry's API, why a change breaks a rule, and topic/subject names.
 //!   - [`contracts::status`]: an order's status ([`contracts::OrderStatus`]), as stored and served.
@@ -21,8 +22,8 @@
 //! - [`intake`]: `POST /orders`: validated, remembered under its idempotency key, published, 202.
 //! - [`saga`]: the order saga: its files, its pure state machine, and the orchestrator that
 //!   commits each batch of inputs' commands, states and offsets in one transaction.
-//! - [`runtime`]: runs a pipeline; its stages are listed in its own `# Stages` (engine, gate,
-//!   lanes and offsets, work, route, transactions).
+//! - [`runtime`]: runs a pipeline; its stages are listed in its own `# Stages` (engine and the
+//!   input it reads, gate, lanes and offsets, work, route, transactions).
 //! - [`steps`]: what a pipeline does with one event (route, HTTP call, custom handler).
 //! - [`failure`]: the classification of every failure and the route it takes (retry now, a
 //!   retry tier, the dead-letter topic).
