@@ -53,6 +53,38 @@ fn record_name(schema: &Schema) -> String {
 /// while it runs; it ends with the schema (then cached) or the error they all get.
 type Fetch = Arc<tokio::sync::OnceCell<Result<Arc<WriterSchema>, DecodeError>>>;
 
+/// A lookup's hold on a fetch. When the lookup ends, answered or cancelled, the fetch leaves
+/// the map once it is over (a later miss, after an error, fetches again) or no other lookup
+/// waits for it: no id stays behind. A fetch cancelled with its caller is taken up by the next
+/// waiter (its cell stays empty).
+struct Waiting<'a> {
+    fetching: &'a Mutex<HashMap<u32, Fetch>>,
+    id: u32,
+    fetch: Option<Fetch>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut fetching = self.fetching.lock().expect("fetching lock");
+        let Some(ours) = self.fetch.take() else {
+            return;
+        };
+        let over = ours.initialized();
+        let in_map = fetching
+            .get(&self.id)
+            .filter(|f| Arc::ptr_eq(f, &ours))
+            .is_some();
+        // Released under the lock, so the count below sees every other waiter.
+        drop(ours);
+        let unwaited = fetching
+            .get(&self.id)
+            .is_some_and(|f| Arc::strong_count(f) == 1);
+        if in_map && (over || unwaited) {
+            fetching.remove(&self.id);
+        }
+    }
+}
+
 /// The writer schemas seen so far, and those being fetched.
 #[derive(Default)]
 pub struct WriterSchemas {
@@ -95,13 +127,18 @@ impl WriterSchemas {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(found.clone());
         }
-        let fetch = Fetch::clone(
-            self.fetching
-                .lock()
-                .expect("fetching lock")
-                .entry(id)
-                .or_default(),
-        );
+        let waiting = Waiting {
+            fetching: &self.fetching,
+            id,
+            fetch: Some(Fetch::clone(
+                self.fetching
+                    .lock()
+                    .expect("fetching lock")
+                    .entry(id)
+                    .or_default(),
+            )),
+        };
+        let fetch = waiting.fetch.as_ref().expect("held until dropped");
         let mut fetched_here = false;
         let result = fetch
             .get_or_init(|| {
@@ -113,12 +150,6 @@ impl WriterSchemas {
             .clone();
         if !fetched_here {
             self.hits.fetch_add(1, Ordering::Relaxed);
-        }
-        // Over: a later miss (after an error) fetches again. A fetch cancelled with its caller
-        // is taken up by the next waiter (the cell stays empty).
-        let mut fetching = self.fetching.lock().expect("fetching lock");
-        if fetching.get(&id).is_some_and(|f| Arc::ptr_eq(f, &fetch)) {
-            fetching.remove(&id);
         }
         result
     }
@@ -164,7 +195,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
-    /// A registry whose `GET /schemas/ids/{id}` counts its requests and answers after 100 ms,
+    /// A registry whose `GET /schemas/ids/{id}` counts its requests and answers after 300 ms,
     /// with order.created's schema while `known` is true, else 404.
     async fn slow_registry(
         known: Arc<std::sync::atomic::AtomicBool>,
@@ -186,7 +217,7 @@ mod tests {
                 let (schema, known) = (schema.clone(), known.load(Ordering::SeqCst));
                 async move {
                     // Long enough for every lookup below to miss the cache while it runs.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(300)).await;
                     if known {
                         (
                             axum::http::StatusCode::OK,
@@ -256,6 +287,41 @@ mod tests {
             1,
             "then served from the cache"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_cancelled_mid_fetch_leaves_nothing_behind() {
+        let (url, requests) = slow_registry(Arc::new(true.into())).await;
+        let shared = schemas(&url);
+        let lookup = {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let (schemas, registry) = &*shared;
+                schemas.get(7, registry).await.map(|_| ())
+            })
+        };
+        // Cancelled once the registry has the request (it answers 300 ms later).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while requests.load(Ordering::SeqCst) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the fetch never started"
+            );
+            tokio::task::yield_now().await;
+        }
+        lookup.abort();
+        assert!(lookup.await.unwrap_err().is_cancelled());
+        let (schemas, registry) = &*shared;
+        assert!(
+            schemas.fetching.lock().unwrap().is_empty(),
+            "no id left behind"
+        );
+        schemas
+            .get(7, registry)
+            .await
+            .expect("a later lookup fetches it");
+        assert_eq!(requests.load(Ordering::SeqCst), 2);
+        assert!(schemas.fetching.lock().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
