@@ -8,6 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use futures::future::{BoxFuture, FutureExt, Shared};
+
 use apache_avro::Schema;
 
 use super::codec::DecodeError;
@@ -50,48 +52,20 @@ fn record_name(schema: &Schema) -> String {
 }
 
 /// One writer schema's fetch from the registry, awaited by every lookup that missed the cache
-/// while it runs; it ends with the schema (then cached) or the error they all get.
-type Fetch = Arc<tokio::sync::OnceCell<Result<Arc<WriterSchema>, DecodeError>>>;
+/// while it runs: a task of its own, so a lookup that gives up (an inline attempt, a revoked
+/// record) does not cancel it for the others. It ends with the schema (then cached) or the
+/// error they all get.
+type Fetch = Shared<BoxFuture<'static, Result<Arc<WriterSchema>, DecodeError>>>;
 
-/// A lookup's hold on a fetch. When the lookup ends, answered or cancelled, the fetch leaves
-/// the map once it is over (a later miss, after an error, fetches again) or no other lookup
-/// waits for it: no id stays behind. A fetch cancelled with its caller is taken up by the next
-/// waiter (its cell stays empty).
-struct Waiting<'a> {
-    fetching: &'a Mutex<HashMap<u32, Fetch>>,
-    id: u32,
-    fetch: Option<Fetch>,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        let mut fetching = self.fetching.lock().expect("fetching lock");
-        let Some(ours) = self.fetch.take() else {
-            return;
-        };
-        let over = ours.initialized();
-        let in_map = fetching
-            .get(&self.id)
-            .filter(|f| Arc::ptr_eq(f, &ours))
-            .is_some();
-        // Released under the lock, so the count below sees every other waiter.
-        drop(ours);
-        let unwaited = fetching
-            .get(&self.id)
-            .is_some_and(|f| Arc::strong_count(f) == 1);
-        if in_map && (over || unwaited) {
-            fetching.remove(&self.id);
-        }
-    }
-}
+type Cache = Arc<RwLock<HashMap<u32, Arc<WriterSchema>>>>;
 
 /// The writer schemas seen so far, and those being fetched.
 #[derive(Default)]
 pub struct WriterSchemas {
-    cached: RwLock<HashMap<u32, Arc<WriterSchema>>>,
+    cached: Cache,
     /// Fetches under way, by schema id: a backlog of records with a new writer schema makes one
-    /// request, not one per record.
-    fetching: Mutex<HashMap<u32, Fetch>>,
+    /// request, not one per record. A fetch takes itself out when it ends.
+    fetching: Arc<Mutex<HashMap<u32, Fetch>>>,
     hits: AtomicU64,
     misses: AtomicU64,
 }
@@ -108,16 +82,11 @@ impl WriterSchemas {
 
     /// Caches `schema` under `id`.
     pub fn insert(&self, id: u32, schema: Schema) -> Arc<WriterSchema> {
-        let writer = Arc::new(WriterSchema::new(id, schema));
-        self.cached
-            .write()
-            .expect("cache lock")
-            .insert(id, writer.clone());
-        writer
+        cache(&self.cached, id, schema)
     }
 
     /// The writer schema `id`, from the cache or fetched from `registry` once for every lookup
-    /// waiting for it.
+    /// waiting for it. Needs a tokio runtime (the fetch is a task).
     pub async fn get(
         &self,
         id: u32,
@@ -127,65 +96,101 @@ impl WriterSchemas {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(found.clone());
         }
-        let waiting = Waiting {
-            fetching: &self.fetching,
-            id,
-            fetch: Some(Fetch::clone(
-                self.fetching
-                    .lock()
-                    .expect("fetching lock")
-                    .entry(id)
-                    .or_default(),
-            )),
+        let fetch = {
+            let mut fetching = self.fetching.lock().expect("fetching lock");
+            // Looked at again under the lock: a fetch caches before it takes itself out.
+            if let Some(found) = self.cached.read().expect("cache lock").get(&id) {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(found.clone());
+            }
+            match fetching.get(&id) {
+                Some(fetch) => {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    fetch.clone()
+                }
+                None => {
+                    self.misses.fetch_add(1, Ordering::Relaxed);
+                    let fetch = self.start_fetch(id, registry.clone());
+                    fetching.insert(id, fetch.clone());
+                    fetch
+                }
+            }
         };
-        let fetch = waiting.fetch.as_ref().expect("held until dropped");
-        let mut fetched_here = false;
-        let result = fetch
-            .get_or_init(|| {
-                fetched_here = true;
-                self.misses.fetch_add(1, Ordering::Relaxed);
-                self.fetch(id, registry)
-            })
-            .await
-            .clone();
-        if !fetched_here {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        fetch.await
     }
 
-    /// Fetches, parses and caches the writer schema `id`.
-    async fn fetch(
-        &self,
-        id: u32,
-        registry: &RegistryClient,
-    ) -> Result<Arc<WriterSchema>, DecodeError> {
-        let text = match registry.schema_by_id(id).await {
-            Ok(Some(text)) => text,
-            Ok(None) => return Err(DecodeError::UnknownSchemaId { id }),
-            Err(e @ RegistryError::Refused { status: 404, .. }) => {
-                tracing::debug!("schema {id}: {e}");
-                return Err(DecodeError::UnknownSchemaId { id });
-            }
-            Err(e) if e.is_retryable() => {
-                return Err(DecodeError::RegistryUnavailable {
+    /// Starts fetching `id` as a task that caches the schema, then takes itself out of
+    /// `fetching` (also when it fails or panics), so a later miss after an error fetches again.
+    fn start_fetch(&self, id: u32, registry: RegistryClient) -> Fetch {
+        let (cached, fetching) = (self.cached.clone(), self.fetching.clone());
+        let task = tokio::spawn(async move {
+            let _out = TakenOut { fetching, id };
+            let schema = fetch(id, &registry).await?;
+            Ok(cache(&cached, id, schema))
+        });
+        async move {
+            task.await.unwrap_or_else(|e| {
+                Err(DecodeError::RegistryUnavailable {
                     id,
-                    detail: e.to_string(),
+                    detail: format!("the fetch of the schema stopped: {e}"),
                 })
-            }
-            Err(e) => {
-                return Err(DecodeError::UnusableSchema {
-                    id,
-                    detail: e.to_string(),
-                })
-            }
-        };
-        let schema = Schema::parse_str(&text).map_err(|e| DecodeError::UnusableSchema {
-            id,
-            detail: e.to_string(),
-        })?;
-        Ok(self.insert(id, schema))
+            })
+        }
+        .boxed()
+        .shared()
     }
+}
+
+/// Takes a fetch out of the fetches under way when its task ends, however it ends.
+struct TakenOut {
+    fetching: Arc<Mutex<HashMap<u32, Fetch>>>,
+    id: u32,
+}
+
+impl Drop for TakenOut {
+    fn drop(&mut self) {
+        // A poisoned lock (a panic elsewhere while holding it) still holds a usable map.
+        let mut fetching = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        fetching.remove(&self.id);
+    }
+}
+
+fn cache(cached: &Cache, id: u32, schema: Schema) -> Arc<WriterSchema> {
+    let writer = Arc::new(WriterSchema::new(id, schema));
+    cached
+        .write()
+        .expect("cache lock")
+        .insert(id, writer.clone());
+    writer
+}
+
+/// Fetches and parses the writer schema `id`.
+async fn fetch(id: u32, registry: &RegistryClient) -> Result<Schema, DecodeError> {
+    let text = match registry.schema_by_id(id).await {
+        Ok(Some(text)) => text,
+        Ok(None) => return Err(DecodeError::UnknownSchemaId { id }),
+        Err(e @ RegistryError::Refused { status: 404, .. }) => {
+            tracing::debug!("schema {id}: {e}");
+            return Err(DecodeError::UnknownSchemaId { id });
+        }
+        Err(e) if e.is_retryable() => {
+            return Err(DecodeError::RegistryUnavailable {
+                id,
+                detail: e.to_string(),
+            })
+        }
+        Err(e) => {
+            return Err(DecodeError::UnusableSchema {
+                id,
+                detail: e.to_string(),
+            })
+        }
+    };
+    let schema = Schema::parse_str(&text).map_err(|e| DecodeError::UnusableSchema {
+        id,
+        detail: e.to_string(),
+    })?;
+    Ok(schema)
 }
 
 #[cfg(test)]
@@ -290,7 +295,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_lookup_cancelled_mid_fetch_leaves_nothing_behind() {
+    async fn a_lookup_cancelled_mid_fetch_leaves_the_fetch_to_the_others() {
         let (url, requests) = slow_registry(Arc::new(true.into())).await;
         let shared = schemas(&url);
         let lookup = {
@@ -312,16 +317,16 @@ mod tests {
         lookup.abort();
         assert!(lookup.await.unwrap_err().is_cancelled());
         let (schemas, registry) = &*shared;
+        schemas
+            .get(7, registry)
+            .await
+            .expect("answered by the same fetch");
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "one request in all");
+        assert_eq!(schemas.lookups(), (1, 1));
         assert!(
             schemas.fetching.lock().unwrap().is_empty(),
             "no id left behind"
         );
-        schemas
-            .get(7, registry)
-            .await
-            .expect("a later lookup fetches it");
-        assert_eq!(requests.load(Ordering::SeqCst), 2);
-        assert!(schemas.fetching.lock().unwrap().is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
