@@ -166,17 +166,17 @@ impl Engine {
                 _ = sleep_until(read_at), if read_at.is_some() => {}
                 message = self.consumer.recv(), if read_at.is_none() => match message {
                     Ok(message) => {
-                        let Some(topic) = self.roles.get_key_value(message.topic()).map(|(t, _)| t.clone()) else {
+                        let Some((topic, role)) = self.roles.get_key_value(message.topic()) else {
                             tracing::error!(topic = message.topic(), "record from a topic this pipeline did not subscribe to");
                             continue;
                         };
-                        let message = Input::read(&message, topic);
+                        let message = Input::read(&message, topic.clone());
                         // librdkafka ran any rebalance callback inside this recv, before the
                         // message: apply those first, so the message meets its new assignment.
                         while let Ok(event) = self.rebalances.try_recv() {
                             self.rebalanced(&mut s, event);
                         }
-                        self.admit(&mut s, message).await;
+                        self.admit(&mut s, message, role).await;
                     }
                     Err(e) => {
                         // A fatal error (e.g. fenced: another member took this static id) stops
@@ -254,8 +254,8 @@ impl Engine {
         .await?
     }
 
-    /// A record read: through the gate, into its window and lane.
-    async fn admit(&self, s: &mut State, message: Input) {
+    /// A record read from a topic of `role`: through the gate, into its window and lane.
+    async fn admit(&self, s: &mut State, message: Input, role: &Role) {
         let (topic, partition, offset) = (
             message.shared_topic().clone(),
             message.partition(),
@@ -279,9 +279,6 @@ impl Engine {
             partition,
             offset,
         });
-        let Some(role) = self.roles.get(&topic) else {
-            return; // read only from subscribed topics (checked as it is read)
-        };
         let (event_type, input_topic, source, context) = match role {
             Role::Input { event_type } => (event_type, &topic, Source::Input, None),
             Role::Retry {
