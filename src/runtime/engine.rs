@@ -21,8 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures::{FutureExt as _, StreamExt as _};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::task::AbortHandle;
@@ -31,7 +33,7 @@ use super::context::{MeteredContext, RebalanceEvent};
 use super::gate::{self, Admission, GateRules, Source};
 use super::input::Input;
 use super::lanes::{LaneKey, Lanes};
-use super::offsets::OffsetWindow;
+use super::offsets::{OffsetWindow, Unstored};
 use super::room::{self, Budget, Reading, Room};
 use super::transactions::Batch;
 use super::work::{Finished, Inline, Job, Staged, Worker};
@@ -39,6 +41,12 @@ use crate::contracts::events::now_millis;
 use crate::kafka::headers::FailureContext;
 use crate::kafka::transactions::TransactionError;
 use crate::telemetry::ProcessorEvent;
+
+/// Records read, at most, in one turn of the engine's loop when they are already fetched:
+/// the loop's own cost (its branches looked at, their wakers set) is paid once for them all.
+const READ_PER_TURN: usize = 64;
+/// Ends of records taken, at most, in one turn; their watermarks are stored together.
+const DONE_PER_TURN: usize = 256;
 
 /// A partition of a subscribed topic (its name shared, not copied per record).
 pub type TopicPartition = (Arc<str>, i32);
@@ -120,6 +128,8 @@ struct State {
     done_tx: mpsc::UnboundedSender<Done>,
     resume_tx: mpsc::UnboundedSender<(TopicPartition, u64)>,
     batch: Batch,
+    /// At least once: watermarks reached this turn, stored at its end.
+    unstored: Unstored<TopicPartition>,
     /// Stopping: records already running finish, none starts.
     draining: bool,
 }
@@ -139,9 +149,13 @@ impl Engine {
             done_tx,
             resume_tx,
             batch: Batch::default(),
+            unstored: Unstored::default(),
             draining: false,
         };
         let transactional = self.worker.transactional;
+        // One stream for the whole run: a stream per record would register a waker each time.
+        let consumer = self.consumer.clone();
+        let mut messages = consumer.stream();
         while !*shutdown.borrow() {
             let commit_at = s.batch.deadline();
             let read_at = s
@@ -154,6 +168,14 @@ impl Engine {
                 Some(event) = self.rebalances.recv() => self.rebalanced(&mut s, event),
                 Some(done) = done_rx.recv() => {
                     self.finished(&mut s, done);
+                    for _ in 1..DONE_PER_TURN {
+                        if s.batch.is_full() {
+                            break;
+                        }
+                        let Ok(done) = done_rx.try_recv() else { break };
+                        self.finished(&mut s, done);
+                    }
+                    self.store_watermarks(&mut s);
                     if s.batch.is_full() {
                         self.commit_batch(&mut s).await?;
                     }
@@ -164,33 +186,57 @@ impl Engine {
                 Some((tp, generation)) = resume_rx.recv() => self.resume_due(&mut s, tp, generation).await,
                 // The budget stayed full this long: read again (and pause what is read from).
                 _ = sleep_until(read_at), if read_at.is_some() => {}
-                message = self.consumer.recv(), if read_at.is_none() => match message {
-                    Ok(message) => {
-                        let Some((topic, role)) = self.roles.get_key_value(message.topic()) else {
-                            tracing::error!(topic = message.topic(), "record from a topic this pipeline did not subscribe to");
-                            continue;
-                        };
-                        let message = Input::read(&message, topic.clone());
-                        // librdkafka ran any rebalance callback inside this recv, before the
-                        // message: apply those first, so the message meets its new assignment.
-                        while let Ok(event) = self.rebalances.try_recv() {
-                            self.rebalanced(&mut s, event);
+                Some(message) = messages.next(), if read_at.is_none() => {
+                    self.read(&mut s, message).await?;
+                    // Already fetched ones too, while there is room (looked at before each).
+                    for _ in 1..READ_PER_TURN {
+                        if *shutdown.borrow() || s.reading.wait(&s.room, &self.limits.budget, std::time::Instant::now).is_some() {
+                            break;
                         }
-                        self.admit(&mut s, message, role).await;
+                        let Some(Some(message)) = messages.next().now_or_never() else { break };
+                        self.read(&mut s, message).await?;
                     }
-                    Err(e) => {
-                        // A fatal error (e.g. fenced: another member took this static id) stops
-                        // the consumer for good: end the processor so its process restarts,
-                        // rather than look alive while reading nothing.
-                        if let Some((code, reason)) = self.consumer.client().fatal_error() {
-                            anyhow::bail!("the consumer stopped with a fatal error ({code:?}): {reason}");
-                        }
-                        tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}");
-                    }
-                },
+                }
             }
         }
+        drop(messages);
         self.drain(&mut s, &mut done_rx).await?;
+        Ok(())
+    }
+
+    /// A record read (or the consumer's error): into its window and lane.
+    async fn read(
+        &mut self,
+        s: &mut State,
+        message: KafkaResult<BorrowedMessage<'_>>,
+    ) -> anyhow::Result<()> {
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                // A fatal error (e.g. fenced: another member took this static id) stops the
+                // consumer for good: end the processor so its process restarts, rather than
+                // look alive while reading nothing.
+                if let Some((code, reason)) = self.consumer.client().fatal_error() {
+                    anyhow::bail!("the consumer stopped with a fatal error ({code:?}): {reason}");
+                }
+                tracing::warn!(pipeline = %self.worker.pipeline.name, "consumer error: {e}");
+                return Ok(());
+            }
+        };
+        // librdkafka ran any rebalance callback inside this read, before the message: apply
+        // those first, so the message meets its new assignment.
+        while let Ok(event) = self.rebalances.try_recv() {
+            self.rebalanced(s, event);
+        }
+        let Some((topic, role)) = self.roles.get_key_value(message.topic()) else {
+            tracing::error!(
+                topic = message.topic(),
+                "record from a topic this pipeline did not subscribe to"
+            );
+            return Ok(());
+        };
+        let message = Input::read(&message, topic.clone());
+        self.admit(s, message, role).await;
         Ok(())
     }
 
@@ -212,7 +258,10 @@ impl Engine {
             tokio::select! {
                 biased;
                 Some(event) = self.rebalances.recv() => self.rebalanced(s, event),
-                Some(done) = done_rx.recv() => self.finished(s, done),
+                Some(done) = done_rx.recv() => {
+                    self.finished(s, done);
+                    self.store_watermarks(s);
+                }
                 _ = tokio::time::sleep_until(until) => {
                     let unfinished: usize = s.partitions.values().map(|p| p.window.len()).sum();
                     tracing::warn!(
@@ -394,11 +443,28 @@ impl Engine {
                 s.batch
                     .add(&done.tp, offset, staged.expect("exactly once stages"));
             }
-        } else if let Err(e) = self.consumer.store_offset(&done.tp.0, done.tp.1, last) {
-            // Revoked meanwhile: its new owner reads these records again.
-            tracing::warn!(topic = %done.tp.0, partition = done.tp.1, offset = last, "offset not stored: {e}");
+        } else {
+            s.unstored.note(done.tp, last);
         }
         self.resume_if_room(s);
+    }
+
+    /// Stores the watermarks reached this turn, all in one call (the next offset to read of
+    /// each: one past its last finished record).
+    fn store_watermarks(&self, s: &mut State) {
+        if s.unstored.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), last) in s.unstored.take() {
+            if let Err(e) = list.add_partition_offset(&topic, partition, Offset::Offset(last + 1)) {
+                tracing::error!(%topic, partition, offset = last, "offset not stored: {e}");
+            }
+        }
+        if let Err(e) = self.consumer.store_offsets(&list) {
+            // Revoked meanwhile: its new owner reads these records again.
+            tracing::warn!("offsets not stored: {e}");
+        }
     }
 
     /// Resumes partitions paused for room once they and the budgets have room again.
@@ -475,6 +541,7 @@ impl Engine {
     /// Drops a partition's records in flight: their tasks stop, their offsets stay where they
     /// are, their staged outputs are never written.
     fn abandon(&self, s: &mut State, tp: &TopicPartition, state: PartitionState) {
+        s.unstored.forget(tp);
         for task in state.tasks.values().flatten() {
             task.abort();
         }

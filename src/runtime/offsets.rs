@@ -4,7 +4,7 @@
 //! Invariant: [`OffsetWindow::take_finished`] hands out a record only when every record taken
 //! before it is finished too, so an offset stored from it never passes unfinished work. It
 //! owns no Kafka client and never stores an offset itself: the engine does, with what it
-//! returns.
+//! returns, gathered per turn in [`Unstored`] (one store for many finished records).
 
 use std::collections::VecDeque;
 
@@ -59,15 +59,27 @@ impl<T> OffsetWindow<T> {
     /// Marks a record finished, with what it leaves behind.
     pub fn finish(&mut self, offset: i64, value: T) -> Result<(), WindowError> {
         let index = self
-            .entries
-            .binary_search_by_key(&offset, |e| e.offset)
-            .map_err(|_| WindowError::Unknown { offset })?;
+            .index_of(offset)
+            .ok_or(WindowError::Unknown { offset })?;
         let entry = &mut self.entries[index];
         if entry.finished.is_some() {
             return Err(WindowError::Unknown { offset });
         }
         entry.finished = Some(value);
         Ok(())
+    }
+
+    /// Where `offset` is. Offsets usually follow one another, so its distance from the first
+    /// is its place; a gap (compaction, transaction markers) puts it earlier: then a search.
+    fn index_of(&self, offset: i64) -> Option<usize> {
+        let first = self.entries.front()?.offset;
+        let guess = usize::try_from(offset.checked_sub(first)?).ok()?;
+        if self.entries.get(guess).is_some_and(|e| e.offset == offset) {
+            return Some(guess);
+        }
+        self.entries
+            .binary_search_by_key(&offset, |e| e.offset)
+            .ok()
     }
 
     /// Removes and returns the finished records that no unfinished record precedes, in order.
@@ -93,6 +105,47 @@ impl<T> OffsetWindow<T> {
     /// The oldest record not yet handed out (where a new owner would start reading).
     pub fn first_offset(&self) -> Option<i64> {
         self.entries.front().map(|e| e.offset)
+    }
+}
+
+/// Watermarks reached and not stored yet, the newest per partition: the engine stores them
+/// together once per turn (a call per finished record cost more than the rest of its
+/// bookkeeping), and forgets a partition's when it loses the partition.
+#[derive(Debug)]
+pub struct Unstored<P> {
+    watermarks: Vec<(P, i64)>,
+}
+
+impl<P> Default for Unstored<P> {
+    fn default() -> Self {
+        Unstored {
+            watermarks: Vec::new(),
+        }
+    }
+}
+
+impl<P: PartialEq> Unstored<P> {
+    /// `partition`'s records up to `offset` are finished.
+    pub fn note(&mut self, partition: P, offset: i64) {
+        // A turn touches few partitions: a scan beats a hash.
+        match self.watermarks.iter_mut().find(|(p, _)| *p == partition) {
+            Some((_, last)) => *last = (*last).max(offset),
+            None => self.watermarks.push((partition, offset)),
+        }
+    }
+
+    /// `partition` is no longer this consumer's: its watermark must not be stored.
+    pub fn forget(&mut self, partition: &P) {
+        self.watermarks.retain(|(p, _)| p != partition);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watermarks.is_empty()
+    }
+
+    /// The watermarks to store, each partition's once; none are left.
+    pub fn take(&mut self) -> Vec<(P, i64)> {
+        std::mem::take(&mut self.watermarks)
     }
 }
 
@@ -129,6 +182,36 @@ mod tests {
         w.finish(9, ()).unwrap();
         assert_eq!(w.finish(9, ()), Err(WindowError::Unknown { offset: 9 }));
         assert_eq!(w.first_offset(), Some(5));
+    }
+
+    #[test]
+    fn a_record_after_a_gap_is_found() {
+        let mut w = OffsetWindow::default();
+        for offset in [3, 4, 7, 8, 20] {
+            w.push(offset).unwrap();
+        }
+        // 7 is not at 7 - 3 = 4 (20 is): the gap sends it to the search.
+        for (offset, value) in [(20, 'e'), (7, 'c'), (8, 'd'), (3, 'a'), (4, 'b')] {
+            w.finish(offset, value).unwrap();
+        }
+        assert_eq!(w.finish(5, 'x'), Err(WindowError::Unknown { offset: 5 }));
+        assert_eq!(w.finish(2, 'x'), Err(WindowError::Unknown { offset: 2 }));
+        assert_eq!(w.finish(99, 'x'), Err(WindowError::Unknown { offset: 99 }));
+        let taken: Vec<char> = w.take_finished().into_iter().map(|(_, v)| v).collect();
+        assert_eq!(taken, vec!['a', 'b', 'c', 'd', 'e']);
+    }
+
+    #[test]
+    fn unstored_keeps_the_newest_watermark_per_partition_and_forgets_lost_ones() {
+        let mut u = Unstored::default();
+        u.note("a", 5);
+        u.note("b", 2);
+        u.note("a", 9);
+        u.note("a", 7); // never backwards
+        u.note("c", 1);
+        u.forget(&"c");
+        assert_eq!(u.take(), vec![("a", 9), ("b", 2)]);
+        assert!(u.is_empty(), "taken once");
     }
 
     #[test]
