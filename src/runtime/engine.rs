@@ -27,16 +27,16 @@ use rdkafka::error::KafkaResult;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
-use tokio::task::AbortHandle;
 
 use super::context::{MeteredContext, RebalanceEvent};
 use super::gate::{self, Admission, GateRules, Source};
 use super::input::Input;
-use super::lanes::{LaneKey, Lanes};
-use super::offsets::{OffsetWindow, Unstored};
+use super::lanes::LaneKey;
+use super::offsets::Unstored;
+use super::partition::{Done, PartitionState, Queued, Starts};
 use super::room::{self, Budget, Reading, Room};
 use super::transactions::Batch;
-use super::work::{Finished, Inline, Job, Staged, Worker};
+use super::work::{Finished, Job, Staged, Worker};
 use crate::contracts::events::now_millis;
 use crate::kafka::headers::FailureContext;
 use crate::kafka::transactions::TransactionError;
@@ -71,41 +71,6 @@ pub struct Limits {
     pub budget: Budget,
     /// Longest a graceful stop waits for records in flight.
     pub drain_timeout: Duration,
-}
-
-/// A record's task has ended.
-struct Done {
-    tp: TopicPartition,
-    generation: u64,
-    offset: i64,
-    key: LaneKey,
-    /// Its input's weight against the byte budget.
-    bytes: usize,
-    finished: Finished,
-}
-
-/// A record in its key's lane.
-struct Queued {
-    offset: i64,
-    bytes: usize,
-    job: Job,
-}
-
-/// One assigned partition's records in flight. A new state (a new generation) starts after a
-/// revoke or a reset, so the end of an abandoned task is recognised and ignored.
-struct PartitionState {
-    generation: u64,
-    window: OffsetWindow<Option<Staged>>,
-    lanes: Lanes<Queued>,
-    /// Records started: their task (aborted if the partition is abandoned), or none when it
-    /// runs without one (its writes and mark then finish, unheeded).
-    tasks: HashMap<i64, Option<AbortHandle>>,
-    /// Bytes of its records whose tasks have not ended (waiting in a lane or running).
-    bytes: usize,
-    /// Offset of a retry record not due yet: the partition is rewound to it and paused.
-    retry_pause: Option<i64>,
-    /// Paused because its window or the budget was full.
-    room_paused: bool,
 }
 
 pub struct Engine {
@@ -315,7 +280,7 @@ impl Engine {
         let state = s
             .partitions
             .entry(tp.clone())
-            .or_insert_with(|| new_state(generation));
+            .or_insert_with(|| PartitionState::new(generation));
         if let Some(head) = state.retry_pause {
             // Fetched before the pause took effect: it is read again after the waiting record.
             if offset >= head {
@@ -649,55 +614,6 @@ impl Engine {
         if let Err(e) = self.consumer.resume(&tpl) {
             tracing::debug!(topic = %tp.0, partition = tp.1, "resume: {e}");
         }
-    }
-}
-
-fn new_state(next_generation: &mut u64) -> PartitionState {
-    *next_generation += 1;
-    PartitionState {
-        generation: *next_generation,
-        window: OffsetWindow::default(),
-        lanes: Lanes::default(),
-        tasks: HashMap::new(),
-        bytes: 0,
-        retry_pause: None,
-        room_paused: false,
-    }
-}
-
-/// Where started records go: run on the engine's task, or as tasks of their own.
-struct Starts<'a> {
-    worker: &'a Arc<Worker>,
-    done_tx: &'a mpsc::UnboundedSender<Done>,
-}
-
-impl Starts<'_> {
-    /// Starts a record: without a task of its own when only the dedup store and the producer
-    /// make it wait ([`Worker::try_inline`]), else as a task of its own. Its end comes back as a
-    /// [`Done`].
-    fn start(&self, tp: &TopicPartition, state: &mut PartitionState, key: LaneKey, queued: Queued) {
-        let Queued { offset, bytes, job } = queued;
-        let (tp_owned, generation, done_tx) = (tp.clone(), state.generation, self.done_tx.clone());
-        let on_end = move |finished| {
-            let _ = done_tx.send(Done {
-                tp: tp_owned,
-                generation,
-                offset,
-                key,
-                bytes,
-                finished,
-            });
-        };
-        let (job, on_end) = match self.worker.try_inline(job, on_end) {
-            Inline::Started => {
-                state.tasks.insert(offset, None);
-                return;
-            }
-            Inline::Declined(job, on_end) => (job, on_end),
-        };
-        let worker = self.worker.clone();
-        let task = tokio::spawn(async move { on_end(worker.run(job).await) });
-        state.tasks.insert(offset, Some(task.abort_handle()));
     }
 }
 

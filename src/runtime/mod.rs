@@ -6,7 +6,10 @@
 //! - [`engine`]: reads records (each an [`input::Input`]), keeps each partition's offset window
 //!   and key lanes, pauses a partition when its window or an in-flight budget is full
 //!   ([`room`]), handles rebalances, stores offsets at the contiguous finished watermark (or
-//!   hands them to the batch's transaction).
+//!   hands them to the batch's transaction). Each turn of its loop takes the records already
+//!   fetched and the record ends already reported, up to a bound, and stores the turn's
+//!   watermarks in one call. `partition` holds one partition's records in flight and starts
+//!   each record (on the engine's task or as a task of its own).
 //! - [`gate`]: the retry gate: run now, wait a moment in the lane, pause the partition until
 //!   due, or dead-letter a record whose failure headers cannot be trusted.
 //! - [`lanes`] and [`offsets`]: per-key order within a partition, and the watermark.
@@ -35,6 +38,7 @@ pub mod input;
 pub mod lanes;
 pub mod monitor;
 pub mod offsets;
+mod partition;
 pub mod room;
 pub mod route;
 pub mod transactions;
