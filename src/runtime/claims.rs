@@ -29,7 +29,8 @@ struct Held {
 /// The ids in flight; cheap to clone and share between tasks.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
-    inner: Arc<Mutex<HashMap<Uuid, Held>>>,
+    /// foldhash (seeded per process): a claim and its release hash the id twice per record.
+    inner: Arc<Mutex<HashMap<Uuid, Held, foldhash::quality::RandomState>>>,
 }
 
 /// The right to run one event id's step; dropping it without [`Claim::succeeded`] (a failure,

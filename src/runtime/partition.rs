@@ -42,7 +42,7 @@ pub(super) struct PartitionState {
     pub(super) lanes: Lanes<Queued>,
     /// Records started: their task (aborted if the partition is abandoned), or none when it
     /// runs without one (its writes and mark then finish, unheeded).
-    pub(super) tasks: HashMap<i64, Option<AbortHandle>>,
+    pub(super) tasks: HashMap<i64, Option<AbortHandle>, foldhash::fast::RandomState>,
     /// Bytes of its records whose tasks have not ended (waiting in a lane or running).
     pub(super) bytes: usize,
     /// Offset of a retry record not due yet: the partition is rewound to it and paused.
@@ -59,7 +59,7 @@ impl PartitionState {
             generation: *next_generation,
             window: OffsetWindow::default(),
             lanes: Lanes::default(),
-            tasks: HashMap::new(),
+            tasks: HashMap::default(),
             bytes: 0,
             retry_pause: None,
             room_paused: false,
