@@ -442,23 +442,39 @@ impl Downstream {
 }
 
 /// Sum of a group's committed offsets over a topic's partitions: how many inputs it has
-/// finished (committed), when it started from the beginning.
+/// finished (committed), when it started from the beginning. A broker request that times out
+/// (the broker busy with the processes a test kills and restarts) is asked again, for a minute
+/// at most: this reads the test's state, it is not what is tested.
 pub fn committed_inputs(group: &str, topic: &str) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", group)
         .create()
         .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let again = |what: &str, e: rdkafka::error::KafkaError| {
+        assert!(
+            Instant::now() < deadline,
+            "{what} of {topic} for {group}: still failing after a minute: {e}"
+        );
+    };
+    let metadata = loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
+            Ok(metadata) => break metadata,
+            Err(e) => again("metadata", e),
+        }
+    };
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics()[0].partitions() {
         tpl.add_partition(topic, p.id());
     }
-    consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap()
+    let committed = loop {
+        match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(committed) => break committed,
+            Err(e) => again("committed offsets", e),
+        }
+    };
+    committed
         .elements()
         .iter()
         .map(|e| match e.offset() {
