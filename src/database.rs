@@ -215,9 +215,16 @@ impl Database {
         };
         let setup = async {
             let ms = inner.timeouts.statement.as_millis();
+            // Generic plans: every statement orderflow prepares looks rows up by their key, which
+            // a generic plan does whatever the statistics say, planned once per connection. A
+            // plan made for each call's values is planned each time (milliseconds for the dedup
+            // store's arrays of ids) and, for a group or partition the statistics have not seen
+            // yet, scanned all of its rows instead (see `runtime::dedup::SEEN_SQL`).
             pooled
                 .client
-                .batch_execute(&format!("SET statement_timeout = {ms}"))
+                .batch_execute(&format!(
+                    "SET statement_timeout = {ms}; SET plan_cache_mode = force_generic_plan"
+                ))
                 .await?;
             if !inner.schema_ready.load(Ordering::Acquire) {
                 for sql in SCHEMA {

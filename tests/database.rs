@@ -1,7 +1,8 @@
 //! The database module and the dedup store over it, against real PostgreSQL: a server that is
 //! down or frozen (SIGSTOP) makes every call fail within a bound, and calls work again once it is
 //! back, without a new store; concurrent `seen` calls are answered right and share round trips;
-//! the read model keeps both of an order's first events when they are applied at once.
+//! a `seen` batch reads only the marks it asks for, whatever the statistics say; the read model
+//! keeps both of an order's first events when they are applied at once.
 //! The down and frozen servers are throwaway ones of the test's own (tests/pg), never the stack's.
 
 mod common;
@@ -154,6 +155,107 @@ async fn seen_from_200_concurrent_callers_is_right_and_shares_round_trips() {
     // Another group's marks are not this group's.
     let other = format!("{group}-other");
     assert!(!store.seen(&other, ids[0]).await.unwrap());
+}
+
+/// A `seen` batch looks each of its ids up in the primary key, whatever the statistics say: the
+/// group here is new (the statistics have not seen it, as every group on the morning a day's
+/// partition starts). A plan made for the call's values read all of such a group's marks and
+/// filtered them by id, so every batch cost as much as the group's day so far. Checked on the
+/// statement as the store prepares it, on a connection of the pool as the store gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seen_batch_looks_each_id_up_in_the_index_for_a_group_the_statistics_have_not_seen() {
+    use orderflow::database::Database;
+    use orderflow::runtime::dedup::{SEEN_LEGACY_SQL, SEEN_SQL};
+
+    let url = common::database_url();
+    let store = DedupStore::connect(&url).await.unwrap();
+    let group = format!("it-dedup-plan-{}", Uuid::new_v4().simple());
+    let marked: Vec<Uuid> = (0..5_000).map(|_| Uuid::now_v7()).collect();
+    store.mark_many(&group, &marked).await.unwrap();
+    // Asked: 500 marked ids and 500 others.
+    let asked: Vec<Uuid> = marked[..500]
+        .iter()
+        .copied()
+        .chain((0..500).map(|_| Uuid::now_v7()))
+        .collect();
+    let array = format!(
+        "{{{}}}",
+        asked
+            .iter()
+            .map(Uuid::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+
+    let db = Database::new(&url).unwrap();
+    let conn = db.get().await.unwrap();
+    let legacy: bool = conn
+        .client()
+        .query_one(
+            "SELECT to_regclass('orderflow_processed_legacy') IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let sql = if legacy { SEEN_LEGACY_SQL } else { SEEN_SQL };
+    conn.client()
+        .batch_execute(&format!(
+            "PREPARE it_seen(text, uuid[], double precision) AS {sql}"
+        ))
+        .await
+        .unwrap();
+    let plan: Vec<String> = conn
+        .client()
+        .query(
+            &format!(
+                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE it_seen('{group}', '{array}', 3600)"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get::<_, String>(0))
+        .collect();
+    conn.client()
+        .batch_execute("DEALLOCATE it_seen")
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    eprintln!("{plan}");
+
+    let found = store.seen_within(&group, asked[0], Duration::from_secs(3600));
+    assert!(found.await.unwrap(), "a marked id is seen");
+    assert!(!store.seen(&group, asked[999]).await.unwrap());
+    // Each scan of a partition's key is led by the group and the id, and nothing is filtered
+    // out after reading: no mark but the asked ones is read.
+    let conditions: Vec<&str> = plan
+        .lines()
+        .filter(|l| l.contains("Index Cond:") || l.contains("Recheck Cond:"))
+        .collect();
+    assert!(!conditions.is_empty(), "no index used:\n{plan}");
+    for condition in &conditions {
+        assert!(
+            condition.contains("event_id"),
+            "a scan not keyed by the id: {condition}\n{plan}"
+        );
+    }
+    assert!(
+        !plan.contains("Rows Removed by Filter") && !plan.contains("Rows Removed by Index Recheck"),
+        "marks read and filtered out:\n{plan}"
+    );
+    let returned = plan
+        .lines()
+        .next()
+        .and_then(|l| l.split("rows=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<usize>().ok());
+    assert_eq!(
+        returned,
+        Some(500),
+        "the 500 marked of the 1,000 asked:\n{plan}"
+    );
 }
 
 /// Two first events of one order (on different topics, so handled at once by the read model's

@@ -60,10 +60,17 @@ const MAX_MARK_BATCH: usize = 10_000;
 
 /// `$3`: the window in seconds; older marks do not count (their partition may not be dropped
 /// yet). The partitions wholly before the window are pruned at execution.
-const SEEN_SQL: &str = "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
+///
+/// Planned once per connection, generically ([`crate::database`] sets `plan_cache_mode`): each
+/// id is then one descent of the primary key. A plan made for the call's values read every mark
+/// of the group in the window and filtered them by id, whenever the statistics had not seen the
+/// group or the day's partition yet (each day starts one): each batch then read all of the
+/// group's marks of the day. Public for the test that holds this.
+pub const SEEN_SQL: &str = "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
      AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second'";
 /// The same, also reading the table of an earlier version until it is dropped.
-const SEEN_LEGACY_SQL: &str = "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
+pub const SEEN_LEGACY_SQL: &str =
+    "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
      AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second' \
      UNION ALL SELECT event_id FROM orderflow_processed_legacy WHERE consumer_group = $1 \
      AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second'";
