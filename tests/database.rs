@@ -161,7 +161,8 @@ async fn seen_from_200_concurrent_callers_is_right_and_shares_round_trips() {
 /// group here is new (the statistics have not seen it, as every group on the morning a day's
 /// partition starts). A plan made for the call's values read all of such a group's marks and
 /// filtered them by id, so every batch cost as much as the group's day so far. Checked on the
-/// statement as the store prepares it, on a connection of the pool as the store gets it.
+/// statement as the store prepares it, on a connection of the pool as the store gets it; and
+/// the partitions created ahead are not read. Marks of one id twice in a call are stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seen_batch_looks_each_id_up_in_the_index_for_a_group_the_statistics_have_not_seen() {
     use orderflow::database::Database;
@@ -225,6 +226,13 @@ async fn a_seen_batch_looks_each_id_up_in_the_index_for_a_group_the_statistics_h
     let plan = plan.join("\n");
     eprintln!("{plan}");
 
+    // An id marked twice in one call, and again later: each call is stored.
+    let again = Uuid::now_v7();
+    store
+        .mark_many(&group, &[again, marked[0], again])
+        .await
+        .unwrap();
+    assert!(store.seen(&group, again).await.unwrap());
     let found = store.seen_within(&group, asked[0], Duration::from_secs(3600));
     assert!(found.await.unwrap(), "a marked id is seen");
     assert!(!store.seen(&group, asked[999]).await.unwrap());
@@ -244,6 +252,12 @@ async fn a_seen_batch_looks_each_id_up_in_the_index_for_a_group_the_statistics_h
     assert!(
         !plan.contains("Rows Removed by Filter") && !plan.contains("Rows Removed by Index Recheck"),
         "marks read and filtered out:\n{plan}"
+    );
+    // Of the partitions created ahead, only one beginning within the hour is read.
+    let partitions_read = plan.matches(" Scan on ").count() + plan.matches(" Scan using ").count();
+    assert!(
+        partitions_read <= 2,
+        "{partitions_read} partitions read for marks of today:\n{plan}"
     );
     let returned = plan
         .lines()
