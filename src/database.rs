@@ -215,11 +215,10 @@ impl Database {
         };
         let setup = async {
             let ms = inner.timeouts.statement.as_millis();
-            // Generic plans: every statement orderflow prepares looks rows up by their key, which
-            // a generic plan does whatever the statistics say, planned once per connection. A
-            // plan made for each call's values is planned each time (milliseconds for the dedup
-            // store's arrays of ids) and, for a group or partition the statistics have not seen
-            // yet, scanned all of its rows instead (see `runtime::dedup::SEEN_SQL`).
+            // Generic plans, made once per connection: every statement orderflow prepares looks
+            // rows up by their key, and is written so that its plan does so whatever the
+            // statistics say (see `runtime::dedup::SEEN_SQL`). A plan made for each call's values
+            // was made again for each dedup batch, at milliseconds for its array of ids.
             pooled
                 .client
                 .batch_execute(&format!(

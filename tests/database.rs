@@ -1,7 +1,7 @@
 //! The database module and the dedup store over it, against real PostgreSQL: a server that is
 //! down or frozen (SIGSTOP) makes every call fail within a bound, and calls work again once it is
 //! back, without a new store; concurrent `seen` calls are answered right and share round trips;
-//! a `seen` batch reads only the marks it asks for, whatever the statistics say; the read model
+//! a `seen` batch reads only the marks it asks for, even without statistics; the read model
 //! keeps both of an order's first events when they are applied at once.
 //! The down and frozen servers are throwaway ones of the test's own (tests/pg), never the stack's.
 
@@ -157,22 +157,72 @@ async fn seen_from_200_concurrent_callers_is_right_and_shares_round_trips() {
     assert!(!store.seen(&other, ids[0]).await.unwrap());
 }
 
-/// A `seen` batch looks each of its ids up in the primary key, whatever the statistics say: the
-/// group here is new (the statistics have not seen it, as every group on the morning a day's
-/// partition starts). A plan made for the call's values read all of such a group's marks and
-/// filtered them by id, so every batch cost as much as the group's day so far. Checked on the
-/// statement as the store prepares it, on a connection of the pool as the store gets it; and
-/// the partitions created ahead are not read. Marks of one id twice in a call are stored.
+/// `url` with its database name replaced by `name` (query parameters kept).
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (server, _) = base.rsplit_once('/').expect("a database URL ends in /NAME");
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// A `seen` batch looks each of its ids up in the primary key whatever the statistics say. Run
+/// in a database of its own, whose marks have no statistics at all, as every day's partition
+/// until it is analyzed: a plan for `event_id = ANY($2)` read all of a group's marks there and
+/// filtered them by id, and a connection keeps its plan. Both statements (with and without the
+/// table of an earlier version) are checked as the store prepares them, on a connection of the
+/// pool as the store gets it; the partitions created ahead are not read. An id twice in one mark
+/// call is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_seen_batch_looks_each_id_up_in_the_index_for_a_group_the_statistics_have_not_seen() {
+async fn a_seen_batch_looks_each_id_up_in_the_index_even_without_statistics() {
     use orderflow::database::Database;
     use orderflow::runtime::dedup::{SEEN_LEGACY_SQL, SEEN_SQL};
 
-    let url = common::database_url();
+    let admin = Database::new(&common::database_url()).unwrap();
+    let admin = admin.get().await.unwrap();
+    // Left by a run that failed before its end.
+    let stale: Vec<String> = admin
+        .client()
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'it_dedup_plan_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for name in stale {
+        let drop = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+        admin.client().batch_execute(&drop).await.unwrap();
+    }
+    let name = format!(
+        "it_dedup_plan_{}",
+        &Uuid::new_v4().simple().to_string()[..12]
+    );
+    let create = format!("CREATE DATABASE {name}");
+    admin.client().batch_execute(&create).await.unwrap();
+    let url = with_database(&common::database_url(), &name);
+
     let store = DedupStore::connect(&url).await.unwrap();
-    let group = format!("it-dedup-plan-{}", Uuid::new_v4().simple());
+    let db = Database::new(&url).unwrap();
+    let conn = db.get().await.unwrap();
+    // No statistics for as long as the test runs, and a table of the earlier layout.
+    let setup = "DO $$ DECLARE p regclass; BEGIN \
+        FOR p IN SELECT inhrelid::regclass FROM pg_inherits \
+        WHERE inhparent = 'orderflow_processed'::regclass LOOP \
+        EXECUTE format('ALTER TABLE %s SET (autovacuum_enabled = false)', p); END LOOP; END $$; \
+        CREATE TABLE orderflow_processed_legacy (consumer_group text NOT NULL, \
+        event_id uuid NOT NULL, processed_at timestamptz NOT NULL DEFAULT now(), \
+        PRIMARY KEY (consumer_group, event_id))";
+    conn.client().batch_execute(setup).await.unwrap();
+
+    let group = "it-dedup-plan";
     let marked: Vec<Uuid> = (0..5_000).map(|_| Uuid::now_v7()).collect();
-    store.mark_many(&group, &marked).await.unwrap();
+    store.mark_many(group, &marked).await.unwrap();
     // Asked: 500 marked ids and 500 others.
     let asked: Vec<Uuid> = marked[..500]
         .iter()
@@ -187,89 +237,77 @@ async fn a_seen_batch_looks_each_id_up_in_the_index_for_a_group_the_statistics_h
             .collect::<Vec<_>>()
             .join(",")
     );
-
-    let db = Database::new(&url).unwrap();
-    let conn = db.get().await.unwrap();
-    let legacy: bool = conn
-        .client()
-        .query_one(
-            "SELECT to_regclass('orderflow_processed_legacy') IS NOT NULL",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let sql = if legacy { SEEN_LEGACY_SQL } else { SEEN_SQL };
-    conn.client()
-        .batch_execute(&format!(
-            "PREPARE it_seen(text, uuid[], double precision) AS {sql}"
-        ))
-        .await
-        .unwrap();
-    let plan: Vec<String> = conn
-        .client()
-        .query(
-            &format!(
-                "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) EXECUTE it_seen('{group}', '{array}', 3600)"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get::<_, String>(0))
-        .collect();
-    conn.client()
-        .batch_execute("DEALLOCATE it_seen")
-        .await
-        .unwrap();
-    let plan = plan.join("\n");
-    eprintln!("{plan}");
-
-    // An id marked twice in one call, and again later: each call is stored.
-    let again = Uuid::now_v7();
-    store
-        .mark_many(&group, &[again, marked[0], again])
-        .await
-        .unwrap();
-    assert!(store.seen(&group, again).await.unwrap());
-    let found = store.seen_within(&group, asked[0], Duration::from_secs(3600));
-    assert!(found.await.unwrap(), "a marked id is seen");
-    assert!(!store.seen(&group, asked[999]).await.unwrap());
-    // Each scan of a partition's key is led by the group and the id, and nothing is filtered
-    // out after reading: no mark but the asked ones is read.
-    let conditions: Vec<&str> = plan
-        .lines()
-        .filter(|l| l.contains("Index Cond:") || l.contains("Recheck Cond:"))
-        .collect();
-    assert!(!conditions.is_empty(), "no index used:\n{plan}");
-    for condition in &conditions {
+    for (n, sql) in [SEEN_SQL, SEEN_LEGACY_SQL].into_iter().enumerate() {
+        let prepare = format!("PREPARE it_seen_{n}(text, uuid[], double precision) AS {sql}");
+        conn.client().batch_execute(&prepare).await.unwrap();
+        let explain = format!(
+            "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) \
+             EXECUTE it_seen_{n}('{group}', '{array}', 3600)"
+        );
+        let plan: Vec<String> = conn
+            .client()
+            .query(&explain, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .collect();
+        let plan = plan.join("\n");
+        eprintln!("{plan}");
+        // Every scan of the marks is led by the group and the id, and nothing is filtered out
+        // after reading: no mark but the asked ones is read.
+        let conditions: Vec<&str> = plan
+            .lines()
+            .filter(|l| l.contains("Index Cond:") || l.contains("Recheck Cond:"))
+            .collect();
+        assert!(!conditions.is_empty(), "no index used:\n{plan}");
+        for condition in &conditions {
+            assert!(
+                condition.contains("event_id"),
+                "a scan not keyed by the id: {condition}\n{plan}"
+            );
+        }
         assert!(
-            condition.contains("event_id"),
-            "a scan not keyed by the id: {condition}\n{plan}"
+            !plan.contains("Seq Scan")
+                && !plan.contains("Rows Removed by Filter")
+                && !plan.contains("Rows Removed by Index Recheck"),
+            "marks read and filtered out:\n{plan}"
+        );
+        // Of the partitions created ahead, only one beginning within the hour is read.
+        let partitions_read = plan
+            .lines()
+            .filter(|l| l.contains(" Scan ") && l.contains("orderflow_processed_p"))
+            .count();
+        assert!(
+            partitions_read <= 2,
+            "{partitions_read} partitions read for marks of today:\n{plan}"
+        );
+        let returned = plan
+            .lines()
+            .next()
+            .and_then(|l| l.split("rows=").nth(1))
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<usize>().ok());
+        assert_eq!(
+            returned,
+            Some(500),
+            "the 500 marked of the 1,000 asked:\n{plan}"
         );
     }
-    assert!(
-        !plan.contains("Rows Removed by Filter") && !plan.contains("Rows Removed by Index Recheck"),
-        "marks read and filtered out:\n{plan}"
-    );
-    // Of the partitions created ahead, only one beginning within the hour is read.
-    let partitions_read = plan.matches(" Scan on ").count() + plan.matches(" Scan using ").count();
-    assert!(
-        partitions_read <= 2,
-        "{partitions_read} partitions read for marks of today:\n{plan}"
-    );
-    let returned = plan
-        .lines()
-        .next()
-        .and_then(|l| l.split("rows=").nth(1))
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<usize>().ok());
-    assert_eq!(
-        returned,
-        Some(500),
-        "the 500 marked of the 1,000 asked:\n{plan}"
-    );
+
+    // Through the store: its answers, and an id marked twice in one call, then again.
+    assert!(store.seen(group, asked[0]).await.unwrap());
+    assert!(!store.seen(group, asked[999]).await.unwrap());
+    let again = Uuid::now_v7();
+    store
+        .mark_many(group, &[again, marked[0], again])
+        .await
+        .unwrap();
+    assert!(store.seen(group, again).await.unwrap());
+
+    drop((conn, db, store));
+    let drop = format!("DROP DATABASE {name} WITH (FORCE)");
+    admin.client().batch_execute(&drop).await.unwrap();
 }
 
 /// Two first events of one order (on different topics, so handled at once by the read model's

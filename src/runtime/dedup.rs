@@ -62,23 +62,26 @@ const MAX_MARK_BATCH: usize = 10_000;
 /// yet). The partitions wholly before the window are pruned at execution, and so are those the
 /// store creates ahead, wholly more than an hour from now: a mark is dated by the server's clock
 /// as it is written, so none is in the future but by a clock stepped back (which an hour
-/// covers). That halved a batch's execution with the three days created ahead.
+/// covers).
 ///
-/// Planned once per connection, generically ([`crate::database`] sets `plan_cache_mode`): each
-/// id is then one descent of the primary key. A plan made for the call's values read every mark
-/// of the group in the window and filtered them by id, whenever the statistics had not seen the
-/// group or the day's partition yet (each day starts one): each batch then read all of the
-/// group's marks of the day. Public for the test that holds this.
-pub const SEEN_SQL: &str = "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
-     AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second' \
-     AND processed_at < now() + interval '1 hour'";
+/// Each id is looked up on its own, by a `LATERAL` subquery with `LIMIT 1` (which the planner
+/// cannot turn into a join): whatever the statistics say, that is one descent of the primary key
+/// per id and partition. With `event_id = ANY($2)`, a partition without statistics (every new
+/// day's, until it is analyzed; a new database's) got a plan that read all of the group's marks
+/// in it and filtered them by id, and a connection keeps its plan: each batch then cost as much
+/// as the group's day so far. Public for the test that holds this.
+pub const SEEN_SQL: &str = "SELECT ids.event_id FROM unnest($2::uuid[]) AS ids(event_id) \
+     CROSS JOIN LATERAL (SELECT 1 FROM orderflow_processed p WHERE p.consumer_group = $1 \
+     AND p.event_id = ids.event_id AND p.processed_at > now() - $3 * interval '1 second' \
+     AND p.processed_at < now() + interval '1 hour' LIMIT 1) AS mark";
 /// The same, also reading the table of an earlier version until it is dropped.
-pub const SEEN_LEGACY_SQL: &str =
-    "SELECT event_id FROM orderflow_processed WHERE consumer_group = $1 \
-     AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second' \
-     AND processed_at < now() + interval '1 hour' \
-     UNION ALL SELECT event_id FROM orderflow_processed_legacy WHERE consumer_group = $1 \
-     AND event_id = ANY($2) AND processed_at > now() - $3 * interval '1 second'";
+pub const SEEN_LEGACY_SQL: &str = "SELECT ids.event_id FROM unnest($2::uuid[]) AS ids(event_id) \
+     CROSS JOIN LATERAL (SELECT 1 FROM orderflow_processed p WHERE p.consumer_group = $1 \
+     AND p.event_id = ids.event_id AND p.processed_at > now() - $3 * interval '1 second' \
+     AND p.processed_at < now() + interval '1 hour' \
+     UNION ALL SELECT 1 FROM orderflow_processed_legacy l WHERE l.consumer_group = $1 \
+     AND l.event_id = ids.event_id AND l.processed_at > now() - $3 * interval '1 second' \
+     LIMIT 1) AS mark";
 /// Without `ON CONFLICT`, which doubled an insert's cost (a speculative insert per row): the key
 /// holds the time of the writing transaction, so two marks of one id conflict only within one
 /// statement (a batch's ids are made distinct first) or from two transactions begun in the same
