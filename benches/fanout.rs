@@ -139,13 +139,30 @@ fn local_broker_pid() -> Option<u32> {
         })
 }
 
+/// CPU seconds of each local PostgreSQL process (`postgres`: the server and its backends) now.
+fn postgres_cpu_by_pid() -> HashMap<u32, f64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            let (name, seconds) = stat_cpu_seconds(&stat);
+            (name == "postgres").then_some((pid, seconds))
+        })
+        .collect()
+}
+
 /// A measuring window's start: wall time, the process's CPU and its split by thread, and the
-/// local broker's CPU.
+/// CPU of the local broker and of PostgreSQL's processes.
 struct Window {
     started: Instant,
     cpu: f64,
     threads: HashMap<String, f64>,
     broker: Option<(u32, f64)>,
+    postgres: HashMap<u32, f64>,
 }
 
 impl Window {
@@ -155,6 +172,7 @@ impl Window {
             cpu: cpu_seconds(),
             threads: cpu_by_thread(),
             broker: local_broker_pid().map(|pid| (pid, process_cpu_seconds(pid))),
+            postgres: postgres_cpu_by_pid(),
         }
     }
 
@@ -178,6 +196,17 @@ impl Window {
         if let Some((pid, cpu)) = self.broker {
             let spent = process_cpu_seconds(pid) - cpu;
             measured["broker_cpu_microseconds_per_event"] =
+                json!((spent / events as f64 * 1e7).round() / 10.0);
+        }
+        // A backend that started inside the window counts from zero; one that ended inside it
+        // is missing.
+        let postgres = postgres_cpu_by_pid();
+        if !postgres.is_empty() {
+            let spent: f64 = postgres
+                .iter()
+                .map(|(pid, t)| t - self.postgres.get(pid).copied().unwrap_or(0.0))
+                .sum();
+            measured["postgres_cpu_microseconds_per_event"] =
                 json!((spent / events as f64 * 1e7).round() / 10.0);
         }
         measured
