@@ -50,18 +50,6 @@ use orderflow::saga::retention as saga_retention;
 use orderflow::simulate;
 use serde_json::{json, Value};
 
-/// `url` with its database name replaced by `name` (query parameters kept).
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let (server, _) = base.rsplit_once('/').expect("a database URL ends in /NAME");
-    match query {
-        Some(q) => format!("{server}/{name}?{q}"),
-        None => format!("{server}/{name}"),
-    }
-}
-
 async fn psql(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -90,7 +78,7 @@ impl FreshDatabase {
             .unwrap_or_else(|e| panic!("creating the soak's database {name}: {e}"));
         FreshDatabase {
             admin_url: admin_url.to_string(),
-            url: with_database(admin_url, &name),
+            url: orderflow::database::url_of_database(admin_url, &name),
             name,
         }
     }

@@ -353,6 +353,19 @@ async fn create_table(client: &Client, sql: &str) -> Result<(), tokio_postgres::
     }
 }
 
+/// `url` naming the database `name` instead of its own, on the same server with the same user
+/// and parameters (a database of its own for a test or a benchmark).
+pub fn url_of_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let (server, _) = base.rsplit_once('/').expect("a database URL ends in /NAME");
+    match query {
+        Some(q) => format!("{server}/{name}?{q}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
 /// The URL without its password, for messages.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -370,6 +383,18 @@ fn redact(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_database_on_the_same_server_keeps_user_and_parameters() {
+        assert_eq!(
+            url_of_database("postgres://u:p@h:5432/orderflow?sslmode=disable", "other"),
+            "postgres://u:p@h:5432/other?sslmode=disable"
+        );
+        assert_eq!(
+            url_of_database("postgres://u@h/orderflow", "other"),
+            "postgres://u@h/other"
+        );
+    }
 
     #[test]
     fn passwords_never_reach_messages() {

@@ -157,18 +157,6 @@ async fn seen_from_200_concurrent_callers_is_right_and_shares_round_trips() {
     assert!(!store.seen(&other, ids[0]).await.unwrap());
 }
 
-/// `url` with its database name replaced by `name` (query parameters kept).
-fn with_database(url: &str, name: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let (server, _) = base.rsplit_once('/').expect("a database URL ends in /NAME");
-    match query {
-        Some(q) => format!("{server}/{name}?{q}"),
-        None => format!("{server}/{name}"),
-    }
-}
-
 /// A `seen` batch looks each of its ids up in the primary key whatever the statistics say. Run
 /// in a database of its own, whose marks have no statistics at all, as every day's partition
 /// until it is analyzed: a plan for `event_id = ANY($2)` read all of a group's marks there and
@@ -205,7 +193,7 @@ async fn a_seen_batch_looks_each_id_up_in_the_index_even_without_statistics() {
     );
     let create = format!("CREATE DATABASE {name}");
     admin.client().batch_execute(&create).await.unwrap();
-    let url = with_database(&common::database_url(), &name);
+    let url = orderflow::database::url_of_database(&common::database_url(), &name);
 
     let store = DedupStore::connect(&url).await.unwrap();
     let db = Database::new(&url).unwrap();
