@@ -170,6 +170,15 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         // A fetch waits at most 100 ms for data: a retry partition resumed at its due time is read
         // again promptly (librdkafka's default is 500 ms).
         .set("fetch.wait.max.ms", "100")
+        // librdkafka's read-ahead, bounded: its defaults queue up to 100,000 records (64 MiB)
+        // ahead of the application, and each queued record costs far more than its bytes. A
+        // processor holds its own in-flight budget besides; on a backlog it went past its pod's
+        // 256 MiB with the defaults (issue 14's closing note has the figures).
+        .set("queued.min.messages", "10000")
+        .set("queued.max.messages.kbytes", "16384")
+        // Past those bounds, look again after 10 ms rather than 1 s: at 1 s the queue ran dry
+        // between looks and the fan-out benchmark lost half its throughput.
+        .set("fetch.queue.backoff.ms", "10")
         // Rebalances move partitions one at a time instead of stopping the whole group.
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000");
