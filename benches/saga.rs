@@ -1,20 +1,21 @@
 //! Sagas per second through one orchestrator: N orders are published first, then the step
 //! pipelines (in this process, against the simulated services at 0-1 ms per call) and one saga
 //! orchestrator run until every saga is confirmed or cancelled (10 % of payments declined).
-//! It measures the orchestrator, so the steps should not be what limits it. They run without the
-//! dedup store (its one shared connection serialises every pipeline of the process, ~150
-//! records/s in all; ORDERFLOW_BENCH_SAGA_DEDUP=1 uses it, as the bench did before); even so a
-//! runtime processor handles one record at a time (about 400 records/s here, issue 14), which
-//! bounds the sagas/s figure. So the bench also prints where the orchestrator's own time went
-//! (batches, inputs per batch, commit time, applying inputs, waiting for commits or for inputs)
-//! and the rate it would reach if it never waited for inputs. When the runtime handles records
-//! concurrently, more partitions and step replicas (ORDERFLOW_BENCH_PARTITIONS,
-//! ORDERFLOW_BENCH_STEP_REPLICAS) let the steps keep up; on two shared cores, more replicas
-//! only add polling threads.
+//! It measures the orchestrator, so the steps should not be what limits it: they run without
+//! the dedup store by default, leaving the two cores to the orchestrator, the steps and the broker
+//! rather than PostgreSQL too (ORDERFLOW_BENCH_SAGA_DEDUP=1 runs them with it). The bench also
+//! prints where the orchestrator's own time went (batches, inputs per batch, commit time,
+//! applying inputs, waiting for commits or for inputs) and the rate it would reach if it never
+//! waited for inputs. More partitions and step replicas (ORDERFLOW_BENCH_PARTITIONS,
+//! ORDERFLOW_BENCH_STEP_REPLICAS) spread the steps; on two shared cores, more replicas only add
+//! polling threads.
+//!
+//! N is 10,000 by default: a run of 2,000 sagas lasted 1.4-2.7 s, so one slow commit (they take
+//! 20-400 ms while the broker shares the cores) moved the figure by a quarter.
 //!
 //!     eval "$(scripts/stack up)" && cargo bench --bench saga
 //!
-//! ORDERFLOW_BENCH_SAGAS (default 2000), ORDERFLOW_BENCH_PARTITIONS (default 3),
+//! ORDERFLOW_BENCH_SAGAS (default 10000), ORDERFLOW_BENCH_PARTITIONS (default 3),
 //! ORDERFLOW_BENCH_STEP_REPLICAS (default 1), ORDERFLOW_BENCH_SAGA_DEDUP (default 0).
 
 mod common;
@@ -30,7 +31,7 @@ use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() {
-    let sagas: u64 = env_or("ORDERFLOW_BENCH_SAGAS", 2000);
+    let sagas: u64 = env_or("ORDERFLOW_BENCH_SAGAS", 10_000);
     let partitions: i32 = env_or("ORDERFLOW_BENCH_PARTITIONS", 3);
     let replicas: usize = env_or("ORDERFLOW_BENCH_STEP_REPLICAS", 1);
     let dedup = env_or("ORDERFLOW_BENCH_SAGA_DEDUP", 0) == 1;
