@@ -173,7 +173,7 @@ pub fn consumer_config(bootstrap_servers: &str, group_id: &str) -> ClientConfig 
         // librdkafka's read-ahead, bounded: its defaults queue up to 100,000 records (64 MiB)
         // ahead of the application, and each queued record costs far more than its bytes. A
         // processor holds its own in-flight budget besides; on a backlog it went past its pod's
-        // 256 MiB with the defaults (issue 14's closing note has the figures).
+        // 256 MiB with the defaults (figures in the message of the commit that set these).
         .set("queued.min.messages", "10000")
         .set("queued.max.messages.kbytes", "16384")
         // Past those bounds, look again after 10 ms rather than 1 s: at 1 s the queue ran dry
