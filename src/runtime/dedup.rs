@@ -58,6 +58,21 @@ impl From<DbError> for DedupError {
 const MAX_SEEN_BATCH: usize = 2_000;
 const MAX_MARK_BATCH: usize = 10_000;
 
+/// The `seen` statement, with `more` marks (a `UNION ALL` of rows for the same id) looked at
+/// after the current table's: one text for both statements, so their windows cannot drift apart.
+macro_rules! seen_sql {
+    ($more:literal) => {
+        concat!(
+            "SELECT ids.event_id FROM unnest($2::uuid[]) AS ids(event_id) \
+             CROSS JOIN LATERAL (SELECT 1 FROM orderflow_processed p WHERE p.consumer_group = $1 \
+             AND p.event_id = ids.event_id AND p.processed_at > now() - $3 * interval '1 second' \
+             AND p.processed_at < now() + interval '1 hour'",
+            $more,
+            " LIMIT 1) AS mark"
+        )
+    };
+}
+
 /// `$3`: the window in seconds; older marks do not count (their partition may not be dropped
 /// yet). The partitions wholly before the window are pruned at execution, and so are those the
 /// store creates ahead, wholly more than an hour from now: a mark is dated by the server's clock
@@ -70,18 +85,12 @@ const MAX_MARK_BATCH: usize = 10_000;
 /// day's, until it is analyzed; a new database's) got a plan that read all of the group's marks
 /// in it and filtered them by id, and a connection keeps its plan: each batch then cost as much
 /// as the group's day so far. Public for the test that holds this.
-pub const SEEN_SQL: &str = "SELECT ids.event_id FROM unnest($2::uuid[]) AS ids(event_id) \
-     CROSS JOIN LATERAL (SELECT 1 FROM orderflow_processed p WHERE p.consumer_group = $1 \
-     AND p.event_id = ids.event_id AND p.processed_at > now() - $3 * interval '1 second' \
-     AND p.processed_at < now() + interval '1 hour' LIMIT 1) AS mark";
+pub const SEEN_SQL: &str = seen_sql!("");
 /// The same, also reading the table of an earlier version until it is dropped.
-pub const SEEN_LEGACY_SQL: &str = "SELECT ids.event_id FROM unnest($2::uuid[]) AS ids(event_id) \
-     CROSS JOIN LATERAL (SELECT 1 FROM orderflow_processed p WHERE p.consumer_group = $1 \
-     AND p.event_id = ids.event_id AND p.processed_at > now() - $3 * interval '1 second' \
-     AND p.processed_at < now() + interval '1 hour' \
-     UNION ALL SELECT 1 FROM orderflow_processed_legacy l WHERE l.consumer_group = $1 \
-     AND l.event_id = ids.event_id AND l.processed_at > now() - $3 * interval '1 second' \
-     LIMIT 1) AS mark";
+pub const SEEN_LEGACY_SQL: &str = seen_sql!(
+    " UNION ALL SELECT 1 FROM orderflow_processed_legacy l WHERE l.consumer_group = $1 \
+     AND l.event_id = ids.event_id AND l.processed_at > now() - $3 * interval '1 second'"
+);
 /// Without `ON CONFLICT`, which doubled an insert's cost (a speculative insert per row): the key
 /// holds the time of the writing transaction, so two marks of one id conflict only within one
 /// statement (a batch's ids are made distinct first) or from two transactions begun in the same
