@@ -1,7 +1,12 @@
-//! Helpers every benchmark binary shares: settings from the environment, a free local port and
-//! a process's resident memory. No benchmark logic lives here.
+//! Helpers every benchmark binary shares: settings from the environment, a free local port, a
+//! process's resident memory, processes spawned for a run and their `/metrics`. No benchmark
+//! logic lives here.
 
 #![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// The setting `name` from the environment, or `default` when unset or unreadable.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -31,4 +36,105 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
         .parse::<f64>()
         .ok()
         .map(|kb| kb / 1024.0)
+}
+
+/// A process a benchmark runs, its stderr to a log file: stopped on drop (SIGTERM, then waits), so a
+/// failed run leaves no process behind.
+pub struct Process {
+    name: &'static str,
+    child: Child,
+    log: std::path::PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &'static str, command: &mut Command) -> Process {
+        let log = std::env::temp_dir().join(format!(
+            "bench-{}.log",
+            name.trim_start_matches("orderflow ")
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "-")
+                .trim_matches('-')
+        ));
+        let child = command
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Process { name, child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Panics when the process has exited (gone, or a zombie not yet waited for).
+    pub fn alive(&self) {
+        let running =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).is_ok_and(|stat| {
+                // "pid (comm) STATE ...": the state follows the last parenthesis.
+                !stat
+                    .rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            });
+        assert!(
+            running,
+            "{} exited (log: {})",
+            self.name,
+            self.log.display()
+        );
+    }
+
+    /// Waits (90 s at most) for its /readyz, checking it and `others` are alive meanwhile.
+    pub async fn ready(&self, client: &reqwest::Client, port: u16, others: &[&Process]) {
+        let limit = Instant::now() + Duration::from_secs(90);
+        while !client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            self.alive();
+            others.iter().for_each(|p| p.alive());
+            assert!(Instant::now() < limit, "{} not ready in 90 s", self.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a child we own.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// The samples of one `/metrics` text: `name{labels}` to value (comments skipped).
+pub fn scrape(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every series of `name` whose labels contain `label` (e.g. `outcome="duplicate"`).
+pub fn total(metrics: &HashMap<String, f64>, name: &str, label: &str) -> f64 {
+    metrics
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(label))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// The samples of the `/metrics` served on local `port`, if it answers.
+pub async fn metrics(client: &reqwest::Client, port: u16) -> Option<HashMap<String, f64>> {
+    let r = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?;
+    Some(scrape(&r.text().await.ok()?))
 }
