@@ -36,17 +36,11 @@
 //! - [`app`]: the application builder: a connection and a pipelines folder become processors,
 //!   orchestrators and the intake, run until a shutdown future resolves. The demo, the tests and
 //!   the benchmarks build through it.
+//! - [`allocator`]: mimalloc for every binary, and how soon it returns freed memory.
 //! - [`cli`]: the `orderflow` command: parses, prints, passes SIGTERM/Ctrl-C as the shutdown.
 //!   Nothing depends on it.
 
-/// Every binary built on this crate (the command, tests, benches) allocates with mimalloc: the
-/// hot path allocates and frees many short-lived buffers across threads, where glibc's malloc
-/// spent a third of the fan-out's CPU. With the `override` feature (Cargo.toml) mimalloc also
-/// takes `malloc`/`free` for C code, so librdkafka's records and headers (copied per output,
-/// freed on its delivery thread) no longer go through glibc's arenas either.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
+pub mod allocator;
 pub mod app;
 pub mod cli;
 pub mod contracts;
