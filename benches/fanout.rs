@@ -819,8 +819,6 @@ async fn footprint(side: &str, rate: usize, seconds: usize) -> Value {
 }
 
 fn main() {
-    // As the `orderflow` command does (src/main.rs): before any other thread exists.
-    orderflow::allocator::return_freed_memory_sooner();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(async {
         let events = env_or("ORDERFLOW_BENCH_EVENTS", 20_000);

@@ -159,8 +159,6 @@ async fn measure(url: &str, concurrency: usize, events: usize) -> Value {
 
 #[tokio::main]
 async fn main() {
-    // As the `orderflow` command does (src/main.rs); the runtime's threads are idle yet.
-    orderflow::allocator::return_freed_memory_sooner();
     let runs = env_or("ORDERFLOW_BENCH_RUNS", 3.0) as usize;
     let latency_ms = env_or("ORDERFLOW_BENCH_HTTP_LATENCY_MS", 50.0) as u64;
     let max_events = env_or("ORDERFLOW_BENCH_HTTP_EVENTS", 5000.0) as usize;

@@ -31,8 +31,6 @@ use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() {
-    // As the `orderflow` command does (src/main.rs); the runtime's threads are idle yet.
-    orderflow::allocator::return_freed_memory_sooner();
     let sagas: u64 = env_or("ORDERFLOW_BENCH_SAGAS", 10_000);
     let partitions: i32 = env_or("ORDERFLOW_BENCH_PARTITIONS", 3);
     let replicas: usize = env_or("ORDERFLOW_BENCH_STEP_REPLICAS", 1);

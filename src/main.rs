@@ -9,7 +9,6 @@ fn main() -> std::process::ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    orderflow::allocator::return_freed_memory_sooner();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("ORDERFLOW_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
