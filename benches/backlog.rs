@@ -26,7 +26,7 @@
 
 mod common;
 
-use common::{env_or, free_port, metrics, rss_mib, total, Process};
+use common::{env_or, free_port, metrics, orderflow_run, rss_mib, total, Process};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -46,11 +46,7 @@ const FAN_OUT_LIMIT: Duration = Duration::from_secs(300);
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(backlog());
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    match std::env::var("ORDERFLOW_BENCH_JSON") {
-        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
-        Err(_) => println!("{text}"),
-    }
+    common::write_result(&result);
 }
 
 async fn backlog() -> Value {
@@ -63,7 +59,7 @@ async fn backlog() -> Value {
     let connect = Connect::local(&prefix);
     let dir = std::env::temp_dir().join(format!("bench-backlog-{}", &prefix[14..22]));
     std::fs::create_dir_all(&dir).unwrap();
-    let repo = Path::new(concat!(env!("CARGO_MANIFEST_DIR")));
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let notification = std::fs::read_to_string(repo.join("pipelines/notification.yaml"))
         .expect("reading pipelines/notification.yaml");
     let concurrency = orderflow::pipeline::parse(
@@ -80,7 +76,7 @@ async fn backlog() -> Value {
          step: {route: {to: [backlog.a, backlog.b, backlog.c, backlog.d]}}\n",
     )
     .unwrap();
-    // The limits the manifests give the notification processor, tightest first.
+    // The limits the manifests give the notification processor.
     let limits_mib = json!({
         "dev": overlay_limit_mib(&repo.join("deploy/overlays/dev/kustomization.yaml")),
         "base": base_limit_mib(&repo.join("deploy/base/pipelines.yaml"), "orderflow-notification"),
@@ -91,37 +87,12 @@ async fn backlog() -> Value {
     publish(&connect, events).await;
 
     let sim_port = free_port();
-    let simulator = Process::spawn(
-        "orderflow simulate",
-        Command::new(env!("CARGO_BIN_EXE_orderflow"))
-            .args(["simulate", "--listen", &format!("127.0.0.1:{sim_port}")])
-            .args(["--latency", &format!("{LATENCY_MS}ms..{LATENCY_MS}ms")])
-            .env("ORDERFLOW_LOG", "warn"),
-    );
-    let limit = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", sim_port)).is_err() {
-        simulator.alive();
-        assert!(
-            Instant::now() < limit,
-            "orderflow simulate not listening in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let simulator = Process::simulate(&format!("{LATENCY_MS}ms..{LATENCY_MS}ms"), sim_port).await;
     let run = |pipeline: &str, port: u16| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow"));
-        command
-            .args(["run", pipeline, "--report-every", "0s"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-            .env("ORDERFLOW_PIPELINES_DIR", &dir)
-            .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
-            .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
-            .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
-            .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
-            .env("ORDERFLOW_DATABASE_URL", &connect.database_url)
-            .env("ORDERFLOW_LOG", "warn")
-            .envs(simulate::pipeline_url_env(&format!(
-                "http://127.0.0.1:{sim_port}"
-            )));
+        let mut command = orderflow_run(&connect, &dir, &["run", pipeline], port);
+        command.envs(simulate::pipeline_url_env(&format!(
+            "http://127.0.0.1:{sim_port}"
+        )));
         command
     };
 
@@ -184,17 +155,11 @@ async fn catch_up(
         rss.extend(rss_mib(processor.pid()));
     };
     // Its start-up is sampled too: a peak then counts as much as one later.
-    let limit = Instant::now() + Duration::from_secs(90);
-    while !client
-        .get(format!("http://127.0.0.1:{port}/readyz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status() == 200)
-    {
-        sample(&mut rss);
-        assert!(Instant::now() < limit, "{name} not ready in 90 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    processor
+        .ready_every(&client, port, Duration::from_millis(100), || {
+            sample(&mut rss)
+        })
+        .await;
     let ready = Instant::now();
     let deadline = ready
         + match until {

@@ -5,7 +5,7 @@
 //!
 //! ORDERFLOW_BENCH_EVENTS (default 200000) events per round, ORDERFLOW_BENCH_ROUNDS (5) rounds;
 //! prints each round and the median, and writes every round's rates as JSON to the file
-//! ORDERFLOW_BENCH_JSON (`scripts/bench` puts them in BENCHMARKS.md).
+//! ORDERFLOW_BENCH_JSON, else to stdout (`scripts/bench` puts them in BENCHMARKS.md).
 
 mod common;
 
@@ -73,8 +73,5 @@ fn main() {
             "decode_per_second": decode_rates,
         })
     });
-    if let Ok(path) = std::env::var("ORDERFLOW_BENCH_JSON") {
-        std::fs::write(&path, serde_json::to_string_pretty(&result).unwrap())
-            .unwrap_or_else(|e| panic!("writing {path}: {e}"));
-    }
+    common::write_result(&result);
 }

@@ -733,16 +733,7 @@ async fn footprint(side: &str, rate: usize, seconds: usize) -> Value {
             FANOUT_YAML.replace("GROUP", "footprint"),
         )
         .unwrap();
-        let mut c = Command::new(env!("CARGO_BIN_EXE_orderflow"));
-        c.args(["run", "fanout", "--report-every", "0s", "--no-dedup"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-            .env("ORDERFLOW_PIPELINES_DIR", &dir)
-            .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
-            .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
-            .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
-            .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
-            .env("ORDERFLOW_LOG", "warn");
-        c
+        common::orderflow_run(&connect, &dir, &["run", "fanout", "--no-dedup"], port)
     } else {
         let outputs: Vec<String> = ["a", "b", "c", "d"]
             .iter()
@@ -882,9 +873,5 @@ fn main() {
         result["footprint"] = json!(prints);
         result
     });
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    match std::env::var("ORDERFLOW_BENCH_JSON") {
-        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
-        Err(_) => println!("{text}"),
-    }
+    common::write_result(&result);
 }

@@ -189,9 +189,5 @@ async fn main() {
         result_runs.push(json!({"zero_latency": zero_latency, "points": points}));
     }
     let result = json!({"latency_ms": latency_ms, "runs": result_runs});
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    match std::env::var("ORDERFLOW_BENCH_JSON") {
-        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
-        Err(_) => println!("{text}"),
-    }
+    common::write_result(&result);
 }

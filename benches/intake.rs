@@ -140,11 +140,7 @@ async fn main() {
         let _ = child.wait();
     }
     let result = serde_json::json!({"rate": rate, "seconds": seconds, "windows": windows});
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    match std::env::var("ORDERFLOW_BENCH_JSON") {
-        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
-        Err(_) => println!("{text}"),
-    }
+    common::write_result(&result);
 }
 
 /// Offers `rate` orders/s for `seconds` and follows each to its final status.

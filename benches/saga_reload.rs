@@ -169,11 +169,7 @@ async fn main() {
         "compacted": after,
         "compaction": {"done": compacted, "waited_seconds": waited},
     });
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    match std::env::var("ORDERFLOW_BENCH_JSON") {
-        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
-        Err(_) => println!("{text}"),
-    }
+    common::write_result(&result);
 }
 
 /// `runs` reloads of every partition, each timed as a whole: seconds, records read, states held.

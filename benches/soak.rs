@@ -36,9 +36,8 @@
 
 mod common;
 
-use common::{env_or, free_port, metrics, rss_mib, total, Process};
+use common::{env_or, free_port, metrics, orderflow_run, rss_mib, total, Process};
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,11 +151,7 @@ async fn table(db: &tokio_postgres::Client) -> (i64, i64) {
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(soak());
-    let text = serde_json::to_string_pretty(&result).unwrap();
-    match std::env::var("ORDERFLOW_BENCH_JSON") {
-        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
-        Err(_) => println!("{text}"),
-    }
+    common::write_result(&result);
 }
 
 async fn soak() -> Value {
@@ -189,20 +184,11 @@ async fn soak() -> Value {
             .unwrap_or_else(|e| panic!("copying pipelines/{file}: {e}"));
     }
     let run = |args: &[&str], port: u16| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+        let mut command = orderflow_run(&connect, &dir, args, port);
         command
-            .args(args)
-            .args(["--report-every", "0s"])
-            .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
-            .env("ORDERFLOW_PIPELINES_DIR", &dir)
-            .env("ORDERFLOW_TOPIC_PREFIX", &prefix)
-            .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
-            .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
-            .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
             .env("ORDERFLOW_DATABASE_URL", &database.url)
             .env(retention::DEDUP_SETTING, &window_text)
-            .env(saga_retention::SETTING, &window_text)
-            .env("ORDERFLOW_LOG", "warn");
+            .env(saga_retention::SETTING, &window_text);
         if window < retention::MIN_SETTING {
             command.env(retention::SHORT_WINDOWS_SETTING, "1");
         }
@@ -213,22 +199,7 @@ async fn soak() -> Value {
     // The downstreams, then the orchestrator (it creates the saga's topics), its steps, and
     // the processor measured.
     let sim_port = free_port();
-    let simulator = Process::spawn(
-        "orderflow simulate",
-        Command::new(env!("CARGO_BIN_EXE_orderflow"))
-            .args(["simulate", "--latency", "0ms"])
-            .args(["--listen", &format!("127.0.0.1:{sim_port}")])
-            .env("ORDERFLOW_LOG", "warn"),
-    );
-    let limit = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", sim_port)).is_err() {
-        simulator.alive();
-        assert!(
-            Instant::now() < limit,
-            "orderflow simulate not listening in 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let simulator = Process::simulate("0ms", sim_port).await;
     let orchestrator_port = free_port();
     let orchestrator = Process::spawn(
         "orderflow run order",

@@ -1,10 +1,11 @@
-//! Helpers every benchmark binary shares: settings from the environment, a free local port, a
-//! process's resident memory, processes spawned for a run and their `/metrics`. No benchmark
-//! logic lives here.
+//! Helpers every benchmark binary shares: settings from the environment, where the result goes,
+//! a free local port, a process's resident memory, processes spawned for a run and their
+//! `/metrics`. No benchmark logic lives here.
 
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,6 +15,16 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Writes a benchmark's result as JSON to the file ORDERFLOW_BENCH_JSON (`scripts/bench` sets
+/// it), else to stdout.
+pub fn write_result(result: &serde_json::Value) {
+    let text = serde_json::to_string_pretty(result).unwrap();
+    match std::env::var("ORDERFLOW_BENCH_JSON") {
+        Ok(path) => std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {path}: {e}")),
+        Err(_) => println!("{text}"),
+    }
 }
 
 /// A local TCP port free at the time of asking.
@@ -36,6 +47,30 @@ pub fn rss_mib(pid: u32) -> Option<f64> {
         .parse::<f64>()
         .ok()
         .map(|kb| kb / 1024.0)
+}
+
+/// `orderflow <args>` (the binary cargo built for the bench: release under `cargo bench`) on
+/// `connect`'s stack and topic prefix, with the pipeline files of `pipelines`, serving /metrics
+/// on local `port`, logging warnings only and no periodic report.
+pub fn orderflow_run(
+    connect: &orderflow::app::Connect,
+    pipelines: &Path,
+    args: &[&str],
+    port: u16,
+) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_orderflow"));
+    command
+        .args(args)
+        .args(["--report-every", "0s"])
+        .args(["--metrics-listen", &format!("127.0.0.1:{port}")])
+        .env("ORDERFLOW_PIPELINES_DIR", pipelines)
+        .env("ORDERFLOW_TOPIC_PREFIX", &connect.topic_prefix)
+        .env("ORDERFLOW_BOOTSTRAP_SERVERS", &connect.bootstrap_servers)
+        .env("ORDERFLOW_REGISTRY_URL", &connect.registry_url)
+        .env("ORDERFLOW_SCHEMAS_DIR", &connect.schemas_dir)
+        .env("ORDERFLOW_DATABASE_URL", &connect.database_url)
+        .env("ORDERFLOW_LOG", "warn");
+    command
 }
 
 /// A process a benchmark runs, its stderr to a log file: stopped on drop (SIGTERM, then waits), so a
@@ -62,6 +97,28 @@ impl Process {
         Process { name, child, log }
     }
 
+    /// `orderflow simulate` answering each call after `latency` (`50ms..50ms`, `0ms`) on local
+    /// `port`, once it listens (30 s at most).
+    pub async fn simulate(latency: &str, port: u16) -> Process {
+        let simulator = Process::spawn(
+            "orderflow simulate",
+            Command::new(env!("CARGO_BIN_EXE_orderflow"))
+                .args(["simulate", "--latency", latency])
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .env("ORDERFLOW_LOG", "warn"),
+        );
+        let limit = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            simulator.alive();
+            assert!(
+                Instant::now() < limit,
+                "orderflow simulate not listening in 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        simulator
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -86,6 +143,20 @@ impl Process {
 
     /// Waits (90 s at most) for its /readyz, checking it and `others` are alive meanwhile.
     pub async fn ready(&self, client: &reqwest::Client, port: u16, others: &[&Process]) {
+        let each = || others.iter().for_each(|p| p.alive());
+        self.ready_every(client, port, Duration::from_millis(200), each)
+            .await;
+    }
+
+    /// Waits (90 s at most) for its /readyz, checking it is alive and calling `each` every
+    /// `period` meanwhile.
+    pub async fn ready_every(
+        &self,
+        client: &reqwest::Client,
+        port: u16,
+        period: Duration,
+        mut each: impl FnMut(),
+    ) {
         let limit = Instant::now() + Duration::from_secs(90);
         while !client
             .get(format!("http://127.0.0.1:{port}/readyz"))
@@ -94,9 +165,9 @@ impl Process {
             .is_ok_and(|r| r.status() == 200)
         {
             self.alive();
-            others.iter().for_each(|p| p.alive());
+            each();
             assert!(Instant::now() < limit, "{} not ready in 90 s", self.name);
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(period).await;
         }
     }
 }
