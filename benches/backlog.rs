@@ -26,15 +26,12 @@
 
 mod common;
 
-use common::{env_or, free_port, metrics, orderflow_run, rss_mib, total, Process};
+use common::{env_or, free_port, metrics, orderflow_run, publish_orders, rss_mib, total, Process};
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use orderflow::app::Connect;
-use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
-use orderflow::kafka::Publisher;
 use orderflow::simulate;
 use serde_json::{json, Value};
 
@@ -84,7 +81,7 @@ async fn backlog() -> Value {
     });
 
     eprintln!("backlog: publishing {events} orders");
-    publish(&connect, events).await;
+    publish_orders(&connect, events, "backlog").await;
 
     let sim_port = free_port();
     let simulator = Process::simulate(&format!("{LATENCY_MS}ms..{LATENCY_MS}ms"), sim_port).await;
@@ -97,18 +94,22 @@ async fn backlog() -> Value {
     };
 
     eprintln!("backlog: slow step for {seconds} s");
+    let port = free_port();
     let slow = catch_up(
         "orderflow run notification",
-        &mut run("notification", free_port()),
+        &mut run("notification", port),
+        port,
         events,
         Until::Seconds(seconds),
         &simulator,
     )
     .await;
     eprintln!("backlog: fan-out of all {events}");
+    let port = free_port();
     let fan_out = catch_up(
         "orderflow run fan-out",
-        &mut run("fan-out", free_port()),
+        &mut run("fan-out", port),
+        port,
         events,
         Until::AllHandled,
         &simulator,
@@ -131,20 +132,16 @@ enum Until {
     AllHandled,
 }
 
-/// Runs one processor over the backlog (its `--metrics-listen` port last in `command`'s args)
-/// and samples it; panics on any failure named in the file comment.
+/// Runs one processor over the backlog (serving /metrics on `port`) and samples it; panics on
+/// any failure named in the file comment.
 async fn catch_up(
     name: &'static str,
     command: &mut Command,
+    port: u16,
     events: usize,
     until: Until,
     simulator: &Process,
 ) -> Value {
-    let port: u16 = command
-        .get_args()
-        .filter_map(|a| a.to_str()?.strip_prefix("127.0.0.1:")?.parse().ok())
-        .next()
-        .expect("a --metrics-listen port");
     let client = reqwest::Client::new();
     let spawned = Instant::now();
     let processor = Process::spawn(name, command);
@@ -195,7 +192,7 @@ async fn catch_up(
         );
     }
     drop(processor);
-    let mut sorted = rss.clone();
+    let mut sorted = rss;
     sorted.sort_by(f64::total_cmp);
     let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
     json!({
@@ -226,26 +223,6 @@ async fn handled_without_failures(client: &reqwest::Client, port: u16, name: &st
         "orderflow_events_processed_total",
         "outcome=\"succeeded\"",
     )
-}
-
-/// Publishes `count` orders to the prefix's `order.created`.
-async fn publish(connect: &Connect, count: usize) {
-    let catalog = Arc::new(Catalog::load(&connect.schemas_dir).unwrap());
-    let codec = Arc::new(
-        EventCodec::with_naming(&connect.registry_url, catalog, connect.naming()).unwrap(),
-    );
-    let publisher = Publisher::new(&connect.bootstrap_servers, codec).unwrap();
-    let topic = connect.naming().topic("order.created");
-    for start in (0..count).step_by(2000) {
-        let orders: Vec<OrderCreated> = (start..count.min(start + 2000))
-            .map(|_| OrderCreated::sample("backlog"))
-            .collect();
-        for result in
-            futures::future::join_all(orders.iter().map(|o| publisher.publish(&topic, o))).await
-        {
-            result.expect("publishing the backlog");
-        }
-    }
 }
 
 /// A memory quantity of a manifest (`512Mi`, `1Gi`) in MiB.

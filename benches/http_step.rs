@@ -29,8 +29,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use orderflow::app::{processors, Connect};
-use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
-use orderflow::kafka::Publisher;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
@@ -93,19 +91,7 @@ async fn measure(url: &str, concurrency: usize, events: usize) -> Value {
         &uuid::Uuid::new_v4().simple().to_string()[..8]
     );
     let connect = Connect::local(&prefix);
-    let catalog = std::sync::Arc::new(Catalog::load(&connect.schemas_dir).unwrap());
-    let codec = std::sync::Arc::new(
-        EventCodec::with_naming(&connect.registry_url, catalog, connect.naming()).unwrap(),
-    );
-    let publisher = Publisher::new(&connect.bootstrap_servers, codec).unwrap();
-    let topic = connect.naming().topic("order.created");
-    let orders: Vec<OrderCreated> = (0..events).map(|_| OrderCreated::sample("bench")).collect();
-    for chunk in orders.chunks(2000) {
-        for r in futures::future::join_all(chunk.iter().map(|o| publisher.publish(&topic, o))).await
-        {
-            r.expect("publishing the input");
-        }
-    }
+    common::publish_orders(&connect, events, "bench").await;
     let yaml = format!(
         "name: http-step\ngroup: http-step\ninputs: [order.created]\nconcurrency: {concurrency}\n\
          step:\n  http:\n    url: {url}\n    timeout: 5s\n    emit: {{\"2xx\": notification.sent}}\n\

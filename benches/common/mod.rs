@@ -27,6 +27,28 @@ pub fn write_result(result: &serde_json::Value) {
     }
 }
 
+/// Publishes `count` fresh `order.created` events (source `source`) to `connect`'s prefix, 2,000
+/// at a time; panics on any failed write.
+pub async fn publish_orders(connect: &orderflow::app::Connect, count: usize, source: &str) {
+    use orderflow::contracts::{Catalog, EventCodec, OrderCreated};
+    let catalog = std::sync::Arc::new(Catalog::load(&connect.schemas_dir).unwrap());
+    let codec = std::sync::Arc::new(
+        EventCodec::with_naming(&connect.registry_url, catalog, connect.naming()).unwrap(),
+    );
+    let publisher = orderflow::kafka::Publisher::new(&connect.bootstrap_servers, codec).unwrap();
+    let topic = connect.naming().topic("order.created");
+    for start in (0..count).step_by(2000) {
+        let orders: Vec<OrderCreated> = (start..count.min(start + 2000))
+            .map(|_| OrderCreated::sample(source))
+            .collect();
+        for result in
+            futures::future::join_all(orders.iter().map(|o| publisher.publish(&topic, o))).await
+        {
+            result.expect("publishing the input");
+        }
+    }
+}
+
 /// A local TCP port free at the time of asking.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
