@@ -41,6 +41,8 @@ const LATENCY_MS: u64 = 50;
 const FAN_OUT_LIMIT: Duration = Duration::from_secs(300);
 
 fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(backlog());
     common::write_result(&result);

@@ -21,6 +21,8 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let events = env_or("ORDERFLOW_BENCH_EVENTS", 200_000);
     let rounds = env_or("ORDERFLOW_BENCH_ROUNDS", 5);
     let registry_url = std::env::var("ORDERFLOW_REGISTRY_URL")

@@ -810,6 +810,8 @@ async fn footprint(side: &str, rate: usize, seconds: usize) -> Value {
 }
 
 fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(async {
         let events = env_or("ORDERFLOW_BENCH_EVENTS", 20_000);

@@ -145,6 +145,8 @@ async fn measure(url: &str, concurrency: usize, events: usize) -> Value {
 
 #[tokio::main]
 async fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let runs = env_or("ORDERFLOW_BENCH_RUNS", 3.0) as usize;
     let latency_ms = env_or("ORDERFLOW_BENCH_HTTP_LATENCY_MS", 50.0) as u64;
     let max_events = env_or("ORDERFLOW_BENCH_HTTP_EVENTS", 5000.0) as usize;

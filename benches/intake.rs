@@ -53,6 +53,8 @@ fn percentiles(mut values: Vec<f64>) -> (f64, f64) {
 
 #[tokio::main]
 async fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let rate = env_or("ORDERFLOW_BENCH_RATE", 20);
     let seconds = env_or("ORDERFLOW_BENCH_SECONDS", 15);
     let runs = env_or("ORDERFLOW_BENCH_RUNS", 3);

@@ -31,6 +31,8 @@ use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let sagas: u64 = env_or("ORDERFLOW_BENCH_SAGAS", 10_000);
     let partitions: i32 = env_or("ORDERFLOW_BENCH_PARTITIONS", 3);
     let replicas: usize = env_or("ORDERFLOW_BENCH_STEP_REPLICAS", 1);

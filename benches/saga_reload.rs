@@ -44,6 +44,8 @@ const WEEK: Duration = Duration::from_secs(7 * 86_400);
 
 #[tokio::main]
 async fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let states: usize = env_or("ORDERFLOW_BENCH_SAGA_STATES", 100_000);
     let runs: usize = env_or("ORDERFLOW_BENCH_RUNS", 3);
     let partitions: i32 = env_or("ORDERFLOW_BENCH_PARTITIONS", 3);

@@ -149,6 +149,8 @@ async fn table(db: &tokio_postgres::Client) -> (i64, i64) {
 }
 
 fn main() {
+    // As the binary does: measured with the same memory from the kernel.
+    orderflow::allocator::without_transparent_huge_pages();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let result = runtime.block_on(soak());
     common::write_result(&result);

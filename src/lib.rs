@@ -36,7 +36,7 @@
 //! - [`app`]: the application builder: a connection and a pipelines folder become processors,
 //!   orchestrators and the intake, run until a shutdown future resolves. The demo, the tests and
 //!   the benchmarks build through it.
-//! - [`allocator`]: mimalloc, the allocator of every binary.
+//! - [`allocator`]: mimalloc, the allocator of every binary, with transparent huge pages off.
 //! - [`cli`]: the `orderflow` command: parses, prints, passes SIGTERM/Ctrl-C as the shutdown.
 //!   Nothing depends on it.
 

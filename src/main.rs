@@ -2,6 +2,8 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
+    // Before anything allocates much: see the function.
+    orderflow::allocator::without_transparent_huge_pages();
     // Rust ignores SIGPIPE, so `orderflow ... | head` would panic on the closed pipe; the
     // default action ends the process quietly, as every Unix filter does. Sockets are not
     // affected: librdkafka and Rust's std send with MSG_NOSIGNAL.
