@@ -33,13 +33,15 @@ pub const ALLOW_THP_SETTING: &str = "MIMALLOC_ALLOW_THP";
 /// benchmark the kernel's `clear_page_erms` took 6.45 % of the process's samples with huge pages
 /// and 0.61 % without (`perf record`, three passes of 100,000 events each way).
 ///
-/// The trade (full `scripts/bench` runs on the commits before and after, and interleaved A/B
-/// runs of one bench binary with and without `MIMALLOC_ALLOW_THP=1`):
-/// - memory: resident at 1,000 events/s 30 against 55 MiB; catching up on a backlog, peaks of
-///   129 and 178 MiB against 180 and 245 MiB (benches/backlog.rs);
-/// - the plain fan-out: median 80.4k against 68.0k events/s (9 passes each way); with dedup
-///   48.3k against 47.0k;
-/// - the saga benchmark: median 1,388 against 1,631 sagas/s (9 interleaved pairs, 8 slower):
+/// The trade, off against on:
+/// - memory (full `scripts/bench` runs before and after, BENCHMARKS.md of 10d4c28 and b09a7a2):
+///   resident at 1,000 events/s 30 against 55 MiB; catching up on a backlog, peaks of 129 and
+///   178 MiB against 180 and 245 MiB (benches/backlog.rs);
+/// - the plain fan-out (`ORDERFLOW_BENCH_PROFILE=plain`, the bench binaries built before and
+///   after, interleaved, 9 passes each): median 80.4k against 68.0k events/s; with dedup 48.3k
+///   against 47.0k;
+/// - the saga benchmark (one bench binary with `MIMALLOC_ALLOW_THP` unset against `=1`):
+///   median 1,388 against 1,631 sagas/s (9 interleaved pairs, 8 slower):
 ///   its in-memory state gains from the larger pages. A deployment that runs mainly
 ///   orchestrators can set `MIMALLOC_ALLOW_THP=1`.
 pub fn without_transparent_huge_pages() -> bool {
